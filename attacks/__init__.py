@@ -1,0 +1,1 @@
+"""The security testers' suite: attacks against bundles, endpoints and the trusted module."""

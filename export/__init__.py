@@ -1,0 +1,1 @@
+"""Split a protected checkpoint into a bundle: public network, sealed secrets, signed manifest."""

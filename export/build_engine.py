@@ -1,0 +1,238 @@
+"""Build a deployment bundle from a protected checkpoint.
+
+    python export/build_engine.py CHECKPOINT OUT_DIR --owner-key KEY --keystore DIR [--tensorrt]
+
+(also `sealnet export`). The bundle holds public.onnx (useless on raw inputs; checked here and recorded),
+secrets.sealed (the transform parameters, sealed by the keystore to the trusted module's measurements)
+and manifest.json (sha256 of every file, signed by the owner key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from enclave_sim.keystore import EmbeddedKeystore
+from enclave_sim.measure import measurement_chain
+from enclave_sim.payload import pack
+from protect.checkpoint import load_checkpoint
+from protect.transform import transform_to_arrays
+from sealnet.bundle import (
+    FORMAT,
+    MANIFEST,
+    PUBLIC_ONNX,
+    SECRETS,
+    core_digest,
+    owner_key_field,
+    sha256_file,
+    sign_manifest,
+)
+from sealnet.data import load_dataset
+from sealnet.licenses import load_owner_key
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+PUBLIC_PLAN = "public.plan"
+
+
+class ExportError(Exception):
+    """The checkpoint cannot be exported safely; the message says why."""
+
+
+def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], path: Path, opset: int = 17) -> None:
+    """Export with a dynamic batch dimension (TorchScript exporter: no extra dependencies)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(), (torch.zeros(1, *input_shape),), str(path), dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+
+
+def ort_session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def ort_accuracy(session, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
+    preds = [session.run(None, {INPUT_NAME: x[i : i + batch_size]})[0].argmax(1) for i in range(0, len(x), batch_size)]
+    return float((np.concatenate(preds) == y).mean())
+
+
+def tensorrt_available() -> str | None:
+    """None when a TensorRT engine can be built here, else the reason it cannot."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "the tensorrt Python package is not installed (pip install tensorrt on a machine with an NVIDIA GPU)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to this process"
+    return None
+
+
+def build_tensorrt_plan(onnx_path: Path, plan_path: Path, input_shape: tuple[int, ...], max_batch: int,
+                        fp16: bool = False) -> None:
+    """Parse public.onnx with TensorRT and serialise an engine with a dynamic batch profile."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    opt = min(64, max_batch)
+    profile.set_shape(INPUT_NAME, (1, *input_shape), (opt, *input_shape), (max_batch, *input_shape))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise ExportError("TensorRT failed to build the engine (see the TensorRT log above)")
+    plan_path.write_bytes(bytes(plan))
+
+
+def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: Path | None,
+                 model_id: str | None = None, data_dir: Path | None = None, max_raw_acc: float = 0.2, max_batch: int = 1024,
+                 tensorrt: bool = False, fp16: bool = False, force: bool = False,
+                 log=print) -> dict[str, Any]:
+    """Write a bundle directory and return its manifest. Nothing is left behind on failure."""
+    if tensorrt and (reason := tensorrt_available()):
+        raise ExportError(f"--tensorrt: cannot build a TensorRT engine here: {reason}. "
+                          "Export without --tensorrt to get the ONNX bundle only.")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise ExportError(f"{out_dir} exists and is not empty; pass --force to replace it")
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.method != "transform":
+        raise ExportError(f"checkpoint method {ckpt.method!r} is not exportable yet (supported: transform)")
+    signer = load_owner_key(owner_key)
+    store = EmbeddedKeystore.open(keystore)
+    model, transform = ckpt.build_public_model(), ckpt.build_transform()
+    data = load_dataset(ckpt.dataset, data_dir, seed=0)
+    if data.input_shape != ckpt.input_shape:
+        raise ExportError(f"dataset {data.name} has input shape {data.input_shape}, checkpoint {ckpt.input_shape}")
+
+    staging = Path(tempfile.mkdtemp(prefix=".sealnet-export-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        onnx_path = staging / PUBLIC_ONNX
+        export_onnx(model, ckpt.input_shape, onnx_path)
+        session = ort_session(onnx_path)
+        with torch.no_grad():
+            processed = transform(torch.from_numpy(data.x_test)).numpy()
+            reference = model(torch.from_numpy(processed[:256])).numpy()
+        max_abs_diff = float(np.abs(session.run(None, {INPUT_NAME: processed[:256]})[0] - reference).max())
+        if max_abs_diff > 1e-3:
+            raise ExportError(f"ONNX output differs from torch by {max_abs_diff:.2e} (> 1e-3); not exporting")
+        checks = {
+            "onnx_max_abs_diff": max_abs_diff,
+            "public_raw_acc": ort_accuracy(session, data.x_test, data.y_test),
+            "authorized_acc": ort_accuracy(session, processed, data.y_test),
+            "chance_acc": 1.0 / data.num_classes,
+            "max_raw_acc": max_raw_acc,
+            "dataset": data.name,
+            "test_items": int(len(data.y_test)),
+        }
+        log(f"public.onnx: max |onnx - torch| = {max_abs_diff:.2e}; raw-input accuracy "
+            f"{checks['public_raw_acc']:.1%} (authorized {checks['authorized_acc']:.1%})")
+        if checks["public_raw_acc"] > max_raw_acc:
+            raise ExportError(
+                f"the public network reaches {checks['public_raw_acc']:.1%} on raw inputs (> --max-raw-acc "
+                f"{max_raw_acc:.0%}): it would be useful to a pirate without the trusted module; retrain it")
+        files = {PUBLIC_ONNX: sha256_file(onnx_path)}
+        if tensorrt:
+            build_tensorrt_plan(onnx_path, staging / PUBLIC_PLAN, ckpt.input_shape, max_batch, fp16)
+            files[PUBLIC_PLAN] = sha256_file(staging / PUBLIC_PLAN)
+        tensor_shape = [-1, *ckpt.input_shape]
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "bundle_id": uuid.uuid4().hex,
+            "model_id": model_id or f"{ckpt.model_name}-{ckpt.secret['variant']}",
+            "method": "transform",
+            "variant": ckpt.secret["variant"],
+            "created_at": int(time.time()),
+            "owner_public_key": owner_key_field(signer),
+            "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": tensor_shape},
+            "output": {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, ckpt.num_classes]},
+            "max_batch": max_batch,
+            "files": files,
+            "checks": checks,
+            "training": {k: float(v) for k, v in ckpt.metrics.items()},
+        }
+        measurements, chain = measurement_chain(core_digest(manifest))
+        config, arrays = transform_to_arrays(transform, ckpt.input_shape)
+        sealed = store.seal(pack(config, arrays), chain=chain, label=manifest["bundle_id"])
+        (staging / SECRETS).write_bytes(sealed)
+        manifest["sealed"] = {SECRETS: sha256_file(staging / SECRETS)}
+        manifest = sign_manifest(manifest, signer)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        expected = {"chain": chain.hex(), "measurements": [{"name": m.name, "sha256": m.sha256.hex()}
+                                                           for m in measurements]}
+        (staging / "expected-measurements.json").write_text(json.dumps(expected, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        store.close()
+        if staging.exists():
+            shutil.rmtree(staging)
+    return manifest
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, help="protected checkpoint written by `sealnet protect`")
+    p.add_argument("out_dir", type=Path, help="bundle directory to create")
+    p.add_argument("--owner-key", type=Path, required=True, help="owner Ed25519 signing key (sealnet license keygen)")
+    p.add_argument("--keystore", type=Path, 
+                   help="keystore directory of the trusted module (default: $SEALNET_ROOT_KEY)")
+    p.add_argument("--model-id", help="model id that licenses must name (default: <model>-<variant>)")
+    p.add_argument("--data-dir", type=Path, help="local data for the checks when the checkpoint's dataset needs it")
+    p.add_argument("--max-raw-acc", type=float, default=0.2, help="refuse to export above this raw-input accuracy")
+    p.add_argument("--max-batch", type=int, default=1024, help="largest batch the bundle accepts")
+    p.add_argument("--tensorrt", action="store_true", help="also build public.plan (needs TensorRT and a GPU)")
+    p.add_argument("--fp16", action="store_true", help="build the TensorRT engine in FP16")
+    p.add_argument("--force", action="store_true", help="replace a non-empty out_dir")
+
+
+def run(args: argparse.Namespace) -> int:
+    manifest = build_bundle(args.checkpoint, args.out_dir, owner_key=args.owner_key, keystore=args.keystore,
+                            model_id=args.model_id, data_dir=args.data_dir, max_raw_acc=args.max_raw_acc,
+                            max_batch=args.max_batch, tensorrt=args.tensorrt, fp16=args.fp16, force=args.force)
+    print(f"bundle {args.out_dir}: model {manifest['model_id']}, files {', '.join(manifest['files'])}, "
+          f"{SECRETS} sealed, manifest signed")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="build_engine.py", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ExportError, FileNotFoundError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

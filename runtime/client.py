@@ -1,0 +1,47 @@
+"""A small KServe v2 client (`sealnet infer`), using only sealnet's own stubs."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+
+from runtime.enclave_client import channel_target
+from runtime.server import LICENSE_METADATA, MAX_MESSAGE_BYTES
+from sealnet._grpc import inference_pb2, inference_pb2_grpc
+
+
+class InferenceClient:
+    def __init__(self, address: str, model: str, *, timeout: float = 30.0):
+        self.model = model
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            channel_target(address), options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                              ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self._stub = inference_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server reports ready (trusted module reachable), else raise TimeoutError."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if self._stub.ServerReady(inference_pb2.ServerReadyRequest(), timeout=2).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server not ready (is the trusted module running?)")
+
+    def infer(self, batch: np.ndarray, license_token: str | None, input_name: str = "input") -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype="<f4")
+        req = inference_pb2.ModelInferRequest(model_name=self.model)
+        req.inputs.add(name=input_name, datatype="FP32", shape=list(batch.shape))
+        req.raw_input_contents.append(batch.tobytes())
+        metadata = [(LICENSE_METADATA, license_token)] if license_token else None
+        resp = self._stub.ModelInfer(req, timeout=self.timeout, metadata=metadata)
+        out = resp.outputs[0]
+        return np.frombuffer(resp.raw_output_contents[0], dtype="<f4").reshape(tuple(out.shape))

@@ -1,0 +1,176 @@
+"""KServe v2 gRPC endpoint (proto/inference.proto): raw inputs -> trusted module -> public.onnx -> logits.
+
+The license travels as gRPC request metadata under the key `sealnet-license` (tritonclient:
+`client.infer(..., headers={"sealnet-license": token})`). Every answer passes through the trusted module:
+when it is unreachable the call fails with UNAVAILABLE; no code path runs the public network on raw inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+import sealnet
+from export.build_engine import ort_session
+from runtime.enclave_client import EnclaveClient, EnclaveError
+from sealnet._grpc import inference_pb2, inference_pb2_grpc
+from sealnet.bundle import PUBLIC_ONNX, Bundle, load_bundle
+
+log = logging.getLogger("sealnet.runtime")
+
+LICENSE_METADATA = "sealnet-license"
+MODEL_VERSION = "1"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, bundle: Bundle, enclave: EnclaveClient, *, ort_threads: int = 0):
+        self.bundle = bundle
+        self.enclave = enclave
+        self.model_id = bundle.model_id
+        spec = bundle.manifest
+        self.input_name = spec["input"]["name"]
+        self.output_name = spec["output"]["name"]
+        self.item_shape = tuple(spec["input"]["shape"][1:])
+        self.num_outputs = spec["output"]["shape"][1]
+        self.max_batch = int(spec.get("max_batch", 1024))
+        self.session = ort_session(bundle.path(PUBLIC_ONNX), threads=ort_threads)
+        self._ready_cache = (0.0, False)
+
+    # -- health and metadata -----------------------------------------------------------------------------
+    def enclave_ready(self) -> bool:
+        """True when the trusted module answers for this model (cached for one second)."""
+        checked_at, ok = self._ready_cache
+        if time.monotonic() - checked_at < 1.0:
+            return ok
+        try:
+            ok = self.enclave.health().model_id == self.model_id
+        except EnclaveError:
+            ok = False
+        self._ready_cache = (time.monotonic(), ok)
+        return ok
+
+    def ServerLive(self, request, context):
+        return inference_pb2.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        return inference_pb2.ServerReadyResponse(ready=self.enclave_ready())
+
+    def ModelReady(self, request, context):
+        self._check_model(request.name, request.version, context)
+        return inference_pb2.ModelReadyResponse(ready=self.enclave_ready())
+
+    def ServerMetadata(self, request, context):
+        return inference_pb2.ServerMetadataResponse(name="sealnet", version=sealnet.__version__, extensions=[])
+
+    def ModelMetadata(self, request, context):
+        self._check_model(request.name, request.version, context)
+        meta = inference_pb2.ModelMetadataResponse
+        return meta(
+            name=self.model_id, versions=[MODEL_VERSION], platform="onnxruntime_onnx",
+            inputs=[meta.TensorMetadata(name=self.input_name, datatype="FP32", shape=[-1, *self.item_shape])],
+            outputs=[meta.TensorMetadata(name=self.output_name, datatype="FP32", shape=[-1, self.num_outputs])],
+        )
+
+    # -- inference ---------------------------------------------------------------------------------------
+    def ModelInfer(self, request, context):
+        self._check_model(request.model_name, request.model_version, context)
+        token = dict(context.invocation_metadata()).get(LICENSE_METADATA)
+        if not token:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"metadata '{LICENSE_METADATA}': missing; send your license token as request metadata")
+        batch = self._input(request, context)
+        for out in request.outputs:
+            if out.name != self.output_name:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"outputs.name: unknown output {out.name!r}; this model has {self.output_name!r}")
+        try:
+            processed = self.enclave.preprocess(token, batch)
+        except EnclaveError as exc:
+            context.abort(exc.code, str(exc))
+        logits = self.session.run(None, {self.input_name: processed})[0].astype("<f4", copy=False)
+        resp = inference_pb2.ModelInferResponse(model_name=self.model_id, model_version=MODEL_VERSION, id=request.id)
+        resp.outputs.add(name=self.output_name, datatype="FP32", shape=list(logits.shape))
+        resp.raw_output_contents.append(logits.tobytes())
+        return resp
+
+    def _check_model(self, name: str, version: str, context) -> None:
+        if name != self.model_id:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model_name: unknown model {name!r}; this server serves "
+                                                     f"{self.model_id!r}")
+        if version not in ("", MODEL_VERSION):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model_version: {version!r} not available; use "
+                                                     f"{MODEL_VERSION!r} or leave it empty")
+
+    def _input(self, request, context) -> np.ndarray:
+        if len(request.inputs) != 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"inputs: expected exactly one tensor named {self.input_name!r}, got {len(request.inputs)}")
+        tensor = request.inputs[0]
+        if tensor.name != self.input_name:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"inputs[0].name: expected {self.input_name!r}, got {tensor.name!r}")
+        if tensor.datatype != "FP32":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"inputs[0].datatype: expected FP32, got {tensor.datatype!r}")
+        shape = tuple(tensor.shape)
+        if len(shape) != 1 + len(self.item_shape) or shape[1:] != self.item_shape:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"inputs[0].shape: expected "
+                          f"[N, {', '.join(map(str, self.item_shape))}], got {list(shape)}")
+        if not 1 <= shape[0] <= self.max_batch:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"inputs[0].shape: batch size must be 1..{self.max_batch}, got {shape[0]}")
+        count = int(np.prod(shape))
+        if request.raw_input_contents:
+            if len(request.raw_input_contents) != 1:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents: expected one entry per input")
+            raw = request.raw_input_contents[0]
+            if len(raw) != count * 4:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"raw_input_contents[0]: {len(raw)} bytes for "
+                              f"shape {list(shape)}, expected {count * 4} (FP32)")
+            return np.frombuffer(raw, dtype="<f4").reshape(shape)
+        values = tensor.contents.fp32_contents
+        if len(values) != count:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"inputs[0].contents.fp32_contents: {len(values)} "
+                          f"values for shape {list(shape)}, expected {count}")
+        return np.asarray(values, dtype="<f4").reshape(shape)
+
+
+def serve(bundle_dir: Path, address: str, enclave_address: str, *, workers: int = 8,
+          ort_threads: int = 0) -> tuple[grpc.Server, InferenceService]:
+    """Start the endpoint on `address` (HOST:PORT or unix:PATH); returns the running server."""
+    bundle = load_bundle(bundle_dir)
+    service = InferenceService(bundle, EnclaveClient(enclave_address), ort_threads=ort_threads)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runtime"),
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
+    )
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if not server.add_insecure_port(address):
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    if not service.enclave_ready():
+        log.warning("trusted module at %s is not answering for model %s yet; inference fails with UNAVAILABLE "
+                    "until it does", enclave_address, bundle.model_id)
+    return server, service
+
+
+def wait_forever(server: grpc.Server, stop: threading.Event | None = None) -> None:
+    try:
+        while not (stop and stop.is_set()):
+            if not server.wait_for_termination(timeout=0.5):  # False: the server has terminated
+                break
+    except KeyboardInterrupt:
+        pass
+    server.stop(grace=2).wait()

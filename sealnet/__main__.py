@@ -1,0 +1,5 @@
+import sys
+
+from sealnet.cli import main
+
+sys.exit(main())

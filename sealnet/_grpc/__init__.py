@@ -1,0 +1,1 @@
+"""Generated gRPC modules for proto/*.proto (scripts/gen_proto.py); do not edit by hand."""

@@ -1,0 +1,273 @@
+"""The `sealnet` command: one subcommand per user task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sealnet.data import DATASETS
+
+
+def default_enclave_address() -> str:
+    return f"unix:/tmp/sealnet-{os.getuid()}/enclave.sock"
+
+
+def _read_license(args: argparse.Namespace) -> str | None:
+    if getattr(args, "license_file", None):
+        return Path(args.license_file).read_text().strip()
+    return os.environ.get("SEALNET_LICENSE")
+
+
+# -- protect / export ------------------------------------------------------------------------------------
+def cmd_protect(args: argparse.Namespace) -> int:
+    from protect.pipeline import protect_transform
+    from protect.train import TrainConfig
+    from sealnet.data import load_dataset
+
+    if args.method != "transform":
+        raise SystemExit(f"--method {args.method}: not available yet (available: transform)")
+    data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      alpha=args.alpha, beta=args.beta, gamma=args.gamma)
+    ckpt = protect_transform(data, args.variant, args.out, cfg, baseline=not args.no_baseline)
+    m = ckpt.metrics
+    print(f"checkpoint {args.out} (mode 0600: it holds the secret transform)")
+    if "baseline_acc" in m:
+        print(f"  baseline   accuracy {m['baseline_acc']:.2%}")
+    print(f"  authorized accuracy {m['authorized_acc']:.2%}  (raw input through the {args.variant} transform)")
+    print(f"  raw        accuracy {m['raw_acc']:.2%}  (raw input, no transform: what a pirate gets)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.build_engine import run
+
+    return run(args)
+
+
+# -- licenses and keystore -------------------------------------------------------------------------------
+def cmd_license_keygen(args: argparse.Namespace) -> int:
+    from sealnet.licenses import write_owner_key
+
+    key, pub = write_owner_key(args.path, overwrite=args.force)
+    print(f"owner signing key {key} (0600; keep it offline), public key {pub}")
+    return 0
+
+
+def cmd_license_issue(args: argparse.Namespace) -> int:
+    from sealnet.licenses import issue_license, load_owner_key
+
+    token = issue_license(load_owner_key(args.owner_key), customer_id=args.customer, model_id=args.model,
+                          serial_number=args.serial, valid_seconds=int(args.days * 86400))
+    if args.out:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        print(f"license for {args.customer} / {args.model} / SN {args.serial} written to {args.out}")
+    else:
+        print(token)
+    return 0
+
+
+def cmd_license_inspect(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from sealnet.licenses import inspect_license, load_public_key, verify_license
+
+    token = Path(args.token[1:]).read_text().strip() if args.token.startswith("@") else args.token
+    lic = inspect_license(token)
+    fields = asdict(lic)
+    for name in ("issued_at", "not_before", "expires_at"):
+        fields[name] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(fields[name]))
+    if args.owner_public_key:
+        verify_license(token, load_public_key(args.owner_public_key), model_id=lic.model_id)
+        fields["signature"] = "valid (owner key and expiry checked)"
+    else:
+        fields["signature"] = "not checked (pass --owner-public-key)"
+    print(json.dumps(fields, indent=2))
+    return 0
+
+
+def cmd_keystore_init(args: argparse.Namespace) -> int:
+    from enclave_sim.keystore import init_keystore
+
+    print(f"keystore root key {init_keystore(args.directory)} (0600)")
+    return 0
+
+
+# -- services --------------------------------------------------------------------------------------------
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def cmd_enclave(args: argparse.Namespace) -> int:
+    from enclave_sim.service import serve
+    from runtime.server import wait_forever
+
+    if not args.listen.startswith("unix:"):
+        logging.getLogger("sealnet").warning("listening on TCP %s without transport security: use only on a "
+                                             "trusted loopback", args.listen)
+    server, module = serve(args.bundle, args.listen, args.keystore)
+    print(f"trusted module serving {module.model_id} on {args.listen} (chain {module.chain.hex()[:16]}...)",
+          flush=True)
+    wait_forever(server, _stop_on_signals())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from runtime.server import serve, wait_forever
+
+    server, service = serve(args.bundle, args.listen, args.enclave, ort_threads=args.ort_threads)
+    print(f"KServe v2 endpoint for {service.model_id} on {args.listen} (trusted module {args.enclave})", flush=True)
+    wait_forever(server, _stop_on_signals())
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    import grpc
+
+    from runtime.client import InferenceClient
+    from sealnet.data import load_dataset
+
+    if args.input:
+        x, y = np.load(args.input).astype(np.float32), None
+    else:
+        data = load_dataset(args.dataset, args.data_dir)
+        x, y = data.x_test[: args.count], data.y_test[: args.count]
+    client = InferenceClient(args.server, args.model)
+    try:
+        preds = np.concatenate([client.infer(x[i : i + args.batch_size], _read_license(args)).argmax(1)
+                                for i in range(0, len(x), args.batch_size)])
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    print("predictions:", " ".join(map(str, preds[:20])) + (" ..." if len(preds) > 20 else ""))
+    if y is not None:
+        print(f"accuracy on {len(y)} test images: {(preds == y).mean():.2%}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sealnet.demo import run_demo
+
+    return run_demo(args.workdir, epochs=args.epochs, json_path=args.json, seed=args.seed)
+
+
+# -- parser ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from export.build_engine import add_arguments as add_export_arguments
+    from protect.transform import VARIANTS
+
+    parser = argparse.ArgumentParser(prog="sealnet", description="Deploy protected models behind a trusted module.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("protect", help="train a protected model and write a checkpoint")
+    p.add_argument("--method", default="transform", choices=["transform"])
+    p.add_argument("--variant", default="generator", choices=VARIANTS)
+    p.add_argument("--dataset", default="mnist-embedded", choices=DATASETS)
+    p.add_argument("--data-dir", type=Path, help="directory with MNIST/Fashion IDX files or CIFAR-10 batches")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of CE on processed inputs")
+    p.add_argument("--beta", type=float, default=1.0, help="weight of the true-class probability on raw inputs")
+    p.add_argument("--gamma", type=float, default=0.01, help="weight of ||x_p - x_r||^2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-baseline", action="store_true", help="skip training the unprotected baseline")
+    p.add_argument("--out", type=Path, default=Path("protected.pt"))
+    p.set_defaults(func=cmd_protect)
+
+    p = sub.add_parser("export", help="build a bundle: public ONNX, sealed secrets, signed manifest")
+    add_export_arguments(p)
+    p.set_defaults(func=cmd_export)
+
+    lic = sub.add_parser("license", help="owner keys and licenses").add_subparsers(dest="license_cmd", required=True)
+    p = lic.add_parser("keygen", help="create an owner Ed25519 signing key")
+    p.add_argument("path", type=Path)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_license_keygen)
+    p = lic.add_parser("issue", help="sign a license for a customer")
+    p.add_argument("--owner-key", type=Path, required=True)
+    p.add_argument("--customer", required=True)
+    p.add_argument("--model", required=True, help="model id of the bundle (manifest.json: model_id)")
+    p.add_argument("--serial", required=True, help="serial number bound to this license")
+    p.add_argument("--days", type=float, default=365.0)
+    p.add_argument("--out", type=Path, help="write the token to this file (0600) instead of stdout")
+    p.set_defaults(func=cmd_license_issue)
+    p = lic.add_parser("inspect", help="show a license's fields (TOKEN or @FILE)")
+    p.add_argument("token")
+    p.add_argument("--owner-public-key", type=Path, help="also verify the signature and expiry")
+    p.set_defaults(func=cmd_license_inspect)
+
+    ks = sub.add_parser("keystore", help="the trusted module's keystore").add_subparsers(dest="ks_cmd", required=True)
+    p = ks.add_parser("init", help="create a keystore directory with a fresh root key")
+    p.add_argument("directory", type=Path)
+    p.set_defaults(func=cmd_keystore_init)
+
+    p = sub.add_parser("enclave", help="run the trusted module (gRPC)")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--keystore", type=Path, help="keystore directory (default: $SEALNET_ROOT_KEY)")
+    p.add_argument("--listen", default=default_enclave_address(), help="unix:PATH (default) or HOST:PORT")
+    p.set_defaults(func=cmd_enclave)
+
+    p = sub.add_parser("serve", help="run the KServe v2 inference endpoint")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--enclave", default=default_enclave_address(), help="trusted module address")
+    p.add_argument("--listen", default="127.0.0.1:8001", help="HOST:PORT (default 127.0.0.1:8001) or unix:PATH")
+    p.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("infer", help="query an endpoint with test images or a .npy batch")
+    p.add_argument("--server", default="127.0.0.1:8001")
+    p.add_argument("--model", required=True)
+    p.add_argument("--license-file", type=Path, help="license token file (default: $SEALNET_LICENSE)")
+    p.add_argument("--input", type=Path, help="float32 .npy batch shaped like the model input")
+    p.add_argument("--dataset", default="mnist-embedded", choices=DATASETS)
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--count", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("demo", help="train, export, serve and query end to end on the embedded data")
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write the result table as JSON")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from enclave_sim.keystore import KeystoreError
+    from export.build_engine import ExportError
+    from sealnet.bundle import BundleError
+    from sealnet.licenses import LicenseError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ExportError, KeystoreError, BundleError, LicenseError, FileNotFoundError, FileExistsError,
+            ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

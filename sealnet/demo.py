@@ -1,0 +1,151 @@
+"""`sealnet demo`: the whole data path on the embedded data, from nothing, in a few minutes.
+
+owner: train baseline + Generator-protected model, keygen, license -> integrator: keystore, export ->
+edge: trusted module + KServe endpoint as child processes -> client queries; pirate runs public.onnx.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from attacks.direct_piracy import direct_piracy_accuracy
+from enclave_sim.keystore import init_keystore
+from export.build_engine import build_bundle
+from protect.pipeline import protect_transform
+from protect.train import TrainConfig
+from runtime.client import InferenceClient
+from sealnet.data import mnist_embedded
+from sealnet.licenses import issue_license, load_owner_key, write_owner_key
+
+MODEL_ID = "mnist-cnn-generator"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def _start(name: str, args: list[str], logs: Path) -> subprocess.Popen:
+    log = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - closed when the process is reaped
+    return subprocess.Popen([sys.executable, "-m", "sealnet", *args], stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _query(
+    client: InferenceClient, x: np.ndarray, token: str | None, batch: int = 100
+) -> tuple[np.ndarray | None, str]:
+    """Predictions and 'OK', or (None, gRPC status name) when the server refuses."""
+    try:
+        preds = [client.infer(x[i : i + batch], token).argmax(1) for i in range(0, len(x), batch)]
+    except grpc.RpcError as exc:
+        return None, f"{exc.code().name}"
+    return np.concatenate(preds), "OK"
+
+
+def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, seed: int = 0) -> int:
+    started = time.perf_counter()
+    workdir = Path(workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    (workdir / "logs").mkdir(parents=True)
+
+    _step("owner: train the baseline and the Generator-protected model on the embedded MNIST subset")
+    data = mnist_embedded(seed=0)
+    ckpt = protect_transform(data, "generator", workdir / "protected.pt", TrainConfig(epochs=epochs, seed=seed))
+    owner_key, _ = write_owner_key(workdir / "owner.key")
+    signer = load_owner_key(owner_key)
+    license_ok = issue_license(signer, customer_id="acme", model_id=MODEL_ID, serial_number="SN-0001",
+                               valid_seconds=3600)
+    license_other = issue_license(signer, customer_id="acme", model_id="another-model", serial_number="SN-0002",
+                                  valid_seconds=3600)
+
+    _step("integrator: create the trusted module's keystore and export the bundle")
+    init_keystore(workdir / "keystore")
+    manifest = build_bundle(workdir / "protected.pt", workdir / "bundle", owner_key=owner_key,
+                            keystore=workdir / "keystore", model_id=MODEL_ID)
+
+    _step("edge host: start the trusted module (Unix socket) and the KServe v2 endpoint (loopback TCP)")
+    enclave_addr = f"unix:{(workdir / 'enclave.sock').resolve()}"
+    server_addr = f"127.0.0.1:{_free_port()}"
+    procs = [
+        _start("enclave", ["enclave", "--bundle", str(workdir / "bundle"), "--keystore", str(workdir / "keystore"),
+                           "--listen", enclave_addr], workdir / "logs"),
+        _start("runtime", ["serve", "--bundle", str(workdir / "bundle"), "--enclave", enclave_addr,
+                           "--listen", server_addr], workdir / "logs"),
+    ]
+    client = InferenceClient(server_addr, MODEL_ID)
+    try:
+        try:
+            client.wait_ready(timeout=60)
+        except TimeoutError:
+            for proc, name in zip(procs, ("enclave", "runtime"), strict=True):
+                if proc.poll() is not None:
+                    print(f"{name} exited ({proc.returncode}); see {workdir / 'logs' / (name + '.log')}")
+            raise
+        print(f"ready: {server_addr} -> {enclave_addr}")
+        _step("edge client: query the test split over gRPC")
+        preds, status_ok = _query(client, data.x_test, license_ok)
+        _, status_none = _query(client, data.x_test[:8], None)
+        _, status_other = _query(client, data.x_test[:8], license_other)
+    finally:
+        client.close()
+        _stop(procs)
+
+    _step("pirate: run the copied public.onnx on raw inputs")
+    pirate = direct_piracy_accuracy(workdir / "bundle", data.x_test, data.y_test)
+
+    authorized = float((preds == data.y_test).mean()) if preds is not None else float("nan")
+    result = {
+        "baseline_acc": ckpt.metrics["baseline_acc"],
+        "authorized_acc": authorized,
+        "authorized_torch_acc": ckpt.metrics["authorized_acc"],
+        "pirate_raw_acc": pirate,
+        "licensed_status": status_ok,
+        "no_license_status": status_none,
+        "wrong_license_status": status_other,
+        "onnx_max_abs_diff": manifest["checks"]["onnx_max_abs_diff"],
+        "test_items": int(len(data.y_test)),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    rows = [
+        ("baseline (unprotected CNN, torch)", f"{result['baseline_acc']:.2%}"),
+        ("authorized: gRPC + license + trusted module", f"{authorized:.2%}" if preds is not None else status_ok),
+        ("pirate: public.onnx on raw inputs", f"{pirate:.2%}"),
+        ("no license", f"rejected: {status_none}"),
+        ("license for another model", f"rejected: {status_other}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'sealnet demo (1,000 test images)':<{width}}  result\n{'-' * width}  {'-' * 16}")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print(f"\nfinished in {result['seconds']} s; artefacts in {workdir}/")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    ok = status_ok == "OK" and status_none != "OK" and status_other != "OK"
+    return 0 if ok else 1
