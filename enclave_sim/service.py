@@ -13,6 +13,7 @@ import os
 import secrets
 import threading
 import time
+import warnings
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from sealnet.bundle import SECRETS, Bundle, core_digest, load_bundle
 from sealnet.licenses import License, LicenseError, verify_license
 
 log = logging.getLogger("sealnet.enclave")
+# Request tensors are read-only views of the gRPC message (no copy); the transform never writes to them.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SESSION_SECONDS = 3600

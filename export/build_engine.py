@@ -113,8 +113,8 @@ def build_tensorrt_plan(onnx_path: Path, plan_path: Path, input_shape: tuple[int
 
 
 def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: Path | None,
-                 model_id: str | None = None, data_dir: Path | None = None, max_raw_acc: float = 0.2, max_batch: int = 1024,
-                 tensorrt: bool = False, fp16: bool = False, force: bool = False,
+                 model_id: str | None = None, data_dir: Path | None = None, max_raw_acc: float = 0.2,
+                 max_batch: int = 1024, tensorrt: bool = False, fp16: bool = False, force: bool = False,
                  log=print) -> dict[str, Any]:
     """Write a bundle directory and return its manifest. Nothing is left behind on failure."""
     if tensorrt and (reason := tensorrt_available()):
@@ -203,7 +203,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="protected checkpoint written by `sealnet protect`")
     p.add_argument("out_dir", type=Path, help="bundle directory to create")
     p.add_argument("--owner-key", type=Path, required=True, help="owner Ed25519 signing key (sealnet license keygen)")
-    p.add_argument("--keystore", type=Path, 
+    p.add_argument("--keystore", type=Path,
                    help="keystore directory of the trusted module (default: $SEALNET_ROOT_KEY)")
     p.add_argument("--model-id", help="model id that licenses must name (default: <model>-<variant>)")
     p.add_argument("--data-dir", type=Path, help="local data for the checks when the checkpoint's dataset needs it")

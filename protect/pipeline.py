@@ -12,16 +12,16 @@ from sealnet.data import Dataset
 
 
 def protect_transform(data: Dataset, variant: str, out: Path, cfg: TrainConfig, model_name: str = "simple_cnn",
-                      baseline: bool = True) -> ProtectedCheckpoint:
+                      baseline: bool = True, model_config: dict | None = None) -> ProtectedCheckpoint:
     """Train the anti-piracy transform + network; metrics: baseline / authorized / raw accuracy on the test split."""
     metrics: dict[str, float] = {}
     if baseline:
         seed_everything(cfg.seed)
-        plain = create_model(model_name, data.input_shape, data.num_classes)
+        plain = create_model(model_name, data.input_shape, data.num_classes, **(model_config or {}))
         metrics["baseline_epoch_s"] = train_plain(plain, data, cfg)
         metrics["baseline_acc"] = accuracy(plain, data.x_test, data.y_test)
     seed_everything(cfg.seed)
-    model = create_model(model_name, data.input_shape, data.num_classes)
+    model = create_model(model_name, data.input_shape, data.num_classes, **(model_config or {}))
     transform = create_transform(variant, data.input_shape, seed=cfg.seed)
     metrics["protected_epoch_s"] = train_transform(model, transform, data, cfg)
     metrics["authorized_acc"] = accuracy(model, data.x_test, data.y_test, transform)
@@ -31,7 +31,7 @@ def protect_transform(data: Dataset, variant: str, out: Path, cfg: TrainConfig, 
         public_state={k: v.detach().clone() for k, v in model.state_dict().items()},
         secret={"variant": variant, "config": dict(transform.config),
                 "state": {k: v.detach().clone() for k, v in transform.state_dict().items()}},
-        dataset=data.name, seed=cfg.seed, metrics=metrics,
+        dataset=data.name, seed=cfg.seed, metrics=metrics, model_config=dict(model_config or {}),
     )
     save_checkpoint(ckpt, out)
     return ckpt

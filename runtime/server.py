@@ -43,6 +43,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self.max_batch = int(spec.get("max_batch", 1024))
         self.session = ort_session(bundle.path(PUBLIC_ONNX), threads=ort_threads)
         self._ready_cache = (0.0, False)
+        self.port = 0  # set by serve(): the bound TCP port (useful with HOST:0)
 
     # -- health and metadata -----------------------------------------------------------------------------
     def enclave_ready(self) -> bool:
@@ -156,7 +157,8 @@ def serve(bundle_dir: Path, address: str, enclave_address: str, *, workers: int 
     inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if not server.add_insecure_port(address):
+    service.port = server.add_insecure_port(address)
+    if not service.port:
         raise OSError(f"cannot listen on {address}")
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

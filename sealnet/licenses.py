@@ -46,7 +46,7 @@ def _b64e(data: bytes) -> str:
 
 def _b64d(text: str, field: str) -> bytes:
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
     except (ValueError, TypeError):
         raise LicenseError(f"license {field} is not valid base64url") from None
 

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny Generator-protected model on the 8x8 digits, exported once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from enclave_sim.keystore import init_keystore
+from export.build_engine import build_bundle
+from protect.pipeline import protect_transform
+from protect.train import TrainConfig
+from sealnet.data import digits_tiny
+from sealnet.licenses import load_owner_key, write_owner_key
+
+TINY = {"hidden": 128}
+TINY_TRAIN = TrainConfig(epochs=10, batch_size=64, lr=2e-3, seed=0, progress=False)
+MODEL_ID = "digits-generator"
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return digits_tiny()
+
+
+@pytest.fixture(scope="session")
+def artefacts(tmp_path_factory, digits):
+    """Checkpoint, owner key, keystore and bundle of a tiny Generator-protected CNN."""
+    root = tmp_path_factory.mktemp("artefacts")
+    ckpt = protect_transform(digits, "generator", root / "protected.pt", TINY_TRAIN, model_config=TINY)
+    key_path, pub_path = write_owner_key(root / "owner.key")
+    init_keystore(root / "keystore")
+    manifest = build_bundle(root / "protected.pt", root / "bundle", owner_key=key_path, keystore=root / "keystore",
+                            model_id=MODEL_ID, log=lambda *_: None)
+    return {
+        "root": root, "checkpoint": ckpt, "checkpoint_path": root / "protected.pt", "owner_key_path": key_path,
+        "owner_pub_path": pub_path, "owner_key": load_owner_key(key_path), "keystore": root / "keystore",
+        "bundle": root / "bundle", "manifest": manifest,
+    }
+
+
+@pytest.fixture
+def bundle_copy(tmp_path, artefacts):
+    """A private copy of the session bundle that a test may tamper with."""
+    import shutil
+
+    dst = tmp_path / "bundle"
+    shutil.copytree(artefacts["bundle"], dst)
+    return dst
+
+
+@pytest.fixture
+def short_tmp():
+    """A short directory for Unix sockets (paths are limited to ~100 bytes)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="sn-", dir="/tmp") as d:
+        os.chmod(d, 0o700)
+        yield Path(d)

@@ -1,0 +1,97 @@
+"""The `sealnet` command as users type it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sealnet.cli import main
+
+
+def test_license_keygen_issue_inspect(tmp_path, capsys):
+    key = tmp_path / "owner.key"
+    assert main(["license", "keygen", str(key)]) == 0
+    assert main(["license", "issue", "--owner-key", str(key), "--customer", "acme", "--model", "m1",
+                 "--serial", "SN-9", "--days", "1", "--out", str(tmp_path / "lic")]) == 0
+    assert (tmp_path / "lic").stat().st_mode & 0o777 == 0o600
+    capsys.readouterr()
+    assert main(["license", "inspect", f"@{tmp_path / 'lic'}", "--owner-public-key", f"{key}.pub"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["serial_number"] == "SN-9" and shown["signature"].startswith("valid")
+    # a second keygen onto the same path is refused, not silently replacing the owner key
+    assert main(["license", "keygen", str(key)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_inspect_with_the_wrong_owner_key_fails(tmp_path, capsys):
+    main(["license", "keygen", str(tmp_path / "a.key")])
+    main(["license", "keygen", str(tmp_path / "b.key")])
+    main(["license", "issue", "--owner-key", str(tmp_path / "a.key"), "--customer", "c", "--model", "m",
+          "--serial", "s", "--out", str(tmp_path / "lic")])
+    assert main(["license", "inspect", f"@{tmp_path / 'lic'}", "--owner-public-key", str(tmp_path / "b.key.pub")]) == 2
+    assert "bad signature" in capsys.readouterr().err
+
+
+def test_enclave_refuses_to_start_on_a_tampered_bundle(bundle_copy, artefacts, short_tmp, capsys):
+    blob = bytearray((bundle_copy / "secrets.sealed").read_bytes())
+    blob[40] ^= 0x80
+    (bundle_copy / "secrets.sealed").write_bytes(bytes(blob))
+    code = main(["enclave", "--bundle", str(bundle_copy), "--keystore", str(artefacts["keystore"]),
+                 "--listen", f"unix:{short_tmp / 's.sock'}"])
+    assert code == 2 and "secrets.sealed does not match" in capsys.readouterr().err
+
+
+def test_protect_and_infer_commands(tmp_path, artefacts, short_tmp, capsys):
+    """`sealnet protect` on the tiny data, then `sealnet infer` against a running endpoint."""
+    from enclave_sim import service as enclave_service
+    from runtime import server as runtime_server
+    from tests.conftest import MODEL_ID
+
+    assert main(["protect", "--variant", "learned", "--dataset", "digits", "--epochs", "1", "--no-baseline",
+                 "--out", str(tmp_path / "p.pt")]) == 0
+    assert "authorized accuracy" in capsys.readouterr().out
+    enclave_addr = f"unix:{short_tmp / 'e.sock'}"
+    enclave, _ = enclave_service.serve(artefacts["bundle"], enclave_addr, artefacts["keystore"])
+    server, service = runtime_server.serve(artefacts["bundle"], "127.0.0.1:0", enclave_addr)
+    try:
+        main(["license", "issue", "--owner-key", str(artefacts["owner_key_path"]), "--customer", "c",
+              "--model", MODEL_ID, "--serial", "s", "--out", str(tmp_path / "lic")])
+        capsys.readouterr()
+        assert main(["infer", "--server", f"127.0.0.1:{service.port}", "--model", MODEL_ID, "--dataset", "digits",
+                     "--license-file", str(tmp_path / "lic"), "--count", "50"]) == 0
+        out = capsys.readouterr().out
+        assert "accuracy on 50 test images" in out
+        assert main(["infer", "--server", f"127.0.0.1:{service.port}", "--model", MODEL_ID,
+                     "--dataset", "digits", "--count", "5"]) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+    finally:
+        server.stop(0)
+        enclave.stop(0)
+
+
+def test_generated_grpc_code_matches_the_protos(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, str(root / "scripts" / "gen_proto.py"), str(tmp_path)], check=True,
+                   capture_output=True)
+    for name in ("inference_pb2.py", "inference_pb2_grpc.py", "enclave_pb2.py", "enclave_pb2_grpc.py"):
+        assert (tmp_path / name).read_text() == (root / "sealnet" / "_grpc" / name).read_text(), (
+            f"{name} is stale: run python scripts/gen_proto.py")
+
+
+def test_demo_runs_end_to_end_and_meets_the_acceptance_numbers(tmp_path):
+    """The README's demo, full size (about a minute on 2 cores): real child processes, real sockets."""
+    out = tmp_path / "demo.json"
+    proc = subprocess.run([sys.executable, "-m", "sealnet", "demo", "--workdir", str(tmp_path / "w"),
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["no_license_status"] == "UNAUTHENTICATED"
+    assert r["wrong_license_status"] == "PERMISSION_DENIED"
+    assert r["authorized_acc"] == pytest.approx(r["authorized_torch_acc"], abs=0.002)
+    assert r["authorized_acc"] >= r["baseline_acc"] - 0.015
+    assert r["pirate_raw_acc"] <= 0.15
+    assert "pirate: public.onnx on raw inputs" in proc.stdout

@@ -1,0 +1,80 @@
+import os
+import random
+
+import pytest
+
+from enclave_sim.keystore import EmbeddedKeystore, KeystoreError, init_keystore
+from enclave_sim.measure import extend, measurement_chain
+
+
+@pytest.fixture
+def store(tmp_path):
+    init_keystore(tmp_path / "ks")
+    return EmbeddedKeystore.open(tmp_path / "ks")
+
+
+def test_seal_round_trip_and_binding(store, tmp_path):
+    chain = os.urandom(32)
+    blob = store.seal(b"secret parameters", chain=chain, label="bundle-1")
+    assert b"secret parameters" not in blob
+    assert store.unseal(blob, chain=chain, label="bundle-1") == b"secret parameters"
+    with pytest.raises(KeystoreError, match="unseal refused"):
+        store.unseal(blob, chain=extend(chain, b"\x00" * 32), label="bundle-1")
+    with pytest.raises(KeystoreError, match="unseal refused"):
+        store.unseal(blob, chain=chain, label="bundle-2")
+    init_keystore(tmp_path / "other")
+    with pytest.raises(KeystoreError, match="unseal refused"):
+        EmbeddedKeystore.open(tmp_path / "other").unseal(blob, chain=chain, label="bundle-1")
+
+
+def test_every_sampled_bit_flip_is_rejected(store):
+    chain = os.urandom(32)
+    blob = store.seal(os.urandom(300), chain=chain, label="b")
+    rng = random.Random(0)
+    positions = rng.sample(range(len(blob) * 8), 200)
+    for bit in positions:
+        tampered = bytearray(blob)
+        tampered[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(KeystoreError):
+            store.unseal(bytes(tampered), chain=chain, label="b")
+    with pytest.raises(KeystoreError, match="truncated"):
+        store.unseal(blob[:20], chain=chain, label="b")
+
+
+def test_root_key_file_rules(tmp_path):
+    path = init_keystore(tmp_path / "ks")
+    assert path.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(FileExistsError):
+        init_keystore(tmp_path / "ks")
+    os.chmod(path, 0o644)
+    with pytest.raises(KeystoreError, match="chmod 600"):
+        EmbeddedKeystore.open(tmp_path / "ks")
+    with pytest.raises(KeystoreError, match="sealnet keystore init"):
+        EmbeddedKeystore.open(tmp_path / "missing")
+
+
+def test_root_key_from_environment(monkeypatch):
+    monkeypatch.setenv("SEALNET_ROOT_KEY", "11" * 32)
+    a = EmbeddedKeystore.open(None)
+    assert a.unseal(a.seal(b"x", chain=bytes(32), label="l"), chain=bytes(32), label="l") == b"x"
+    monkeypatch.setenv("SEALNET_ROOT_KEY", "zz")
+    with pytest.raises(KeystoreError, match="64 hex digits"):
+        EmbeddedKeystore.open(None)
+
+
+def test_chain_covers_code_and_manifest(tmp_path):
+    items, chain = measurement_chain(b"\x01" * 32)
+    assert items[-1].name == "bundle:manifest" and any(i.name.endswith("enclave_sim/service.py") for i in items)
+    assert measurement_chain(b"\x02" * 32)[1] != chain
+    # a copy of the trusted code with one changed byte measures differently
+    import shutil
+
+    from enclave_sim.measure import _ROOT, TRUSTED_CODE
+
+    for rel in TRUSTED_CODE:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(_ROOT / rel, tmp_path / rel)
+    assert measurement_chain(b"\x01" * 32, root=tmp_path)[1] == chain
+    with open(tmp_path / "protect/transform.py", "a") as f:
+        f.write("\n# changed\n")
+    assert measurement_chain(b"\x01" * 32, root=tmp_path)[1] != chain
