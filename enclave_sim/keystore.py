@@ -1,14 +1,18 @@
-"""Embedded keystore: a simulated TPM on pyca/cryptography.
+"""Keystores: where the trusted module's secrets are sealed, measured and attested.
 
-A 32-byte root key (a file of mode 0600, or the SEALNET_ROOT_KEY environment variable for tests) never
-leaves this module. Sealing keys are HKDF(root, salt=chain, info=label): a blob sealed to one measurement
-chain opens only under the same chain. Blobs are AES-256-GCM with the label and chain as associated data.
+Every backend offers the same TPM-shaped interface (`Keystore`): `extend` records the measurement chain
+(a PCR), `seal` binds data to an expected chain, `unseal` opens it only under the current chain, `quote`
+signs the chain over a verifier's nonce. `EmbeddedKeystore` simulates a TPM on pyca/cryptography: a 32-byte
+root key (a file of mode 0600, or $SEALNET_ROOT_KEY for tests) never leaves it; sealing keys are
+HKDF(root, salt=chain, info=label) and blobs are AES-256-GCM with the label and chain as associated data.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -17,14 +21,58 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from enclave_sim.measure import Measurement, chain_of
+
 ROOT_KEY_FILE = "root.key"
 ROOT_KEY_ENV = "SEALNET_ROOT_KEY"
 _MAGIC = b"SNSEAL1\x00"
+EMBEDDED_QUOTE_CONTEXT = b"sealnet-attest-v1\x00"
 _NONCE = 12
 
 
 class KeystoreError(Exception):
     """The keystore is missing, unsafe, or refused to unseal; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """An attestation: the chain, signed over a nonce, in a backend-specific format."""
+
+    format: str  # "sealnet-ed25519-v1" (embedded) or "tpm2-quote-v1"
+    chain: bytes
+    quoted: bytes  # the signed message (for TPM: the marshalled TPMS_ATTEST)
+    signature: bytes
+    public_key: bytes  # the attestation key, raw Ed25519 or DER SubjectPublicKeyInfo
+
+
+class Keystore(ABC):
+    """The TPM-shaped interface every backend implements."""
+
+    backend: str
+
+    @abstractmethod
+    def extend(self, measurements: list[Measurement]) -> bytes:
+        """Reset the chain and extend it with each measurement in order; return the final value."""
+
+    @abstractmethod
+    def seal(self, plaintext: bytes, *, chain: bytes, label: str) -> bytes:
+        """Encrypt so that only this keystore, once extended to `chain`, can unseal (for `label`)."""
+
+    @abstractmethod
+    def unseal(self, blob: bytes, *, label: str) -> bytes:
+        """Decrypt under the current chain; KeystoreError on any tampering or measurement mismatch."""
+
+    @abstractmethod
+    def quote(self, nonce: bytes) -> Evidence:
+        """Sign the current chain over `nonce` with the attestation key."""
+
+    @abstractmethod
+    def attestation_public_key(self) -> bytes:
+        """The attestation key's public half, to pin in expected-measurements.json."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Forget key material held in this process (best effort)."""
 
 
 def _hkdf(root: bytes, salt: bytes, info: bytes) -> bytes:
@@ -42,13 +90,16 @@ def init_keystore(directory: Path) -> Path:
     return path
 
 
-class EmbeddedKeystore:
+class EmbeddedKeystore(Keystore):
     """Seal / unseal / attestation key, keyed by a root key that stays inside this object."""
+
+    backend = "embedded"
 
     def __init__(self, root_key: bytes):
         if len(root_key) != 32:
             raise KeystoreError("the root key must be exactly 32 bytes")
         self._root = bytearray(root_key)
+        self._chain = bytes(32)
 
     @classmethod
     def open(cls, directory: Path | None) -> EmbeddedKeystore:
@@ -69,14 +120,18 @@ class EmbeddedKeystore:
             raise KeystoreError(f"{path} is readable by others (mode {mode:o}); run chmod 600 {path}")
         return cls(path.read_bytes())
 
+    def extend(self, measurements: list[Measurement]) -> bytes:
+        self._chain = chain_of(measurements)
+        return self._chain
+
     def seal(self, plaintext: bytes, *, chain: bytes, label: str) -> bytes:
-        """Encrypt `plaintext` so that only this keystore under the same chain and label can open it."""
         key = _hkdf(bytes(self._root), chain, b"sealnet-seal-v1|" + label.encode())
         nonce = os.urandom(_NONCE)
         aad = _MAGIC + label.encode() + b"|" + chain
         return _MAGIC + nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
 
-    def unseal(self, blob: bytes, *, chain: bytes, label: str) -> bytes:
+    def unseal(self, blob: bytes, *, label: str) -> bytes:
+        chain = self._chain
         if len(blob) < len(_MAGIC) + _NONCE + 16 or not blob.startswith(_MAGIC):
             raise KeystoreError("unseal refused: not a sealnet sealed blob (bad header or truncated)")
         key = _hkdf(bytes(self._root), chain, b"sealnet-seal-v1|" + label.encode())
@@ -90,11 +145,55 @@ class EmbeddedKeystore:
                 "differ from those it was sealed to, or it was sealed by another keystore"
             ) from None
 
-    def attestation_key(self) -> Ed25519PrivateKey:
+    def _attestation_key(self) -> Ed25519PrivateKey:
         """A stable Ed25519 key derived from the root key; its public half identifies this keystore."""
         return Ed25519PrivateKey.from_private_bytes(_hkdf(bytes(self._root), b"", b"sealnet-attestation-v1"))
+
+    def quote(self, nonce: bytes) -> Evidence:
+        quoted = EMBEDDED_QUOTE_CONTEXT + nonce + self._chain
+        key = self._attestation_key()
+        return Evidence("sealnet-ed25519-v1", self._chain, quoted, key.sign(quoted), self.attestation_public_key())
+
+    def attestation_public_key(self) -> bytes:
+        return self._attestation_key().public_key().public_bytes_raw()
 
     def close(self) -> None:
         """Overwrite the root key in memory (best effort: Python may hold other copies)."""
         for i in range(len(self._root)):
             self._root[i] = 0
+
+
+KEYSTORE_BACKENDS = ("embedded", "tpm")
+
+
+@dataclass(frozen=True)
+class KeystoreSpec:
+    """Which keystore to open: `embedded` (root key in `directory`, or $SEALNET_ROOT_KEY when None) or `tpm`
+    (a TPM 2.0 reached through a TCTI string such as "swtpm:host=127.0.0.1,port=2321")."""
+
+    backend: str = "embedded"
+    directory: Path | None = None
+    tcti: str | None = None
+
+    def open(self) -> Keystore:
+        if self.backend == "embedded":
+            return EmbeddedKeystore.open(self.directory)
+        if self.backend == "tpm":
+            if not self.tcti:
+                raise KeystoreError("--keystore tpm needs --tpm TCTI (e.g. swtpm:host=127.0.0.1,port=2321)")
+            from enclave_sim.tpm import TpmKeystore
+
+            return TpmKeystore(self.tcti)
+        raise KeystoreError(f"unknown keystore backend {self.backend!r}; choose one of {', '.join(KEYSTORE_BACKENDS)}")
+
+
+def add_keystore_arguments(parser) -> None:
+    """The --keystore / --keystore-dir / --tpm options shared by `sealnet export` and `sealnet enclave`."""
+    parser.add_argument("--keystore", choices=KEYSTORE_BACKENDS, default="embedded", help="keystore backend")
+    parser.add_argument("--keystore-dir", type=Path,
+                        help="embedded keystore directory (sealnet keystore init); default: $SEALNET_ROOT_KEY")
+    parser.add_argument("--tpm", metavar="TCTI", help="TPM for --keystore tpm, e.g. swtpm:host=127.0.0.1,port=2321")
+
+
+def keystore_spec(args) -> KeystoreSpec:
+    return KeystoreSpec(args.keystore, args.keystore_dir, args.tpm)

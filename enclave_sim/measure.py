@@ -45,10 +45,15 @@ def measure_code(root: Path = _ROOT) -> list[Measurement]:
     return out
 
 
+def chain_of(measurements: list[Measurement]) -> bytes:
+    """The chain value after extending a zeroed register with each measurement (= a TPM PCR, sha256 bank)."""
+    chain = bytes(32)
+    for item in measurements:
+        chain = extend(chain, item.sha256)
+    return chain
+
+
 def measurement_chain(manifest_digest: bytes, root: Path = _ROOT) -> tuple[list[Measurement], bytes]:
     """All measurements (code first, then the manifest) and the resulting chain value."""
     items = measure_code(root) + [Measurement("bundle:manifest", manifest_digest)]
-    chain = bytes(32)
-    for item in items:
-        chain = extend(chain, item.sha256)
-    return items, chain
+    return items, chain_of(items)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from enclave_sim.keystore import EmbeddedKeystore
+from enclave_sim.keystore import Keystore, KeystoreSpec
 from enclave_sim.measure import Measurement, measurement_chain
 from enclave_sim.payload import unpack
 from protect.transform import transform_from_arrays
@@ -37,7 +37,6 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SESSION_SECONDS = 3600
-ATTEST_CONTEXT = b"sealnet-attest-v1\x00"
 
 
 @dataclass
@@ -49,17 +48,18 @@ class _Session:
 class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
     """Holds the unsealed transform; answers only sessions opened with a valid license."""
 
-    def __init__(self, bundle: Bundle, keystore: EmbeddedKeystore, *, session_seconds: int = SESSION_SECONDS):
+    def __init__(self, bundle: Bundle, keystore: Keystore, *, session_seconds: int = SESSION_SECONDS):
         self.bundle = bundle
         self.model_id = bundle.model_id
         self._owner = bundle.owner_public_key
-        self.measurements, self.chain = measurement_chain(core_digest(bundle.manifest))
+        self._keystore = keystore
+        self.measurements, _ = measurement_chain(core_digest(bundle.manifest))
+        self.chain = keystore.extend(self.measurements)
         blob = bundle.path(SECRETS).read_bytes()
-        config, arrays = unpack(keystore.unseal(blob, chain=self.chain, label=bundle.bundle_id))
+        config, arrays = unpack(keystore.unseal(blob, label=bundle.bundle_id))
         self._transform = transform_from_arrays(config, arrays)
         for array in arrays.values():
             array.fill(0)
-        self._attestation_key = keystore.attestation_key()
         self._input_shape = tuple(bundle.manifest["input"]["shape"][1:])
         self._max_batch = int(bundle.manifest.get("max_batch", 1024))
         self._session_seconds = session_seconds
@@ -73,12 +73,11 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
     def Attest(self, request, context):
         if not 16 <= len(request.nonce) <= 64:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "nonce: must be 16-64 bytes of fresh randomness")
-        signature = self._attestation_key.sign(ATTEST_CONTEXT + request.nonce + self.chain)
+        evidence = self._keystore.quote(request.nonce)
         return enclave_pb2.AttestResponse(
             measurements=[enclave_pb2.Measurement(name=m.name, sha256=m.sha256) for m in self.measurements],
-            chain=self.chain,
-            attestation_public_key=self._attestation_key.public_key().public_bytes_raw(),
-            signature=signature,
+            chain=evidence.chain, attestation_public_key=evidence.public_key, signature=evidence.signature,
+            format=evidence.format, quoted=evidence.quoted,
         )
 
     def OpenSession(self, request, context):
@@ -142,15 +141,16 @@ def describe_measurements(measurements: list[Measurement]) -> str:
     return "\n".join(f"{m.sha256.hex()}  {m.name}" for m in measurements)
 
 
-def serve(bundle_dir: Path, address: str, keystore_dir: Path | None, *, workers: int = 4,
+def serve(bundle_dir: Path, address: str, keystore: KeystoreSpec, *, workers: int = 4,
           ready: threading.Event | None = None) -> tuple[grpc.Server, TrustedModule]:
     """Build and start the server; returns it running. `address` is unix:PATH or HOST:PORT."""
     bundle = load_bundle(bundle_dir)
-    keystore = EmbeddedKeystore.open(keystore_dir)
+    store = keystore.open()
     try:
-        module = TrustedModule(bundle, keystore)
-    finally:
-        keystore.close()
+        module = TrustedModule(bundle, store)
+    except BaseException:
+        store.close()
+        raise
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="enclave"),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -1,6 +1,6 @@
 """Build a deployment bundle from a protected checkpoint.
 
-    python export/build_engine.py CHECKPOINT OUT_DIR --owner-key KEY --keystore DIR [--tensorrt]
+    python export/build_engine.py CHECKPOINT OUT_DIR --owner-key KEY --keystore-dir DIR [--tensorrt]
 
 (also `sealnet export`). The bundle holds public.onnx (useless on raw inputs; checked here and recorded),
 secrets.sealed (the transform parameters, sealed by the keystore to the trusted module's measurements)
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from enclave_sim.keystore import EmbeddedKeystore
+from enclave_sim.keystore import KeystoreSpec, add_keystore_arguments, keystore_spec
 from enclave_sim.measure import measurement_chain
 from enclave_sim.payload import pack
 from protect.checkpoint import load_checkpoint
@@ -112,7 +112,7 @@ def build_tensorrt_plan(onnx_path: Path, plan_path: Path, input_shape: tuple[int
     plan_path.write_bytes(bytes(plan))
 
 
-def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: Path | None,
+def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: KeystoreSpec,
                  model_id: str | None = None, data_dir: Path | None = None, max_raw_acc: float = 0.2,
                  max_batch: int = 1024, tensorrt: bool = False, fp16: bool = False, force: bool = False,
                  log=print) -> dict[str, Any]:
@@ -127,7 +127,7 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
     if ckpt.method != "transform":
         raise ExportError(f"checkpoint method {ckpt.method!r} is not exportable yet (supported: transform)")
     signer = load_owner_key(owner_key)
-    store = EmbeddedKeystore.open(keystore)
+    store = keystore.open()
     model, transform = ckpt.build_public_model(), ckpt.build_transform()
     data = load_dataset(ckpt.dataset, data_dir, seed=0)
     if data.input_shape != ckpt.input_shape:
@@ -186,8 +186,12 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
         manifest["sealed"] = {SECRETS: sha256_file(staging / SECRETS)}
         manifest = sign_manifest(manifest, signer)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        expected = {"chain": chain.hex(), "measurements": [{"name": m.name, "sha256": m.sha256.hex()}
-                                                           for m in measurements]}
+        expected = {
+            "backend": store.backend,
+            "attestation_public_key": store.attestation_public_key().hex(),
+            "chain": chain.hex(),
+            "measurements": [{"name": m.name, "sha256": m.sha256.hex()} for m in measurements],
+        }
         (staging / "expected-measurements.json").write_text(json.dumps(expected, indent=2) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -203,8 +207,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", type=Path, help="protected checkpoint written by `sealnet protect`")
     p.add_argument("out_dir", type=Path, help="bundle directory to create")
     p.add_argument("--owner-key", type=Path, required=True, help="owner Ed25519 signing key (sealnet license keygen)")
-    p.add_argument("--keystore", type=Path,
-                   help="keystore directory of the trusted module (default: $SEALNET_ROOT_KEY)")
+    add_keystore_arguments(p)
     p.add_argument("--model-id", help="model id that licenses must name (default: <model>-<variant>)")
     p.add_argument("--data-dir", type=Path, help="local data for the checks when the checkpoint's dataset needs it")
     p.add_argument("--max-raw-acc", type=float, default=0.2, help="refuse to export above this raw-input accuracy")
@@ -215,7 +218,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    manifest = build_bundle(args.checkpoint, args.out_dir, owner_key=args.owner_key, keystore=args.keystore,
+    manifest = build_bundle(args.checkpoint, args.out_dir, owner_key=args.owner_key, keystore=keystore_spec(args),
                             model_id=args.model_id, data_dir=args.data_dir, max_raw_acc=args.max_raw_acc,
                             max_batch=args.max_batch, tensorrt=args.tensorrt, fp16=args.fp16, force=args.force)
     print(f"bundle {args.out_dir}: model {manifest['model_id']}, files {', '.join(manifest['files'])}, "

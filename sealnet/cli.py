@@ -113,13 +113,14 @@ def _stop_on_signals() -> threading.Event:
 
 
 def cmd_enclave(args: argparse.Namespace) -> int:
+    from enclave_sim.keystore import keystore_spec
     from enclave_sim.service import serve
     from runtime.server import wait_forever
 
     if not args.listen.startswith("unix:"):
         logging.getLogger("sealnet").warning("listening on TCP %s without transport security: use only on a "
                                              "trusted loopback", args.listen)
-    server, module = serve(args.bundle, args.listen, args.keystore)
+    server, module = serve(args.bundle, args.listen, keystore_spec(args))
     print(f"trusted module serving {module.model_id} on {args.listen} (chain {module.chain.hex()[:16]}...)",
           flush=True)
     wait_forever(server, _stop_on_signals())
@@ -169,6 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- parser ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from enclave_sim.keystore import add_keystore_arguments
     from export.build_engine import add_arguments as add_export_arguments
     from protect.transform import VARIANTS
 
@@ -221,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("enclave", help="run the trusted module (gRPC)")
     p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--keystore", type=Path, help="keystore directory (default: $SEALNET_ROOT_KEY)")
+    add_keystore_arguments(p)
     p.add_argument("--listen", default=default_enclave_address(), help="unix:PATH (default) or HOST:PORT")
     p.set_defaults(func=cmd_enclave)
 

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 from attacks.direct_piracy import direct_piracy_accuracy
-from enclave_sim.keystore import init_keystore
+from enclave_sim.keystore import KeystoreSpec, init_keystore
 from export.build_engine import build_bundle
 from protect.pipeline import protect_transform
 from protect.train import TrainConfig
@@ -87,13 +87,13 @@ def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, s
     _step("integrator: create the trusted module's keystore and export the bundle")
     init_keystore(workdir / "keystore")
     manifest = build_bundle(workdir / "protected.pt", workdir / "bundle", owner_key=owner_key,
-                            keystore=workdir / "keystore", model_id=MODEL_ID)
+                            keystore=KeystoreSpec("embedded", workdir / "keystore"), model_id=MODEL_ID)
 
     _step("edge host: start the trusted module (Unix socket) and the KServe v2 endpoint (loopback TCP)")
     enclave_addr = f"unix:{(workdir / 'enclave.sock').resolve()}"
     server_addr = f"127.0.0.1:{_free_port()}"
     procs = [
-        _start("enclave", ["enclave", "--bundle", str(workdir / "bundle"), "--keystore", str(workdir / "keystore"),
+        _start("enclave", ["enclave", "--bundle", str(workdir / "bundle"), "--keystore-dir", str(workdir / "keystore"),
                            "--listen", enclave_addr], workdir / "logs"),
         _start("runtime", ["serve", "--bundle", str(workdir / "bundle"), "--enclave", enclave_addr,
                            "--listen", server_addr], workdir / "logs"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from enclave_sim.keystore import init_keystore
+from enclave_sim.keystore import KeystoreSpec, init_keystore
 from export.build_engine import build_bundle
 from protect.pipeline import protect_transform
 from protect.train import TrainConfig
@@ -31,12 +31,24 @@ def artefacts(tmp_path_factory, digits):
     ckpt = protect_transform(digits, "generator", root / "protected.pt", TINY_TRAIN, model_config=TINY)
     key_path, pub_path = write_owner_key(root / "owner.key")
     init_keystore(root / "keystore")
-    manifest = build_bundle(root / "protected.pt", root / "bundle", owner_key=key_path, keystore=root / "keystore",
-                            model_id=MODEL_ID, log=lambda *_: None)
+    manifest = build_bundle(
+        root / "protected.pt",
+        root / "bundle",
+        owner_key=key_path,
+        keystore=KeystoreSpec("embedded", root / "keystore"),
+        model_id=MODEL_ID,
+        log=lambda *_: None,
+    )
     return {
-        "root": root, "checkpoint": ckpt, "checkpoint_path": root / "protected.pt", "owner_key_path": key_path,
-        "owner_pub_path": pub_path, "owner_key": load_owner_key(key_path), "keystore": root / "keystore",
-        "bundle": root / "bundle", "manifest": manifest,
+        "root": root,
+        "checkpoint": ckpt,
+        "checkpoint_path": root / "protected.pt",
+        "owner_key_path": key_path,
+        "owner_pub_path": pub_path,
+        "owner_key": load_owner_key(key_path),
+        "keystore": KeystoreSpec("embedded", root / "keystore"),
+        "bundle": root / "bundle",
+        "manifest": manifest,
     }
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enclave_sim.keystore import EmbeddedKeystore, KeystoreError
+from enclave_sim.keystore import KeystoreError
 from enclave_sim.service import TrustedModule
 from export.build_engine import ExportError, build_bundle, tensorrt_available
 from sealnet.bundle import MANIFEST, SECRETS, BundleError, load_bundle, sign_manifest
@@ -48,7 +48,7 @@ def test_tampered_sealed_file_is_refused(bundle_copy, artefacts):
     manifest["sealed"][SECRETS] = sha256_file(bundle_copy / SECRETS)
     (bundle_copy / MANIFEST).write_text(json.dumps(sign_manifest(manifest, artefacts["owner_key"])))
     with pytest.raises(KeystoreError, match="unseal refused"):
-        TrustedModule(load_bundle(bundle_copy), EmbeddedKeystore.open(artefacts["keystore"]))
+        TrustedModule(load_bundle(bundle_copy), artefacts["keystore"].open())
 
 
 def test_changed_measurement_is_refused(bundle_copy, artefacts):
@@ -57,7 +57,7 @@ def test_changed_measurement_is_refused(bundle_copy, artefacts):
     manifest["max_batch"] = 7
     (bundle_copy / MANIFEST).write_text(json.dumps(sign_manifest(manifest, artefacts["owner_key"])))
     with pytest.raises(KeystoreError, match="unseal refused"):
-        TrustedModule(load_bundle(bundle_copy), EmbeddedKeystore.open(artefacts["keystore"]))
+        TrustedModule(load_bundle(bundle_copy), artefacts["keystore"].open())
 
 
 def test_swapped_owner_key_is_refused(bundle_copy, artefacts):
@@ -69,13 +69,19 @@ def test_swapped_owner_key_is_refused(bundle_copy, artefacts):
     manifest["owner_public_key"] = owner_key_field(attacker)
     (bundle_copy / MANIFEST).write_text(json.dumps(sign_manifest(manifest, attacker)))
     with pytest.raises(KeystoreError, match="unseal refused"):
-        TrustedModule(load_bundle(bundle_copy), EmbeddedKeystore.open(artefacts["keystore"]))
+        TrustedModule(load_bundle(bundle_copy), artefacts["keystore"].open())
 
 
 def test_export_refuses_a_public_network_that_works_on_raw_inputs(tmp_path, artefacts):
     with pytest.raises(ExportError, match="max-raw-acc"):
-        build_bundle(artefacts["checkpoint_path"], tmp_path / "b", owner_key=artefacts["owner_key_path"],
-                     keystore=artefacts["keystore"], max_raw_acc=0.0, log=lambda *_: None)
+        build_bundle(
+            artefacts["checkpoint_path"],
+            tmp_path / "b",
+            owner_key=artefacts["owner_key_path"],
+            keystore=artefacts["keystore"],
+            max_raw_acc=0.0,
+            log=lambda *_: None,
+        )
     assert not (tmp_path / "b").exists()
     assert not list(tmp_path.glob(".sealnet-export-*"))
 
@@ -84,30 +90,63 @@ def test_export_refuses_to_overwrite_without_force(tmp_path, artefacts):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "keep.txt").write_text("x")
     with pytest.raises(ExportError, match="--force"):
-        build_bundle(artefacts["checkpoint_path"], tmp_path / "b", owner_key=artefacts["owner_key_path"],
-                     keystore=artefacts["keystore"], log=lambda *_: None)
+        build_bundle(
+            artefacts["checkpoint_path"],
+            tmp_path / "b",
+            owner_key=artefacts["owner_key_path"],
+            keystore=artefacts["keystore"],
+            log=lambda *_: None,
+        )
     assert (tmp_path / "b" / "keep.txt").exists()
 
 
 @pytest.mark.skipif(tensorrt_available() is None, reason="TensorRT and a GPU are present: covered by the GPU test")
 def test_tensorrt_without_tensorrt_stops_with_a_clear_message(tmp_path, artefacts):
     with pytest.raises(ExportError, match="cannot build a TensorRT engine here"):
-        build_bundle(artefacts["checkpoint_path"], tmp_path / "b", owner_key=artefacts["owner_key_path"],
-                     keystore=artefacts["keystore"], tensorrt=True)
+        build_bundle(
+            artefacts["checkpoint_path"],
+            tmp_path / "b",
+            owner_key=artefacts["owner_key_path"],
+            keystore=artefacts["keystore"],
+            tensorrt=True,
+        )
     assert not (tmp_path / "b").exists()
 
 
 def test_build_engine_script_runs_as_documented(tmp_path, artefacts):
     out = tmp_path / "bundle"
     proc = subprocess.run(
-        [sys.executable, "export/build_engine.py", str(artefacts["checkpoint_path"]), str(out),
-         "--owner-key", str(artefacts["owner_key_path"]), "--keystore", str(artefacts["keystore"])],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "export/build_engine.py",
+            str(artefacts["checkpoint_path"]),
+            str(out),
+            "--owner-key",
+            str(artefacts["owner_key_path"]),
+            "--keystore-dir",
+            str(artefacts["keystore"].directory),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert load_bundle(out).model_id == "simple_cnn-generator"
-    proc = subprocess.run([sys.executable, "export/build_engine.py", str(artefacts["checkpoint_path"]), str(out),
-                           "--owner-key", str(artefacts["owner_key_path"]), "--keystore", str(artefacts["keystore"]),
-                           "--tensorrt"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "export/build_engine.py",
+            str(artefacts["checkpoint_path"]),
+            str(out),
+            "--owner-key",
+            str(artefacts["owner_key_path"]),
+            "--keystore-dir",
+            str(artefacts["keystore"].directory),
+            "--tensorrt",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if tensorrt_available() is not None:
         assert proc.returncode == 2 and "TensorRT" in proc.stderr

@@ -4,7 +4,7 @@ import random
 import pytest
 
 from enclave_sim.keystore import EmbeddedKeystore, KeystoreError, init_keystore
-from enclave_sim.measure import extend, measurement_chain
+from enclave_sim.measure import Measurement, chain_of, measurement_chain
 
 
 @pytest.fixture
@@ -13,32 +13,38 @@ def store(tmp_path):
     return EmbeddedKeystore.open(tmp_path / "ks")
 
 
+MEASURED = [Measurement("code:a.py", b"\x01" * 32), Measurement("bundle:manifest", b"\x02" * 32)]
+
+
 def test_seal_round_trip_and_binding(store, tmp_path):
-    chain = os.urandom(32)
+    chain = chain_of(MEASURED)
     blob = store.seal(b"secret parameters", chain=chain, label="bundle-1")
     assert b"secret parameters" not in blob
-    assert store.unseal(blob, chain=chain, label="bundle-1") == b"secret parameters"
+    assert store.extend(MEASURED) == chain
+    assert store.unseal(blob, label="bundle-1") == b"secret parameters"
     with pytest.raises(KeystoreError, match="unseal refused"):
-        store.unseal(blob, chain=extend(chain, b"\x00" * 32), label="bundle-1")
+        store.unseal(blob, label="bundle-2")
+    store.extend(MEASURED[:1] + [Measurement("bundle:manifest", b"\x03" * 32)])
     with pytest.raises(KeystoreError, match="unseal refused"):
-        store.unseal(blob, chain=chain, label="bundle-2")
+        store.unseal(blob, label="bundle-1")
     init_keystore(tmp_path / "other")
+    foreign = EmbeddedKeystore.open(tmp_path / "other")
+    foreign.extend(MEASURED)
     with pytest.raises(KeystoreError, match="unseal refused"):
-        EmbeddedKeystore.open(tmp_path / "other").unseal(blob, chain=chain, label="bundle-1")
+        foreign.unseal(blob, label="bundle-1")
 
 
 def test_every_sampled_bit_flip_is_rejected(store):
-    chain = os.urandom(32)
-    blob = store.seal(os.urandom(300), chain=chain, label="b")
+    blob = store.seal(os.urandom(300), chain=store.extend(MEASURED), label="b")
     rng = random.Random(0)
     positions = rng.sample(range(len(blob) * 8), 200)
     for bit in positions:
         tampered = bytearray(blob)
         tampered[bit // 8] ^= 1 << (bit % 8)
         with pytest.raises(KeystoreError):
-            store.unseal(bytes(tampered), chain=chain, label="b")
+            store.unseal(bytes(tampered), label="b")
     with pytest.raises(KeystoreError, match="truncated"):
-        store.unseal(blob[:20], chain=chain, label="b")
+        store.unseal(blob[:20], label="b")
 
 
 def test_root_key_file_rules(tmp_path):
@@ -56,7 +62,7 @@ def test_root_key_file_rules(tmp_path):
 def test_root_key_from_environment(monkeypatch):
     monkeypatch.setenv("SEALNET_ROOT_KEY", "11" * 32)
     a = EmbeddedKeystore.open(None)
-    assert a.unseal(a.seal(b"x", chain=bytes(32), label="l"), chain=bytes(32), label="l") == b"x"
+    assert a.unseal(a.seal(b"x", chain=bytes(32), label="l"), label="l") == b"x"  # nothing extended yet
     monkeypatch.setenv("SEALNET_ROOT_KEY", "zz")
     with pytest.raises(KeystoreError, match="64 hex digits"):
         EmbeddedKeystore.open(None)
@@ -78,3 +84,12 @@ def test_chain_covers_code_and_manifest(tmp_path):
     with open(tmp_path / "protect/transform.py", "a") as f:
         f.write("\n# changed\n")
     assert measurement_chain(b"\x01" * 32, root=tmp_path)[1] != chain
+
+
+def test_quote_signs_the_chain_over_the_nonce(store):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    chain = store.extend(MEASURED)
+    ev = store.quote(b"n" * 32)
+    assert ev.chain == chain and ev.quoted.endswith(b"n" * 32 + chain)
+    Ed25519PublicKey.from_public_bytes(store.attestation_public_key()).verify(ev.signature, ev.quoted)

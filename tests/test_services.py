@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from tritonclient.utils import InferenceServerException
 
 from enclave_sim import service as enclave_service
+from enclave_sim.keystore import EMBEDDED_QUOTE_CONTEXT
 from runtime import server as runtime_server
 from runtime.enclave_client import EnclaveClient
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
@@ -168,7 +169,8 @@ def test_attestation_is_signed_over_the_nonce(stack):
     nonce = os.urandom(32)
     att = client.attest(nonce)
     key = Ed25519PublicKey.from_public_bytes(att.attestation_public_key)
-    key.verify(att.signature, enclave_service.ATTEST_CONTEXT + nonce + att.chain)
+    assert att.format == "sealnet-ed25519-v1" and att.quoted == EMBEDDED_QUOTE_CONTEXT + nonce + att.chain
+    key.verify(att.signature, att.quoted)
     assert att.chain == stack["module"].chain
     assert [m.name for m in att.measurements][-1] == "bundle:manifest"
     with pytest.raises(Exception, match="nonce"):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _PRIVATE_POOL.AddSerializedFile(b'\n\renclave.proto\x12\x0fsealnet.enclave\"\x0f\n\rHealthRequest\"C\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\"\x1e\n\rAttestRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\x86\x01\n\x0e\x41ttestResponse\x12\x32\n\x0cmeasurements\x18\x01 \x03(\x0b\x32\x1c.sealnet.enclave.Measurement\x12\r\n\x05\x63hain\x18\x02 \x01(\x0c\x12\x1e\n\x16\x61ttestation_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"+\n\x0bMeasurement\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"%\n\x12OpenSessionRequest\x12\x0f\n\x07license\x18\x01 \x01(\t\"R\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"O\n\x11PreprocessRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.sealnet.enclave.Tensor\"=\n\x12PreprocessResponse\x12\'\n\x06output\x18\x01 \x01(\x0b\x32\x17.sealnet.enclave.Tensor2\xde\x02\n\rTrustedModule\x12K\n\x06Health\x12\x1e.sealnet.enclave.HealthRequest\x1a\x1f.sealnet.enclave.HealthResponse\"\x00\x12K\n\x06\x41ttest\x12\x1e.sealnet.enclave.AttestRequest\x1a\x1f.sealnet.enclave.AttestResponse\"\x00\x12Z\n\x0bOpenSession\x12#.sealnet.enclave.OpenSessionRequest\x1a$.sealnet.enclave.OpenSessionResponse\"\x00\x12W\n\nPreprocess\x12\".sealnet.enclave.PreprocessRequest\x1a#.sealnet.enclave.PreprocessResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _PRIVATE_POOL.AddSerializedFile(b'\n\renclave.proto\x12\x0fsealnet.enclave\"\x0f\n\rHealthRequest\"C\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\"\x1e\n\rAttestRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\xa6\x01\n\x0e\x41ttestResponse\x12\x32\n\x0cmeasurements\x18\x01 \x03(\x0b\x32\x1c.sealnet.enclave.Measurement\x12\r\n\x05\x63hain\x18\x02 \x01(\x0c\x12\x1e\n\x16\x61ttestation_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x0e\n\x06\x66ormat\x18\x05 \x01(\t\x12\x0e\n\x06quoted\x18\x06 \x01(\x0c\"+\n\x0bMeasurement\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"%\n\x12OpenSessionRequest\x12\x0f\n\x07license\x18\x01 \x01(\t\"R\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"O\n\x11PreprocessRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.sealnet.enclave.Tensor\"=\n\x12PreprocessResponse\x12\'\n\x06output\x18\x01 \x01(\x0b\x32\x17.sealnet.enclave.Tensor2\xde\x02\n\rTrustedModule\x12K\n\x06Health\x12\x1e.sealnet.enclave.HealthRequest\x1a\x1f.sealnet.enclave.HealthResponse\"\x00\x12K\n\x06\x41ttest\x12\x1e.sealnet.enclave.AttestRequest\x1a\x1f.sealnet.enclave.AttestResponse\"\x00\x12Z\n\x0bOpenSession\x12#.sealnet.enclave.OpenSessionRequest\x1a$.sealnet.enclave.OpenSessionResponse\"\x00\x12W\n\nPreprocess\x12\".sealnet.enclave.PreprocessRequest\x1a#.sealnet.enclave.PreprocessResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,19 +39,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ATTESTREQUEST']._serialized_start=120
   _globals['_ATTESTREQUEST']._serialized_end=150
   _globals['_ATTESTRESPONSE']._serialized_start=153
-  _globals['_ATTESTRESPONSE']._serialized_end=287
-  _globals['_MEASUREMENT']._serialized_start=289
-  _globals['_MEASUREMENT']._serialized_end=332
-  _globals['_OPENSESSIONREQUEST']._serialized_start=334
-  _globals['_OPENSESSIONREQUEST']._serialized_end=371
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=373
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=455
-  _globals['_TENSOR']._serialized_start=457
-  _globals['_TENSOR']._serialized_end=494
-  _globals['_PREPROCESSREQUEST']._serialized_start=496
-  _globals['_PREPROCESSREQUEST']._serialized_end=575
-  _globals['_PREPROCESSRESPONSE']._serialized_start=577
-  _globals['_PREPROCESSRESPONSE']._serialized_end=638
-  _globals['_TRUSTEDMODULE']._serialized_start=641
-  _globals['_TRUSTEDMODULE']._serialized_end=991
+  _globals['_ATTESTRESPONSE']._serialized_end=319
+  _globals['_MEASUREMENT']._serialized_start=321
+  _globals['_MEASUREMENT']._serialized_end=364
+  _globals['_OPENSESSIONREQUEST']._serialized_start=366
+  _globals['_OPENSESSIONREQUEST']._serialized_end=403
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=405
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=487
+  _globals['_TENSOR']._serialized_start=489
+  _globals['_TENSOR']._serialized_end=526
+  _globals['_PREPROCESSREQUEST']._serialized_start=528
+  _globals['_PREPROCESSREQUEST']._serialized_end=607
+  _globals['_PREPROCESSRESPONSE']._serialized_start=609
+  _globals['_PREPROCESSRESPONSE']._serialized_end=670
+  _globals['_TRUSTEDMODULE']._serialized_start=673
+  _globals['_TRUSTEDMODULE']._serialized_end=1023
 # @@protoc_insertion_point(module_scope)
