@@ -1,9 +1,9 @@
 """The trusted module's gRPC service (proto/enclave.proto).
 
-Start-up: verify the bundle manifest, measure this module's code and the manifest into the chain, unseal
-the secrets with the keystore, pin the owner public key from the (measured) manifest. Requests: licenses
-open sessions; sessions may transform batches. Every refusal is a gRPC status with a message naming the
-field; no message ever contains a secret.
+Start-up: verify the bundle manifest, extend the keystore's chain with this module's code and the manifest,
+unseal the secrets (refused if either changed), pin the owner public key from the measured manifest.
+Requests: licenses open expiring sessions; sessions may transform batches. Every refusal is a gRPC status
+whose message names the field; no message, log line or audit record ever contains a secret.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from enclave_sim.keystore import Keystore, KeystoreSpec
 from enclave_sim.measure import Measurement, measurement_chain
 from enclave_sim.payload import unpack
+from enclave_sim.policy import AccessPolicy, AuditLog, PolicyConfig, PolicyRefusal, Revocations
 from protect.transform import transform_from_arrays
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import SECRETS, Bundle, core_digest, load_bundle
@@ -36,19 +37,35 @@ log = logging.getLogger("sealnet.enclave")
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-SESSION_SECONDS = 3600
+SESSION_SECONDS = 900
+CLIENT_METADATA = "sealnet-client"  # the end client's identity, forwarded by the runtime
 
 
 @dataclass
 class _Session:
     license: License
+    client: str
     expires_at: float
+
+
+def caller_identity(context) -> str:
+    """Who is calling directly: the mTLS certificate's common name, else the peer address without its port."""
+    auth = context.auth_context()
+    names = auth.get("x509_common_name")
+    if names:
+        return "cert:" + names[0].decode(errors="replace")
+    peer = context.peer() or "unknown"
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer.split(":", 1)[0]  # unix sockets: all local callers of this user are one identity
 
 
 class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
     """Holds the unsealed transform; answers only sessions opened with a valid license."""
 
-    def __init__(self, bundle: Bundle, keystore: Keystore, *, session_seconds: int = SESSION_SECONDS):
+    def __init__(self, bundle: Bundle, keystore: Keystore, *, policy: AccessPolicy | None = None,
+                 revocations: Revocations | None = None, audit: AuditLog | None = None,
+                 session_seconds: int = SESSION_SECONDS):
         self.bundle = bundle
         self.model_id = bundle.model_id
         self._owner = bundle.owner_public_key
@@ -65,6 +82,20 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         self._session_seconds = session_seconds
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
+        self.policy = policy or AccessPolicy(PolicyConfig(), None)
+        self.revocations = revocations or Revocations(None)
+        self.audit = audit or AuditLog(None)
+        self.keystore_backend = keystore.backend
+
+    def close(self) -> None:
+        """Zero the unsealed parameters and forget the keystore (best effort: Python may hold copies)."""
+        with torch.no_grad():
+            for tensor in list(self._transform.parameters()) + list(self._transform.buffers()):
+                tensor.zero_()
+        with self._lock:
+            self._sessions.clear()
+        self._keystore.close()
+        self.audit.close()
 
     # -- rpc ---------------------------------------------------------------------------------------------
     def Health(self, request, context):
@@ -81,12 +112,24 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         )
 
     def OpenSession(self, request, context):
+        caller = caller_identity(context)
+        forwarded = dict(context.invocation_metadata()).get(CLIENT_METADATA, "")[:200]
+        client = f"{caller}>{forwarded}" if forwarded else caller
+        try:
+            self.policy.check_not_locked(client, caller)
+        except PolicyRefusal as exc:
+            self.audit.write("open_session", client=client, decision="locked_out")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"lockout: {exc}")
         if not request.license:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "license: empty; pass a token from `sealnet license issue`")
         try:
             lic = verify_license(request.license, self._owner, model_id=self.model_id)
-        except LicenseError as exc:
-            log.info("open_session refused: %s", exc)
+            if self.revocations.is_revoked(lic.license_id, lic.serial_number):
+                raise LicenseError(f"license {lic.license_id} (serial {lic.serial_number}) has been revoked")
+        except (LicenseError, PolicyRefusal) as exc:
+            self.policy.record_failure(client, caller)
+            self.audit.write("open_session", client=client, decision="denied", reason=str(exc))
+            log.info("open_session refused for %s: %s", client, exc)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"license: {exc}")
         session_id = secrets.token_urlsafe(24)
         expires_at = min(time.time() + self._session_seconds, lic.expires_at)
@@ -94,19 +137,37 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
             now = time.time()
             for sid in [s for s, v in self._sessions.items() if v.expires_at <= now]:
                 del self._sessions[sid]
-            self._sessions[session_id] = _Session(lic, expires_at)
-        log.info("session opened for customer %s (license %s)", lic.customer_id, lic.license_id)
+            self._sessions[session_id] = _Session(lic, client, expires_at)
+        self.audit.write("open_session", client=client, decision="granted", license_id=lic.license_id,
+                         customer_id=lic.customer_id, serial_number=lic.serial_number)
         return enclave_pb2.OpenSessionResponse(session_id=session_id, expires_at=int(expires_at),
                                                customer_id=lic.customer_id)
 
     def Preprocess(self, request, context):
-        self._session(request.session_id, context)
+        session = self._session(request.session_id, context)
         batch = self._tensor(request.input, context)
+        lic = session.license
+        try:
+            if self.revocations.is_revoked(lic.license_id, lic.serial_number):
+                self._drop(request.session_id)
+                raise PolicyRefusal("revoked", f"license {lic.license_id} has been revoked")
+            self.policy.charge(lic.license_id, len(batch))
+        except PolicyRefusal as exc:
+            self.audit.write("preprocess", client=session.client, license_id=lic.license_id, decision=exc.kind,
+                             items=len(batch))
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.kind == "quota" else grpc.StatusCode.PERMISSION_DENIED
+            context.abort(code, f"{exc.kind}: {exc}")
         with torch.no_grad():
             out = self._transform(torch.from_numpy(batch)).numpy()
+        self.audit.write("preprocess", client=session.client, license_id=lic.license_id, decision="ok",
+                         items=len(batch))
         return enclave_pb2.PreprocessResponse(output=enclave_pb2.Tensor(shape=list(out.shape), data=out.tobytes()))
 
     # -- checks ------------------------------------------------------------------------------------------
+    def _drop(self, session_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(session_id, None)
+
     def _session(self, session_id: str, context) -> _Session:
         if not session_id:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "session_id: empty; call OpenSession with a license first")
@@ -141,27 +202,57 @@ def describe_measurements(measurements: list[Measurement]) -> str:
     return "\n".join(f"{m.sha256.hex()}  {m.name}" for m in measurements)
 
 
-def serve(bundle_dir: Path, address: str, keystore: KeystoreSpec, *, workers: int = 4,
-          ready: threading.Event | None = None) -> tuple[grpc.Server, TrustedModule]:
-    """Build and start the server; returns it running. `address` is unix:PATH or HOST:PORT."""
+@dataclass(frozen=True)
+class EnclaveOptions:
+    """Operational settings of `sealnet enclave` (all optional)."""
+
+    state_dir: Path | None = None  # lockout counters and quota usage survive restarts here
+    revocations: Path | None = None
+    audit_log: Path | None = None
+    tls_dir: Path | None = None  # required for TCP: server.crt/server.key/ca.crt from `sealnet certs`
+    policy: PolicyConfig = PolicyConfig()
+    workers: int = 4
+
+
+def server_credentials(tls_dir: Path) -> grpc.ServerCredentials:
+    """mTLS: the module presents server.crt and accepts only clients with a certificate signed by ca.crt."""
+    files = {name: Path(tls_dir) / name for name in ("server.key", "server.crt", "ca.crt")}
+    missing = [n for n, p in files.items() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{tls_dir}: missing {', '.join(missing)}; create them with `sealnet certs {tls_dir}`")
+    return grpc.ssl_server_credentials(
+        [(files["server.key"].read_bytes(), files["server.crt"].read_bytes())],
+        root_certificates=files["ca.crt"].read_bytes(), require_client_auth=True,
+    )
+
+
+def serve(bundle_dir: Path, address: str, keystore: KeystoreSpec,
+          options: EnclaveOptions = EnclaveOptions()) -> tuple[grpc.Server, TrustedModule]:
+    """Build and start the server; returns it running. `address` is unix:PATH, or HOST:PORT with mTLS."""
+    is_unix = address.startswith("unix:")
+    if not is_unix and options.tls_dir is None:
+        raise ValueError(f"--listen {address}: TCP requires mTLS; pass --tls-dir (create one with `sealnet certs`) "
+                         "or listen on a Unix socket")
     bundle = load_bundle(bundle_dir)
     store = keystore.open()
+    state = options.state_dir / "policy-state.json" if options.state_dir else None
     try:
-        module = TrustedModule(bundle, store)
+        module = TrustedModule(bundle, store, policy=AccessPolicy(options.policy, state),
+                               revocations=Revocations(options.revocations), audit=AuditLog(options.audit_log))
     except BaseException:
         store.close()
         raise
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="enclave"),
+        futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="enclave"),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
     )
     enclave_pb2_grpc.add_TrustedModuleServicer_to_server(module, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if address.startswith("unix:"):
+    if is_unix:
         path = Path(address.removeprefix("unix://").removeprefix("unix:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if path.exists():
             path.unlink()
         old = os.umask(0o177)  # the socket is created 0600: only this user may talk to the module
@@ -170,12 +261,12 @@ def serve(bundle_dir: Path, address: str, keystore: KeystoreSpec, *, workers: in
         finally:
             os.umask(old)
     else:
-        bound = server.add_insecure_port(address)
+        bound = server.add_secure_port(address, server_credentials(options.tls_dir))
     if not bound:
+        module.close()
         raise OSError(f"cannot listen on {address}")
+    module.port = bound
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("sealnet.enclave.TrustedModule", health_pb2.HealthCheckResponse.SERVING)
-    if ready is not None:
-        ready.set()
     return server, module

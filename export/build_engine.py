@@ -29,6 +29,7 @@ from enclave_sim.payload import pack
 from protect.checkpoint import load_checkpoint
 from protect.transform import transform_to_arrays
 from sealnet.bundle import (
+    EXPECTED_MEASUREMENTS,
     FORMAT,
     MANIFEST,
     PUBLIC_ONNX,
@@ -183,16 +184,17 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
         config, arrays = transform_to_arrays(transform, ckpt.input_shape)
         sealed = store.seal(pack(config, arrays), chain=chain, label=manifest["bundle_id"])
         (staging / SECRETS).write_bytes(sealed)
-        manifest["sealed"] = {SECRETS: sha256_file(staging / SECRETS)}
-        manifest = sign_manifest(manifest, signer)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         expected = {
             "backend": store.backend,
             "attestation_public_key": store.attestation_public_key().hex(),
             "chain": chain.hex(),
             "measurements": [{"name": m.name, "sha256": m.sha256.hex()} for m in measurements],
         }
-        (staging / "expected-measurements.json").write_text(json.dumps(expected, indent=2) + "\n")
+        (staging / EXPECTED_MEASUREMENTS).write_text(json.dumps(expected, indent=2) + "\n")
+        manifest["sealed"] = {SECRETS: sha256_file(staging / SECRETS)}
+        manifest["attestation"] = {EXPECTED_MEASUREMENTS: sha256_file(staging / EXPECTED_MEASUREMENTS)}
+        manifest = sign_manifest(manifest, signer)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         staging.rename(out_dir)

@@ -1,17 +1,30 @@
-"""The runtime's side of the trusted-module protocol: sessions cached per license, raw-bytes tensors."""
+"""The runtime's side of the trusted-module protocol.
+
+Sessions are cached per license (by the token's hash, never the token in logs). Before any input is sent,
+the module must pass attestation against the bundle's expected measurements; after any outage it must pass
+again, so a module swapped while the runtime ran is caught. The channel reconnects with a short backoff
+(100 ms .. 1 s) so service resumes within about a second of the module's return.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 
+log = logging.getLogger("sealnet.runtime")
+
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CLIENT_METADATA = "sealnet-client"
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
 class EnclaveError(Exception):
@@ -22,6 +35,13 @@ class EnclaveError(Exception):
         self.code = code
 
 
+class AttestationFailed(EnclaveError):
+    """The module answered but is not the one the bundle expects (UNAVAILABLE to clients: fail closed)."""
+
+    def __init__(self, message: str):
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
+
+
 def channel_target(address: str) -> str:
     """Accept unix:PATH, unix:///PATH or HOST:PORT."""
     if address.startswith("unix://"):
@@ -29,28 +49,51 @@ def channel_target(address: str) -> str:
     return address
 
 
+def client_credentials(tls_dir: Path, name: str = "runtime") -> grpc.ChannelCredentials:
+    files = {"ca.crt": Path(tls_dir) / "ca.crt", "key": Path(tls_dir) / f"client-{name}.key",
+             "crt": Path(tls_dir) / f"client-{name}.crt"}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"mTLS files missing: {', '.join(missing)} (create them with `sealnet certs`)")
+    return grpc.ssl_channel_credentials(root_certificates=files["ca.crt"].read_bytes(),
+                                        private_key=files["key"].read_bytes(),
+                                        certificate_chain=files["crt"].read_bytes())
+
+
 class EnclaveClient:
-    def __init__(self, address: str, *, timeout: float = 10.0):
+    def __init__(self, address: str, *, timeout: float = 10.0, tls_dir: Path | None = None,
+                 tls_name: str = "runtime", expected: dict[str, Any] | None = None):
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            channel_target(address),
-            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
-        )
+        self.expected = expected
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
+        target = channel_target(address)
+        if tls_dir is not None:
+            self._channel = grpc.secure_channel(target, client_credentials(tls_dir, tls_name), options=options)
+        else:
+            if not target.startswith("unix:"):
+                raise ValueError(f"trusted module at {address}: TCP requires mTLS; pass its --tls-dir")
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = enclave_pb2_grpc.TrustedModuleStub(self._channel)
         self._sessions: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
+        self._attested = expected is None
+        self._attest_lock = threading.Lock()
 
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method, request):
+    def _call(self, method, request, metadata=None):
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             code = exc.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+            if code in _UNREACHABLE:
+                if self.expected is not None:
+                    self._attested = False  # whoever answers next must prove itself again
                 raise EnclaveError(grpc.StatusCode.UNAVAILABLE,
                                    "trusted module unavailable; no result computed without it") from None
             raise EnclaveError(code, exc.details() or code.name) from None
@@ -61,24 +104,44 @@ class EnclaveClient:
     def attest(self, nonce: bytes) -> enclave_pb2.AttestResponse:
         return self._call(self._stub.Attest, enclave_pb2.AttestRequest(nonce=nonce))
 
-    def session_for(self, license_token: str) -> str:
+    def ensure_attested(self) -> None:
+        """Verify the module (once, and again after every outage); AttestationFailed if it is not the expected one."""
+        if self._attested:
+            return
+        from runtime.attestation import AttestationError, attest
+
+        with self._attest_lock:
+            if self._attested:
+                return
+            try:
+                attest(self, self.expected)
+            except AttestationError as exc:
+                log.error("trusted module at %s failed attestation: %s", self.address, exc)
+                raise AttestationFailed(f"trusted module failed attestation: {exc}") from None
+            with self._lock:
+                self._sessions.clear()  # sessions of a previous module instance are void
+            self._attested = True
+
+    def session_for(self, license_token: str, client: str = "") -> str:
         """A live session id for this license, opening one if needed (cached by the token's hash)."""
         key = hashlib.sha256(license_token.encode()).hexdigest()
         with self._lock:
             cached = self._sessions.get(key)
         if cached and cached[1] > time.time() + 5:
             return cached[0]
-        reply = self._call(self._stub.OpenSession, enclave_pb2.OpenSessionRequest(license=license_token))
+        metadata = [(CLIENT_METADATA, client)] if client else None
+        reply = self._call(self._stub.OpenSession, enclave_pb2.OpenSessionRequest(license=license_token), metadata)
         with self._lock:
             self._sessions[key] = (reply.session_id, float(reply.expires_at))
         return reply.session_id
 
-    def preprocess(self, license_token: str, batch: np.ndarray) -> np.ndarray:
+    def preprocess(self, license_token: str, batch: np.ndarray, client: str = "") -> np.ndarray:
         """Send a raw float32 batch through the trusted module; reopen the session once if it expired."""
+        self.ensure_attested()
         batch = np.ascontiguousarray(batch, dtype="<f4")
         tensor = enclave_pb2.Tensor(shape=list(batch.shape), data=batch.tobytes())
         for attempt in range(2):
-            session_id = self.session_for(license_token)
+            session_id = self.session_for(license_token, client)
             try:
                 reply = self._call(self._stub.Preprocess,
                                    enclave_pb2.PreprocessRequest(session_id=session_id, input=tensor))

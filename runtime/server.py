@@ -19,9 +19,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import sealnet
 from export.build_engine import ort_session
-from runtime.enclave_client import EnclaveClient, EnclaveError
+from runtime.enclave_client import AttestationFailed, EnclaveClient, EnclaveError
 from sealnet._grpc import inference_pb2, inference_pb2_grpc
-from sealnet.bundle import PUBLIC_ONNX, Bundle, load_bundle
+from sealnet.bundle import EXPECTED_MEASUREMENTS, PUBLIC_ONNX, Bundle, load_bundle
 
 log = logging.getLogger("sealnet.runtime")
 
@@ -93,7 +93,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"outputs.name: unknown output {out.name!r}; this model has {self.output_name!r}")
         try:
-            processed = self.enclave.preprocess(token, batch)
+            processed = self.enclave.preprocess(token, batch, client=client_identity(context))
         except EnclaveError as exc:
             context.abort(exc.code, str(exc))
         logits = self.session.run(None, {self.input_name: processed})[0].astype("<f4", copy=False)
@@ -144,11 +144,41 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return np.asarray(values, dtype="<f4").reshape(shape)
 
 
-def serve(bundle_dir: Path, address: str, enclave_address: str, *, workers: int = 8,
-          ort_threads: int = 0) -> tuple[grpc.Server, InferenceService]:
-    """Start the endpoint on `address` (HOST:PORT or unix:PATH); returns the running server."""
+def client_identity(context) -> str:
+    """The end client as the trusted module should count it for lockout: its address without the port."""
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
+def attest_at_start(enclave: EnclaveClient, timeout: float) -> None:
+    """Wait for the trusted module and verify it; refuse to start on a mismatch or if it never answers."""
+    from runtime.attestation import AttestationError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            enclave.ensure_attested()
+            return
+        except AttestationFailed as exc:
+            raise AttestationError(f"refusing to serve: {exc}") from None
+        except EnclaveError as exc:
+            if exc.code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise AttestationError(f"refusing to serve: trusted module at {enclave.address} did not answer "
+                                       f"attestation within {timeout:.0f} s ({exc})") from None
+            time.sleep(0.2)
+
+
+def serve(bundle_dir: Path, address: str, enclave_address: str, *, workers: int = 8, ort_threads: int = 0,
+          enclave_tls: Path | None = None, expected_measurements: Path | None = None,
+          attest_timeout: float = 60.0) -> tuple[grpc.Server, InferenceService]:
+    """Attest the trusted module, then start the endpoint on `address` (HOST:PORT or unix:PATH)."""
+    from runtime.attestation import load_expected
+
     bundle = load_bundle(bundle_dir)
-    service = InferenceService(bundle, EnclaveClient(enclave_address), ort_threads=ort_threads)
+    expected = load_expected(expected_measurements or bundle.path(EXPECTED_MEASUREMENTS))
+    enclave = EnclaveClient(enclave_address, tls_dir=enclave_tls, expected=expected)
+    attest_at_start(enclave, attest_timeout)
+    service = InferenceService(bundle, enclave, ort_threads=ort_threads)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runtime"),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -162,9 +192,6 @@ def serve(bundle_dir: Path, address: str, enclave_address: str, *, workers: int 
         raise OSError(f"cannot listen on {address}")
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    if not service.enclave_ready():
-        log.warning("trusted module at %s is not answering for model %s yet; inference fails with UNAVAILABLE "
-                    "until it does", enclave_address, bundle.model_id)
     return server, service
 
 

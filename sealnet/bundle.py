@@ -1,8 +1,8 @@
 """The bundle: a directory with public.onnx, secrets.sealed and a signed manifest.json.
 
 The manifest lists the sha256 of every file and is signed by the owner key whose public half it carries.
-Its "measured core" (everything but the sealed-file hashes and the signature) is measured into the
-keystore chain, so swapping the owner key or the public network makes the secrets unsealable.
+Its "measured core" (everything but the sealed-file and expected-measurement hashes and the signature) is
+measured into the keystore chain, so swapping the owner key or the public network makes the secrets unsealable.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ FORMAT = "sealnet-bundle/1"
 MANIFEST = "manifest.json"
 PUBLIC_ONNX = "public.onnx"
 SECRETS = "secrets.sealed"
+EXPECTED_MEASUREMENTS = "expected-measurements.json"
 _SIGNING_CONTEXT = b"sealnet-manifest-v1\x00"
+# Manifest sections that depend on the measurement itself, so they are signed but not measured.
+UNMEASURED = ("sealed", "attestation", "signature")
 
 
 class BundleError(Exception):
@@ -43,7 +46,7 @@ def sha256_file(path: Path) -> str:
 
 
 def measured_core(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in manifest.items() if k not in ("sealed", "signature")}
+    return {k: v for k, v in manifest.items() if k not in UNMEASURED}
 
 
 def core_digest(manifest: dict[str, Any]) -> bytes:
@@ -106,7 +109,7 @@ def load_bundle(directory: Path, *, expected_owner: Ed25519PublicKey | None = No
         owner.verify(signature, _SIGNING_CONTEXT + canonical(unsigned))
     except InvalidSignature:
         raise BundleError(f"{path}: manifest signature does not verify (the manifest was modified)") from None
-    for section in ("files", "sealed"):
+    for section in ("files", "sealed", "attestation"):
         for name, digest in manifest.get(section, {}).items():
             file = directory / name
             if Path(name).name != name:

@@ -112,25 +112,68 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def default_state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "sealnet" / "enclave"
+
+
 def cmd_enclave(args: argparse.Namespace) -> int:
     from enclave_sim.keystore import keystore_spec
-    from enclave_sim.service import serve
+    from enclave_sim.policy import PolicyConfig
+    from enclave_sim.service import EnclaveOptions, serve
     from runtime.server import wait_forever
 
-    if not args.listen.startswith("unix:"):
-        logging.getLogger("sealnet").warning("listening on TCP %s without transport security: use only on a "
-                                             "trusted loopback", args.listen)
-    server, module = serve(args.bundle, args.listen, keystore_spec(args))
-    print(f"trusted module serving {module.model_id} on {args.listen} (chain {module.chain.hex()[:16]}...)",
-          flush=True)
-    wait_forever(server, _stop_on_signals())
+    options = EnclaveOptions(
+        state_dir=args.state_dir or default_state_dir(), revocations=args.revocations, audit_log=args.audit_log,
+        tls_dir=args.tls_dir, workers=args.workers,
+        policy=PolicyConfig(max_failures=args.max_failures, window_s=args.lockout_window,
+                            quota_items=args.quota_items, quota_window_s=args.quota_window),
+    )
+    server, module = serve(args.bundle, args.listen, keystore_spec(args), options)
+    print(f"trusted module serving {module.model_id} on {args.listen} ({module.keystore_backend} keystore, "
+          f"chain {module.chain.hex()[:16]}...)", flush=True)
+    try:
+        wait_forever(server, _stop_on_signals())
+    finally:
+        module.close()
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from sealnet.certs import write_certs
+
+    written = write_certs(args.directory, hosts=tuple(args.host), clients=tuple(args.client), force=args.force)
+    print("wrote " + ", ".join(p.name for p in written) + f" in {args.directory} (keys 0600)")
+    return 0
+
+
+def cmd_attest(args: argparse.Namespace) -> int:
+    from runtime.attestation import AttestationError, attest, load_expected
+    from runtime.enclave_client import EnclaveClient, EnclaveError
+    from sealnet.bundle import EXPECTED_MEASUREMENTS, load_bundle
+
+    path = args.expected or load_bundle(args.bundle).path(EXPECTED_MEASUREMENTS)
+    expected = load_expected(path)
+    client = EnclaveClient(args.address, tls_dir=args.tls_dir)
+    try:
+        resp = attest(client, expected)
+    except (AttestationError, EnclaveError) as exc:
+        print(f"attestation FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    print(f"attestation OK: {resp.format}, key {resp.attestation_public_key.hex()[:16]}... pinned, "
+          f"chain {resp.chain.hex()[:16]}... over a fresh nonce")
+    for m in resp.measurements:
+        print(f"  {m.sha256.hex()[:16]}...  {m.name}  (matches)")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.server import serve, wait_forever
 
-    server, service = serve(args.bundle, args.listen, args.enclave, ort_threads=args.ort_threads)
+    server, service = serve(args.bundle, args.listen, args.enclave, ort_threads=args.ort_threads,
+                            enclave_tls=args.enclave_tls, expected_measurements=args.expected_measurements,
+                            attest_timeout=args.attest_timeout)
     print(f"KServe v2 endpoint for {service.model_id} on {args.listen} (trusted module {args.enclave})", flush=True)
     wait_forever(server, _stop_on_signals())
     return 0
@@ -224,14 +267,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("enclave", help="run the trusted module (gRPC)")
     p.add_argument("--bundle", type=Path, required=True)
     add_keystore_arguments(p)
-    p.add_argument("--listen", default=default_enclave_address(), help="unix:PATH (default) or HOST:PORT")
+    p.add_argument("--listen", default=default_enclave_address(), help="unix:PATH (default) or HOST:PORT (mTLS)")
+    p.add_argument("--tls-dir", type=Path, help="mTLS certificates (sealnet certs); required for TCP")
+    p.add_argument("--state-dir", type=Path, help="lockout and quota state (default ~/.local/state/sealnet/enclave)")
+    p.add_argument("--revocations", type=Path, help="file of revoked license ids / serial numbers, one per line")
+    p.add_argument("--audit-log", type=Path, help="append JSON-lines audit records here")
+    p.add_argument("--max-failures", type=int, default=10, help="failed license checks per client per window")
+    p.add_argument("--lockout-window", type=float, default=60.0, help="lockout window in seconds")
+    p.add_argument("--quota-items", type=int, default=0, help="items per license per quota window (0: unlimited)")
+    p.add_argument("--quota-window", type=float, default=3600.0, help="quota window in seconds")
+    p.add_argument("--workers", type=int, default=4, help="gRPC worker threads")
     p.set_defaults(func=cmd_enclave)
+
+    p = sub.add_parser("certs", help="create a private CA and mTLS certificates for the services")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--host", action="append", default=["localhost", "127.0.0.1", "::1"],
+                   help="server certificate host name or IP (repeatable)")
+    p.add_argument("--client", action="append", default=["runtime"], help="client certificate name (repeatable)")
+    p.add_argument("--force", action="store_true", help="replace an existing CA")
+    p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("attest", help="challenge a trusted module and check it against expected measurements")
+    p.add_argument("address", help="unix:PATH or HOST:PORT of the trusted module")
+    p.add_argument("--bundle", type=Path, default=Path("bundle"), help="bundle whose expected measurements to use")
+    p.add_argument("--expected", type=Path, help="expected-measurements.json (default: the bundle's)")
+    p.add_argument("--tls-dir", type=Path, help="mTLS certificates, for a TCP address")
+    p.set_defaults(func=cmd_attest)
 
     p = sub.add_parser("serve", help="run the KServe v2 inference endpoint")
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--enclave", default=default_enclave_address(), help="trusted module address")
     p.add_argument("--listen", default="127.0.0.1:8001", help="HOST:PORT (default 127.0.0.1:8001) or unix:PATH")
     p.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)")
+    p.add_argument("--enclave-tls", type=Path, help="mTLS certificates for a TCP trusted module (sealnet certs)")
+    p.add_argument("--expected-measurements", type=Path, help="default: the bundle's expected-measurements.json")
+    p.add_argument("--attest-timeout", type=float, default=60.0, help="seconds to wait for the trusted module")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("infer", help="query an endpoint with test images or a .npy batch")
@@ -257,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from enclave_sim.keystore import KeystoreError
     from export.build_engine import ExportError
+    from runtime.attestation import AttestationError
     from sealnet.bundle import BundleError
     from sealnet.licenses import LicenseError
 
@@ -265,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ExportError, KeystoreError, BundleError, LicenseError, FileNotFoundError, FileExistsError,
-            ValueError, OSError) as exc:
+    except (ExportError, KeystoreError, BundleError, LicenseError, AttestationError, FileNotFoundError,
+            FileExistsError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -94,7 +94,8 @@ def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, s
     server_addr = f"127.0.0.1:{_free_port()}"
     procs = [
         _start("enclave", ["enclave", "--bundle", str(workdir / "bundle"), "--keystore-dir", str(workdir / "keystore"),
-                           "--listen", enclave_addr], workdir / "logs"),
+                           "--listen", enclave_addr, "--state-dir", str(workdir / "state"),
+                           "--audit-log", str(workdir / "logs" / "audit.jsonl")], workdir / "logs"),
         _start("runtime", ["serve", "--bundle", str(workdir / "bundle"), "--enclave", enclave_addr,
                            "--listen", server_addr], workdir / "logs"),
     ]
