@@ -18,6 +18,8 @@ TRUSTED_CODE: tuple[str, ...] = (
     "enclave_sim/measure.py",
     "enclave_sim/keystore.py",
     "enclave_sim/payload.py",
+    "enclave_sim/policy.py",
+    "enclave_sim/tpm.py",
     "enclave_sim/service.py",
     "sealnet/licenses.py",
     "sealnet/bundle.py",

@@ -9,9 +9,10 @@ directory (a private temporary one unless given), waits until it answers, and st
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
+import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,11 @@ class SwtpmProcess:
         else:
             self.state_dir = self._given_state_dir
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(self.state_dir, 0o700)  # the state holds the TPM's seeds
+            mode = stat.S_IMODE(self.state_dir.stat().st_mode)
+            if mode & 0o077:  # the state holds the TPM's seeds: whoever reads it can impersonate this TPM
+                raise RuntimeError(
+                    f"{self.state_dir} is accessible by others (mode {mode:o}); run chmod 700 {self.state_dir}"
+                )
         # A port chosen here may be taken before swtpm binds it: retry with a fresh pair a few times.
         attempts = 1 if self._given_port is not None else 3
         error = ""
@@ -185,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the finally below: stop swtpm, not orphan it
     tpm = SwtpmProcess(args.state_dir, port=args.port)
     try:
         tpm.start()

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -327,7 +327,7 @@ def verify_tpm_quote(evidence: Evidence, nonce: bytes) -> bytes:
         raise refuse(f"evidence format is {evidence.format!r}, not {QUOTE_FORMAT!r}")
     try:
         key = serialization.load_der_public_key(evidence.public_key)
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         raise refuse("the attestation public key is not a DER SubjectPublicKeyInfo") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise refuse("the attestation key is not an ECC P-256 key")

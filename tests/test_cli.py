@@ -95,3 +95,18 @@ def test_demo_runs_end_to_end_and_meets_the_acceptance_numbers(tmp_path):
     assert r["authorized_acc"] >= r["baseline_acc"] - 0.015
     assert r["pirate_raw_acc"] <= 0.15
     assert "pirate: public.onnx on raw inputs" in proc.stdout
+    # no byte of the sealed transform or the keystore's root key reaches what the edge host writes
+    from protect.checkpoint import load_checkpoint
+
+    work = tmp_path / "w"
+    secret = load_checkpoint(work / "protected.pt").secret["state"]
+    needles = [t.numpy().astype("<f4").tobytes() for t in secret.values()]
+    needles = [n[i : i + 16] for n in needles for i in range(0, len(n) - 16, 64)]
+    root_key = (work / "keystore" / "root.key").read_bytes()
+    needles += [root_key, root_key.hex().encode()]
+    edge_files = [p for p in (work / "bundle").iterdir()] + [p for p in (work / "logs").iterdir()] + [out]
+    assert (work / "logs" / "audit.jsonl").stat().st_size > 0
+    for path in edge_files:
+        data = path.read_bytes()
+        assert not any(n in data for n in needles), f"secret bytes in {path.name}"
+    assert not any(n in (proc.stdout + proc.stderr).encode() for n in needles)
