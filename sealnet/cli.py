@@ -208,7 +208,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sealnet.demo import run_demo
 
-    return run_demo(args.workdir, epochs=args.epochs, json_path=args.json, seed=args.seed)
+    return run_demo(args.workdir, epochs=args.epochs, json_path=args.json, seed=args.seed, keystore=args.keystore)
 
 
 # -- parser ----------------------------------------------------------------------------------------------
@@ -320,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the result table as JSON")
+    p.add_argument("--keystore", choices=["embedded", "tpm"], default="embedded",
+                   help="tpm: seal to a software TPM (swtpm) started for the demo")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -6,6 +6,7 @@ edge: trusted module + KServe endpoint as child processes -> client queries; pir
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -67,12 +68,32 @@ def _query(
     return np.concatenate(preds), "OK"
 
 
-def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, seed: int = 0) -> int:
-    started = time.perf_counter()
+def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, seed: int = 0,
+             keystore: str = "embedded") -> int:
     workdir = Path(workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
     (workdir / "logs").mkdir(parents=True)
+    with contextlib.ExitStack() as stack:
+        if keystore == "tpm":
+            from enclave_sim.swtpm import SwtpmProcess, swtpm_unavailable
+
+            if reason := swtpm_unavailable():
+                print(f"error: --keystore tpm needs a software TPM: {reason}", file=sys.stderr)
+                return 2
+            tpm = stack.enter_context(SwtpmProcess(workdir / "swtpm"))
+            print(f"software TPM (swtpm) on {tpm.tcti}")
+            spec = KeystoreSpec("tpm", tcti=tpm.tcti)
+            enclave_keystore_args = ["--keystore", "tpm", "--tpm", tpm.tcti]
+        else:
+            spec = KeystoreSpec("embedded", workdir / "keystore")
+            enclave_keystore_args = ["--keystore-dir", str(workdir / "keystore")]
+        return _run(workdir, spec, enclave_keystore_args, epochs=epochs, json_path=json_path, seed=seed)
+
+
+def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *, epochs: int,
+         json_path: Path | None, seed: int) -> int:
+    started = time.perf_counter()
 
     _step("owner: train the baseline and the Generator-protected model on the embedded MNIST subset")
     data = mnist_embedded(seed=0)
@@ -84,16 +105,17 @@ def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, s
     license_other = issue_license(signer, customer_id="acme", model_id="another-model", serial_number="SN-0002",
                                   valid_seconds=3600)
 
-    _step("integrator: create the trusted module's keystore and export the bundle")
-    init_keystore(workdir / "keystore")
-    manifest = build_bundle(workdir / "protected.pt", workdir / "bundle", owner_key=owner_key,
-                            keystore=KeystoreSpec("embedded", workdir / "keystore"), model_id=MODEL_ID)
+    _step(f"integrator: set up the trusted module's keystore ({spec.backend}) and export the bundle")
+    if spec.backend == "embedded":
+        init_keystore(spec.directory)
+    manifest = build_bundle(workdir / "protected.pt", workdir / "bundle", owner_key=owner_key, keystore=spec,
+                            model_id=MODEL_ID)
 
     _step("edge host: start the trusted module (Unix socket) and the KServe v2 endpoint (loopback TCP)")
     enclave_addr = f"unix:{(workdir / 'enclave.sock').resolve()}"
     server_addr = f"127.0.0.1:{_free_port()}"
     procs = [
-        _start("enclave", ["enclave", "--bundle", str(workdir / "bundle"), "--keystore-dir", str(workdir / "keystore"),
+        _start("enclave", ["enclave", "--bundle", str(workdir / "bundle"), *enclave_keystore_args,
                            "--listen", enclave_addr, "--state-dir", str(workdir / "state"),
                            "--audit-log", str(workdir / "logs" / "audit.jsonl")], workdir / "logs"),
         _start("runtime", ["serve", "--bundle", str(workdir / "bundle"), "--enclave", enclave_addr,
