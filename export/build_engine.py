@@ -62,14 +62,22 @@ def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], path: Path
         )
 
 
-def ort_session(path: Path, threads: int = 0):
+ACCELERATED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None):
+    """An ONNX Runtime session with full graph optimisation; `providers=None` means CPU only, `["auto"]` picks
+    TensorRT / CUDA when this onnxruntime build and machine have them."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    if providers == ["auto"]:
+        available = ort.get_available_providers()
+        providers = [p for p in ACCELERATED_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
 
 
 def ort_accuracy(session, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:

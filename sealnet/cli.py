@@ -169,13 +169,23 @@ def cmd_attest(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from runtime.batching import BatchingConfig
     from runtime.server import serve, wait_forever
 
-    server, service = serve(args.bundle, args.listen, args.enclave, ort_threads=args.ort_threads,
+    batching = None if args.no_batching else BatchingConfig(args.max_batch_size, args.max_queue_delay_ms,
+                                                            args.batch_workers)
+    enclave = None if args.benchmark_bypass_trusted_module else args.enclave
+    server, service = serve(args.bundle, args.listen, enclave, ort_threads=args.ort_threads,
                             enclave_tls=args.enclave_tls, expected_measurements=args.expected_measurements,
-                            attest_timeout=args.attest_timeout)
-    print(f"KServe v2 endpoint for {service.model_id} on {args.listen} (trusted module {args.enclave})", flush=True)
-    wait_forever(server, _stop_on_signals())
+                            attest_timeout=args.attest_timeout, batching=batching,
+                            providers=["auto"] if args.providers == "auto" else None, workers=args.workers)
+    providers = ",".join(service.session.get_providers())
+    print(f"KServe v2 endpoint for {service.model_id} on {args.listen} (trusted module {enclave}, {providers})",
+          flush=True)
+    try:
+        wait_forever(server, _stop_on_signals())
+    finally:
+        service.close()
     return 0
 
 
@@ -302,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enclave-tls", type=Path, help="mTLS certificates for a TCP trusted module (sealnet certs)")
     p.add_argument("--expected-measurements", type=Path, help="default: the bundle's expected-measurements.json")
     p.add_argument("--attest-timeout", type=float, default=60.0, help="seconds to wait for the trusted module")
+    p.add_argument("--max-batch-size", type=int, default=64, help="dynamic batching: items per merged run")
+    p.add_argument("--max-queue-delay-ms", type=float, default=1.0, help="dynamic batching: longest wait for company")
+    p.add_argument("--batch-workers", type=int, default=2, help="dynamic batching: merged batches in flight")
+    p.add_argument("--no-batching", action="store_true", help="serve each request on its own")
+    p.add_argument("--workers", type=int, default=32, help="gRPC worker threads (concurrent requests)")
+    p.add_argument("--providers", choices=["auto", "cpu"], default="auto",
+                   help="auto: TensorRT / CUDA execution providers when present, else CPU")
+    p.add_argument("--benchmark-bypass-trusted-module", action="store_true",
+                   help="MEASUREMENT ONLY: run the public network on raw inputs (near-chance answers)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("infer", help="query an endpoint with test images or a .npy batch")
