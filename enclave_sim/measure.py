@@ -20,10 +20,10 @@ TRUSTED_CODE: tuple[str, ...] = (
     "enclave_sim/payload.py",
     "enclave_sim/policy.py",
     "enclave_sim/tpm.py",
+    "enclave_sim/transform_graph.py",
     "enclave_sim/service.py",
     "sealnet/licenses.py",
     "sealnet/bundle.py",
-    "protect/transform.py",
 )
 
 

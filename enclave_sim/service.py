@@ -13,28 +13,24 @@ import os
 import secrets
 import threading
 import time
-import warnings
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from enclave_sim.keystore import Keystore, KeystoreSpec
 from enclave_sim.measure import Measurement, measurement_chain
 from enclave_sim.payload import unpack
 from enclave_sim.policy import AccessPolicy, AuditLog, PolicyConfig, PolicyRefusal, Revocations
-from protect.transform import transform_from_arrays
+from enclave_sim.transform_graph import transform_session
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import SECRETS, Bundle, core_digest, load_bundle
 from sealnet.licenses import License, LicenseError, verify_license
 
 log = logging.getLogger("sealnet.enclave")
-# Request tensors are read-only views of the gRPC message (no copy); the transform never writes to them.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SESSION_SECONDS = 900
@@ -74,7 +70,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         self.chain = keystore.extend(self.measurements)
         blob = bundle.path(SECRETS).read_bytes()
         config, arrays = unpack(keystore.unseal(blob, label=bundle.bundle_id))
-        self._transform = transform_from_arrays(config, arrays)
+        self._transform = transform_session(config, arrays)
         for array in arrays.values():
             array.fill(0)
         self._input_shape = tuple(bundle.manifest["input"]["shape"][1:])
@@ -88,10 +84,9 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         self.keystore_backend = keystore.backend
 
     def close(self) -> None:
-        """Zero the unsealed parameters and forget the keystore (best effort: Python may hold copies)."""
-        with torch.no_grad():
-            for tensor in list(self._transform.parameters()) + list(self._transform.buffers()):
-                tensor.zero_()
+        """Drop the transform and forget the keystore. The unsealed arrays were zeroed once the session held
+        them; ONNX Runtime's own copy is freed here (best effort: the allocator does not scrub memory)."""
+        self._transform = None
         with self._lock:
             self._sessions.clear()
         self._keystore.close()
@@ -157,8 +152,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
                              items=len(batch))
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.kind == "quota" else grpc.StatusCode.PERMISSION_DENIED
             context.abort(code, f"{exc.kind}: {exc}")
-        with torch.no_grad():
-            out = self._transform(torch.from_numpy(batch)).numpy()
+        out = self._transform.run(None, {"x": batch})[0]
         self.audit.write("preprocess", client=session.client, license_id=lic.license_id, decision="ok",
                          items=len(batch))
         return enclave_pb2.PreprocessResponse(output=enclave_pb2.Tensor(shape=list(out.shape), data=out.tobytes()))

@@ -1,7 +1,7 @@
 """The anti-piracy input transform of Chen & Wu: x_p = x_r + perturbation.
 
-This file is also the code the trusted module runs (it is measured into the keystore chain), so it depends
-on torch and numpy only. Parameters travel as plain numpy arrays plus a JSON-able config, never as pickles.
+Parameters are sealed as plain numpy arrays plus a JSON-able config, never as pickles; the trusted module runs
+them as an ONNX graph (enclave_sim/transform_graph.py), which tests check against these modules.
 """
 
 from __future__ import annotations
@@ -81,17 +81,7 @@ def create_transform(variant: str, input_shape: tuple[int, ...], seed: int = 0, 
 def transform_to_arrays(
     transform: nn.Module, input_shape: tuple[int, ...]
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Split a transform into (config, arrays) for sealing; `transform_from_arrays` is the inverse."""
+    """Split a transform into (config, arrays) for sealing; enclave_sim/transform_graph.py runs them."""
     config = {"variant": transform.variant, "input_shape": list(input_shape), **transform.config}
     arrays = {k: v.detach().cpu().numpy().astype(np.float32) for k, v in transform.state_dict().items()}
     return config, arrays
-
-
-def transform_from_arrays(config: dict[str, Any], arrays: dict[str, np.ndarray]) -> nn.Module:
-    """Rebuild a transform in eval mode from sealed (config, arrays); refuses missing or extra tensors."""
-    cfg = dict(config)
-    variant = cfg.pop("variant")
-    input_shape = tuple(cfg.pop("input_shape"))
-    module = create_transform(variant, input_shape, **cfg)  # initial values are overwritten just below
-    module.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}, strict=True)
-    return module.eval().requires_grad_(False)

@@ -29,7 +29,9 @@ class _Pending:
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch: int = 64  # items per merged run
-    max_queue_delay_ms: float = 1.0  # how long the first request of a batch may wait for company
+    # How long the first request of a batch may wait for company. 0: take only what is already queued, so a
+    # lone request never waits and batches form from the requests that arrive while the workers are busy.
+    max_queue_delay_ms: float = 0.0
     workers: int = 2  # batches in flight at once (one in the trusted module while another runs the network)
 
 
@@ -79,7 +81,8 @@ class DynamicBatcher:
         deadline = time.monotonic() + self.config.max_queue_delay_ms / 1000
         while items < self.config.max_batch:
             try:
-                nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                wait = deadline - time.monotonic()
+                nxt = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if nxt is None:  # stop signal: put it back for this worker's next turn

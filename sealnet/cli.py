@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-measurements", type=Path, help="default: the bundle's expected-measurements.json")
     p.add_argument("--attest-timeout", type=float, default=60.0, help="seconds to wait for the trusted module")
     p.add_argument("--max-batch-size", type=int, default=64, help="dynamic batching: items per merged run")
-    p.add_argument("--max-queue-delay-ms", type=float, default=1.0, help="dynamic batching: longest wait for company")
+    p.add_argument("--max-queue-delay-ms", type=float, default=0.0,
+                   help="dynamic batching: longest wait for company (0: merge only what is already queued)")
     p.add_argument("--batch-workers", type=int, default=2, help="dynamic batching: merged batches in flight")
     p.add_argument("--no-batching", action="store_true", help="serve each request on its own")
     p.add_argument("--workers", type=int, default=32, help="gRPC worker threads (concurrent requests)")

@@ -9,7 +9,6 @@ from protect.train import TrainConfig, accuracy, transform_loss
 from protect.transform import (
     FixedPerturbation,
     create_transform,
-    transform_from_arrays,
     transform_to_arrays,
 )
 from tests.conftest import TINY, TINY_TRAIN
@@ -43,14 +42,24 @@ def test_generator_is_input_dependent_and_bounded():
 
 
 @pytest.mark.parametrize("variant", ["fixed", "learned", "generator"])
-def test_sealed_parameters_rebuild_the_same_transform(variant):
+def test_trusted_module_graph_computes_the_trained_transform(variant):
+    from enclave_sim.payload import pack, unpack
+    from enclave_sim.transform_graph import transform_session
+
     t = create_transform(variant, (1, 8, 8), seed=5).eval()
-    config, arrays = transform_to_arrays(t, (1, 8, 8))
-    rebuilt = transform_from_arrays(config, arrays)
+    if variant == "generator":  # non-trivial weights, so a wrong wiring could not pass by accident
+        with torch.no_grad():
+            for p in t.parameters():
+                p.normal_(0, 0.5)
+    config, arrays = unpack(pack(*transform_to_arrays(t, (1, 8, 8))))
+    session = transform_session(config, arrays)
     x = torch.rand(4, 1, 8, 8)
-    assert torch.equal(t(x), rebuilt(x))
-    with pytest.raises(RuntimeError):
-        transform_from_arrays(config, {**arrays, "extra": np.zeros(1, np.float32)})
+    with torch.no_grad():
+        want = t(x).numpy()
+    got = session.run(None, {"x": x.numpy()})[0]
+    assert np.abs(got - want).max() < 1e-5 and np.abs(got - x.numpy()).max() > 1e-3
+    with pytest.raises(ValueError, match="expected"):
+        transform_session(config, {**arrays, "extra": np.zeros(1, np.float32)})
 
 
 def test_loss_rewards_low_true_class_probability_on_raw_inputs():
