@@ -81,7 +81,7 @@ def test_chain_covers_code_and_manifest(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(_ROOT / rel, tmp_path / rel)
     assert measurement_chain(b"\x01" * 32, root=tmp_path)[1] == chain
-    with open(tmp_path / "protect/transform.py", "a") as f:
+    with open(tmp_path / "enclave_sim/transform_graph.py", "a") as f:
         f.write("\n# changed\n")
     assert measurement_chain(b"\x01" * 32, root=tmp_path)[1] != chain
 
