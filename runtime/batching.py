@@ -1,29 +1,24 @@
 """Dynamic batching: concurrent ModelInfer calls merged into one trusted-module call per license and one
 ONNX Runtime run, as Triton's dynamic batcher does. Small concurrent requests are where a Python server
 spends its time per call; merging them amortises the trusted-module hop and the network launch.
+
+Requests queue on the server's event loop; `workers` loops each take what is queued (up to `max_batch`
+items), hand the merged batch to a worker thread (the trusted-module call and ONNX Runtime release the GIL),
+and resolve each request's future with its slice of the result.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-import time
+import asyncio
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 from runtime.enclave_client import EnclaveError
-
-
-@dataclass
-class _Pending:
-    token: str
-    client: str
-    batch: np.ndarray
-    done: threading.Event = field(default_factory=threading.Event)
-    result: np.ndarray | None = None
-    error: EnclaveError | None = None
 
 
 @dataclass(frozen=True)
@@ -32,108 +27,118 @@ class BatchingConfig:
     # How long the first request of a batch may wait for company. 0: take only what is already queued, so a
     # lone request never waits and batches form from the requests that arrive while the workers are busy.
     max_queue_delay_ms: float = 0.0
-    workers: int = 2  # batches in flight at once (one in the trusted module while another runs the network)
+    workers: int = 2  # merged batches in flight (one in the trusted module while another runs the network)
 
 
 DEFAULT_BATCHING = BatchingConfig()
 
 
-class DynamicBatcher:
-    """Queue requests; worker threads drain them into merged batches.
+@dataclass
+class _Pending:
+    token: str
+    client: str
+    batch: np.ndarray
+    future: asyncio.Future
 
-    `preprocess(token, client, raw) -> processed` (the trusted module) is called once per license in a merged
-    batch; `run(processed) -> logits` (ONNX Runtime) once for the whole merged batch.
+
+Outcome = tuple[np.ndarray | None, EnclaveError | None]
+
+
+def process_group(preprocess: Callable[[str, str, np.ndarray], np.ndarray], run: Callable[[np.ndarray], np.ndarray],
+                  requests: list[tuple[str, str, np.ndarray]]) -> list[Outcome]:
+    """Serve (token, client, batch) requests together: one preprocess call per license, one network run.
+
+    Runs in a worker thread. A refused license fails only its own requests.
     """
+    outcomes: list[Outcome] = [(None, None)] * len(requests)
+    by_license: dict[str, list[int]] = {}
+    for i, (token, _, _) in enumerate(requests):
+        by_license.setdefault(token, []).append(i)
+    served: list[tuple[int, np.ndarray]] = []
+    for token, members in by_license.items():
+        parts = [requests[i][2] for i in members]
+        raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        try:
+            processed = preprocess(token, requests[members[0]][1], raw)
+        except EnclaveError as exc:
+            for i in members:
+                outcomes[i] = (None, exc)
+            continue
+        offset = 0
+        for i, part in zip(members, parts, strict=True):
+            served.append((i, processed[offset : offset + len(part)]))
+            offset += len(part)
+    if not served:
+        return outcomes
+    try:
+        inputs = served[0][1] if len(served) == 1 else np.concatenate([x for _, x in served])
+        logits = run(inputs)
+    except Exception as exc:  # the network failed: every request of this run gets INTERNAL, nothing else
+        error = EnclaveError(grpc.StatusCode.INTERNAL, f"inference failed: {type(exc).__name__}")
+        for i, _ in served:
+            outcomes[i] = (None, error)
+        return outcomes
+    offset = 0
+    for i, x in served:
+        outcomes[i] = (logits[offset : offset + len(x)], None)
+        offset += len(x)
+    return outcomes
+
+
+class DynamicBatcher:
+    """Create inside the server's event loop; `await submit(...)` from request handlers."""
 
     def __init__(self, preprocess: Callable[[str, str, np.ndarray], np.ndarray],
                  run: Callable[[np.ndarray], np.ndarray], config: BatchingConfig = DEFAULT_BATCHING):
         self._preprocess = preprocess
         self._run = run
         self.config = config
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
-        self._stopped = False
-        self._threads = [threading.Thread(target=self._loop, name=f"batcher-{i}", daemon=True)
-                         for i in range(config.workers)]
-        for t in self._threads:
-            t.start()
+        self._queue: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="batch")
+        self._tasks = [asyncio.get_running_loop().create_task(self._loop()) for _ in range(config.workers)]
 
-    def submit(self, token: str, client: str, batch: np.ndarray) -> np.ndarray:
-        """Block until this request's logits are ready; raises the trusted module's EnclaveError if refused."""
-        if self._stopped:
-            raise RuntimeError("batcher stopped")
-        pending = _Pending(token, client, batch)
-        self._queue.put(pending)
-        pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        assert pending.result is not None
-        return pending.result
+    async def submit(self, token: str, client: str, batch: np.ndarray) -> np.ndarray:
+        """This request's logits once its merged batch has run; raises the trusted module's EnclaveError."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(token, client, batch, future))
+        self._wake.set()
+        return await future
 
-    def stop(self) -> None:
-        self._stopped = True
-        for _ in self._threads:
-            self._queue.put(None)
-        for t in self._threads:
-            t.join(timeout=5)
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=True)
 
-    def _gather(self, first: _Pending) -> list[_Pending]:
-        group, items = [first], len(first.batch)
-        deadline = time.monotonic() + self.config.max_queue_delay_ms / 1000
-        while items < self.config.max_batch:
-            try:
-                wait = deadline - time.monotonic()
-                nxt = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if nxt is None:  # stop signal: put it back for this worker's next turn
-                self._queue.put(None)
-                break
-            if items + len(nxt.batch) > self.config.max_batch:
-                self._process([nxt])  # too big to merge with this group: serve it on its own
-                continue
-            group.append(nxt)
-            items += len(nxt.batch)
+    def _take(self) -> list[_Pending]:
+        group: list[_Pending] = []
+        items = 0
+        while self._queue and (not group or items + len(self._queue[0].batch) <= self.config.max_batch):
+            pending = self._queue.popleft()
+            group.append(pending)
+            items += len(pending.batch)
         return group
 
-    def _loop(self) -> None:
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            self._process(self._gather(first))
-
-    def _process(self, group: list[_Pending]) -> None:
-        by_license: dict[str, list[_Pending]] = {}
-        for p in group:
-            by_license.setdefault(p.token, []).append(p)
-        served: list[tuple[_Pending, np.ndarray]] = []
-        for token, members in by_license.items():
-            raw = members[0].batch if len(members) == 1 else np.concatenate([m.batch for m in members])
-            try:
-                processed = self._preprocess(token, members[0].client, raw)
-            except EnclaveError as exc:
-                for m in members:
-                    m.error = exc
-                    m.done.set()
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
                 continue
-            offset = 0
-            for m in members:
-                served.append((m, processed[offset : offset + len(m.batch)]))
-                offset += len(m.batch)
-        if not served:
-            return
-        try:
-            inputs = served[0][1] if len(served) == 1 else np.concatenate([x for _, x in served])
-            logits = self._run(inputs)
-        except Exception as exc:  # the network failed: every request of this run gets an INTERNAL error
-            import grpc
-
-            for m, _ in served:
-                m.error = EnclaveError(grpc.StatusCode.INTERNAL, f"inference failed: {type(exc).__name__}")
-                m.done.set()
-            return
-        offset = 0
-        for m, x in served:
-            m.result = logits[offset : offset + len(x)]
-            offset += len(x)
-            m.done.set()
+            if self.config.max_queue_delay_ms > 0 and sum(len(p.batch) for p in self._queue) < self.config.max_batch:
+                await asyncio.sleep(self.config.max_queue_delay_ms / 1000)
+            group = self._take()
+            if not group:
+                continue
+            requests = [(p.token, p.client, p.batch) for p in group]
+            outcomes = await loop.run_in_executor(self._executor, process_group, self._preprocess, self._run,
+                                                  requests)
+            for pending, (result, error) in zip(group, outcomes, strict=True):
+                if pending.future.done():  # the caller went away (deadline, cancellation)
+                    continue
+                if error is not None:
+                    pending.future.set_exception(error)
+                else:
+                    pending.future.set_result(result)

@@ -3,19 +3,22 @@
 The license travels as gRPC request metadata under the key `sealnet-license` (tritonclient:
 `client.infer(..., headers={"sealnet-license": token})`). Every answer passes through the trusted module:
 when it is unreachable the call fails with UNAVAILABLE; no code path runs the public network on raw inputs.
+The server is asyncio gRPC: request parsing stays on one event loop, the trusted-module call and ONNX Runtime
+run in worker threads behind the dynamic batcher.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import sealnet
 from export.build_engine import ort_session
@@ -31,10 +34,18 @@ MODEL_VERSION = "1"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
+class RequestError(Exception):
+    """A request refused before any work: `code` and a message naming the field."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     """`enclave=None` is the benchmark-only bypass: raw inputs go straight to the public network, which is
     exactly what a pirate gets (near-chance answers), so it exposes nothing; it exists to measure the cost of
-    the trusted-module hop."""
+    the trusted-module hop. Create it inside the server's event loop (the batcher lives there)."""
 
     def __init__(self, bundle: Bundle, enclave: EnclaveClient | None, *, ort_threads: int = 0,
                  batching: BatchingConfig | None = DEFAULT_BATCHING, providers: list[str] | None = None):
@@ -48,13 +59,13 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self.num_outputs = spec["output"]["shape"][1]
         self.max_batch = int(spec.get("max_batch", 1024))
         self.session = ort_session(bundle.path(PUBLIC_ONNX), threads=ort_threads, providers=providers or ["auto"])
-        self.batcher = DynamicBatcher(self._preprocess, self._run, batching) if batching else None
+        self.batcher = DynamicBatcher(self._preprocess, self._run, batching or BatchingConfig(max_batch=1))
         self._ready_cache = (0.0, False)
         self.port = 0  # set by serve(): the bound TCP port (useful with HOST:0)
 
     # -- health and metadata -----------------------------------------------------------------------------
     def enclave_ready(self) -> bool:
-        """True when the trusted module answers for this model (cached for one second)."""
+        """True when the trusted module answers for this model (cached for one second; blocking)."""
         if self.enclave is None:
             return True
         checked_at, ok = self._ready_cache
@@ -67,21 +78,30 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self._ready_cache = (time.monotonic(), ok)
         return ok
 
-    def ServerLive(self, request, context):
+    async def _ready(self) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(None, self.enclave_ready)
+
+    async def ServerLive(self, request, context):
         return inference_pb2.ServerLiveResponse(live=True)
 
-    def ServerReady(self, request, context):
-        return inference_pb2.ServerReadyResponse(ready=self.enclave_ready())
+    async def ServerReady(self, request, context):
+        return inference_pb2.ServerReadyResponse(ready=await self._ready())
 
-    def ModelReady(self, request, context):
-        self._check_model(request.name, request.version, context)
-        return inference_pb2.ModelReadyResponse(ready=self.enclave_ready())
+    async def ModelReady(self, request, context):
+        try:
+            self._check_model(request.name, request.version)
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
+        return inference_pb2.ModelReadyResponse(ready=await self._ready())
 
-    def ServerMetadata(self, request, context):
+    async def ServerMetadata(self, request, context):
         return inference_pb2.ServerMetadataResponse(name="sealnet", version=sealnet.__version__, extensions=[])
 
-    def ModelMetadata(self, request, context):
-        self._check_model(request.name, request.version, context)
+    async def ModelMetadata(self, request, context):
+        try:
+            self._check_model(request.name, request.version)
+        except RequestError as exc:
+            await context.abort(exc.code, str(exc))
         meta = inference_pb2.ModelMetadataResponse
         return meta(
             name=self.model_id, versions=[MODEL_VERSION], platform="onnxruntime_onnx",
@@ -90,25 +110,24 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     # -- inference ---------------------------------------------------------------------------------------
-    def ModelInfer(self, request, context):
-        self._check_model(request.model_name, request.model_version, context)
-        token = dict(context.invocation_metadata()).get(LICENSE_METADATA, "")
-        if not token and self.enclave is not None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          f"metadata '{LICENSE_METADATA}': missing; send your license token as request metadata")
-        batch = self._input(request, context)
-        for out in request.outputs:
-            if out.name != self.output_name:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"outputs.name: unknown output {out.name!r}; this model has {self.output_name!r}")
-        client = client_identity(context)
+    async def ModelInfer(self, request, context):
         try:
-            if self.batcher is not None:
-                logits = self.batcher.submit(token, client, batch)
-            else:
-                logits = self._run(self._preprocess(token, client, batch))
-        except EnclaveError as exc:
-            context.abort(exc.code, str(exc))
+            self._check_model(request.model_name, request.model_version)
+            token = ""
+            for key, value in context.invocation_metadata() or ():
+                if key == LICENSE_METADATA:
+                    token = value
+            if not token and self.enclave is not None:
+                raise RequestError(grpc.StatusCode.UNAUTHENTICATED, f"metadata '{LICENSE_METADATA}': missing; "
+                                   "send your license token as request metadata")
+            batch = self._input(request)
+            for out in request.outputs:
+                if out.name != self.output_name:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"outputs.name: unknown output "
+                                       f"{out.name!r}; this model has {self.output_name!r}")
+            logits = await self.batcher.submit(token, client_identity(context), batch)
+        except (RequestError, EnclaveError) as exc:
+            await context.abort(exc.code, str(exc))
         resp = inference_pb2.ModelInferResponse(model_name=self.model_id, model_version=MODEL_VERSION, id=request.id)
         resp.outputs.add(name=self.output_name, datatype="FP32", shape=list(logits.shape))
         resp.raw_output_contents.append(logits.tobytes())
@@ -122,51 +141,48 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     def _run(self, processed: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: processed})[0].astype("<f4", copy=False)
 
-    def close(self) -> None:
-        if self.batcher is not None:
-            self.batcher.stop()
+    async def aclose(self) -> None:
+        await self.batcher.close()
         if self.enclave is not None:
             self.enclave.close()
 
-    def _check_model(self, name: str, version: str, context) -> None:
+    def _check_model(self, name: str, version: str) -> None:
         if name != self.model_id:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"model_name: unknown model {name!r}; this server serves "
-                                                     f"{self.model_id!r}")
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model_name: unknown model {name!r}; this server serves "
+                               f"{self.model_id!r}")
         if version not in ("", MODEL_VERSION):
-            context.abort(grpc.StatusCode.NOT_FOUND, f"model_version: {version!r} not available; use "
-                                                     f"{MODEL_VERSION!r} or leave it empty")
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model_version: {version!r} not available; use "
+                               f"{MODEL_VERSION!r} or leave it empty")
 
-    def _input(self, request, context) -> np.ndarray:
+    def _input(self, request) -> np.ndarray:
+        bad = grpc.StatusCode.INVALID_ARGUMENT
         if len(request.inputs) != 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"inputs: expected exactly one tensor named {self.input_name!r}, got {len(request.inputs)}")
+            raise RequestError(bad, f"inputs: expected exactly one tensor named {self.input_name!r}, "
+                                    f"got {len(request.inputs)}")
         tensor = request.inputs[0]
         if tensor.name != self.input_name:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"inputs[0].name: expected {self.input_name!r}, got {tensor.name!r}")
+            raise RequestError(bad, f"inputs[0].name: expected {self.input_name!r}, got {tensor.name!r}")
         if tensor.datatype != "FP32":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"inputs[0].datatype: expected FP32, got {tensor.datatype!r}")
+            raise RequestError(bad, f"inputs[0].datatype: expected FP32, got {tensor.datatype!r}")
         shape = tuple(tensor.shape)
         if len(shape) != 1 + len(self.item_shape) or shape[1:] != self.item_shape:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"inputs[0].shape: expected "
-                          f"[N, {', '.join(map(str, self.item_shape))}], got {list(shape)}")
+            raise RequestError(bad, f"inputs[0].shape: expected [N, {', '.join(map(str, self.item_shape))}], "
+                                    f"got {list(shape)}")
         if not 1 <= shape[0] <= self.max_batch:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"inputs[0].shape: batch size must be 1..{self.max_batch}, got {shape[0]}")
+            raise RequestError(bad, f"inputs[0].shape: batch size must be 1..{self.max_batch}, got {shape[0]}")
         count = int(np.prod(shape))
         if request.raw_input_contents:
             if len(request.raw_input_contents) != 1:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "raw_input_contents: expected one entry per input")
+                raise RequestError(bad, "raw_input_contents: expected one entry per input")
             raw = request.raw_input_contents[0]
             if len(raw) != count * 4:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"raw_input_contents[0]: {len(raw)} bytes for "
-                              f"shape {list(shape)}, expected {count * 4} (FP32)")
+                raise RequestError(bad, f"raw_input_contents[0]: {len(raw)} bytes for shape {list(shape)}, "
+                                        f"expected {count * 4} (FP32)")
             return np.frombuffer(raw, dtype="<f4").reshape(shape)
         values = tensor.contents.fp32_contents
         if len(values) != count:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"inputs[0].contents.fp32_contents: {len(values)} "
-                          f"values for shape {list(shape)}, expected {count}")
+            raise RequestError(bad, f"inputs[0].contents.fp32_contents: {len(values)} values for shape "
+                                    f"{list(shape)}, expected {count}")
         return np.asarray(values, dtype="<f4").reshape(shape)
 
 
@@ -194,13 +210,64 @@ def attest_at_start(enclave: EnclaveClient, timeout: float) -> None:
             time.sleep(0.2)
 
 
-def serve(bundle_dir: Path, address: str, enclave_address: str | None, *, workers: int = 32, ort_threads: int = 0,
+class RuntimeServer:
+    """The asyncio gRPC server on its own event-loop thread, with the blocking surface of grpc.Server
+    (stop, wait_for_termination) that the CLI and tests use."""
+
+    def __init__(self, make_service, address: str, health_names: tuple[str, ...] = ("",)):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="runtime-loop", daemon=True)
+        self._thread.start()
+        self.service: InferenceService
+        self.port = self._call(self._start(make_service, address, health_names))
+
+    def _call(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _start(self, make_service, address: str, health_names: tuple[str, ...]) -> int:
+        self.service = make_service()
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self._server)
+        health_servicer = health_async.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
+        port = self._server.add_insecure_port(address)
+        if not port:
+            raise OSError(f"cannot listen on {address}")
+        await self._server.start()
+        for name in health_names:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return port
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """True if `timeout` passed with the server still running (grpc.Server semantics)."""
+        if not self._thread.is_alive():
+            return False
+        try:
+            return self._call(self._server.wait_for_termination(timeout))
+        except RuntimeError:  # the loop stopped while we waited
+            return False
+
+    def stop(self, grace: float | None = None) -> threading.Event:
+        """Stop serving, close the service and the loop; the returned event is already set."""
+        done = threading.Event()
+        if self._thread.is_alive():
+            self._call(self._server.stop(grace))
+            self._call(self.service.aclose())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+        done.set()
+        return done
+
+
+def serve(bundle_dir: Path, address: str, enclave_address: str | None, *, ort_threads: int = 0,
           enclave_tls: Path | None = None, expected_measurements: Path | None = None, attest_timeout: float = 60.0,
           batching: BatchingConfig | None = DEFAULT_BATCHING, providers: list[str] | None = None,
-          ) -> tuple[grpc.Server, InferenceService]:
+          ) -> tuple[RuntimeServer, InferenceService]:
     """Attest the trusted module, then start the endpoint on `address` (HOST:PORT or unix:PATH).
 
-    `enclave_address=None` is the benchmark-only bypass (see InferenceService)."""
+    `enclave_address=None` is the benchmark-only bypass (see InferenceService); `batching=None` serves each
+    request on its own."""
     from runtime.attestation import load_expected
 
     bundle = load_bundle(bundle_dir)
@@ -212,24 +279,14 @@ def serve(bundle_dir: Path, address: str, enclave_address: str | None, *, worker
     else:
         log.warning("BENCHMARK BYPASS: serving the public network on raw inputs without the trusted module "
                     "(answers are near chance; for measuring the trusted module's cost only)")
-    service = InferenceService(bundle, enclave, ort_threads=ort_threads, batching=batching, providers=providers)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runtime"),
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
-    )
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service.port = server.add_insecure_port(address)
-    if not service.port:
-        raise OSError(f"cannot listen on {address}")
-    server.start()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return server, service
+    server = RuntimeServer(lambda: InferenceService(bundle, enclave, ort_threads=ort_threads, batching=batching,
+                                                    providers=providers), address)
+    server.service.port = server.port
+    return server, server.service
 
 
-def wait_forever(server: grpc.Server, stop: threading.Event | None = None) -> None:
+def wait_forever(server, stop: threading.Event | None = None) -> None:
+    """Serve until `stop` is set, Ctrl-C, or the server ends; then stop it with a short grace period."""
     try:
         while not (stop and stop.is_set()):
             if not server.wait_for_termination(timeout=0.5):  # False: the server has terminated

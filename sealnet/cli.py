@@ -178,14 +178,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server, service = serve(args.bundle, args.listen, enclave, ort_threads=args.ort_threads,
                             enclave_tls=args.enclave_tls, expected_measurements=args.expected_measurements,
                             attest_timeout=args.attest_timeout, batching=batching,
-                            providers=["auto"] if args.providers == "auto" else None, workers=args.workers)
+                            providers=["auto"] if args.providers == "auto" else None)
     providers = ",".join(service.session.get_providers())
     print(f"KServe v2 endpoint for {service.model_id} on {args.listen} (trusted module {enclave}, {providers})",
           flush=True)
-    try:
-        wait_forever(server, _stop_on_signals())
-    finally:
-        service.close()
+    wait_forever(server, _stop_on_signals())
     return 0
 
 
@@ -317,7 +314,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic batching: longest wait for company (0: merge only what is already queued)")
     p.add_argument("--batch-workers", type=int, default=2, help="dynamic batching: merged batches in flight")
     p.add_argument("--no-batching", action="store_true", help="serve each request on its own")
-    p.add_argument("--workers", type=int, default=32, help="gRPC worker threads (concurrent requests)")
     p.add_argument("--providers", choices=["auto", "cpu"], default="auto",
                    help="auto: TensorRT / CUDA execution providers when present, else CPU")
     p.add_argument("--benchmark-bypass-trusted-module", action="store_true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import grpc
@@ -12,19 +13,17 @@ from tritonclient.utils import InferenceServerException
 
 from enclave_sim import service as enclave_service
 from runtime import server as runtime_server
-from runtime.batching import BatchingConfig, DynamicBatcher
+from runtime.batching import BatchingConfig, DynamicBatcher, process_group
 from runtime.enclave_client import EnclaveError
 from sealnet.licenses import issue_license
 from tests.conftest import MODEL_ID
 
 
-def test_batcher_merges_per_license_and_keeps_order():
+def _fake_module():
     calls: list[tuple[str, int]] = []
     runs: list[int] = []
-    gate = threading.Event()
 
     def preprocess(token, client, raw):
-        gate.wait(5)  # hold the first batch so the rest queue up behind it
         calls.append((token, len(raw)))
         if token == "bad":
             raise EnclaveError(grpc.StatusCode.PERMISSION_DENIED, "license: bad")
@@ -34,29 +33,37 @@ def test_batcher_merges_per_license_and_keeps_order():
         runs.append(len(x))
         return x.reshape(len(x), -1)[:, :3] + 1
 
-    batcher = DynamicBatcher(preprocess, run, BatchingConfig(max_batch=64, max_queue_delay_ms=50, workers=1))
-    results: dict[int, object] = {}
+    return preprocess, run, calls, runs
 
-    def call(i, token):
-        x = np.full((1 + i % 3, 1, 2, 2), float(i), np.float32)
-        try:
-            results[i] = (batcher.submit(token, f"c{i}", x), x)
-        except EnclaveError as exc:
-            results[i] = exc
 
-    threads = [threading.Thread(target=call, args=(i, "bad" if i == 5 else f"lic{i % 2}")) for i in range(12)]
-    for t in threads:
-        t.start()
-    gate.set()
-    for t in threads:
-        t.join()
-    batcher.stop()
-    assert isinstance(results[5], EnclaveError) and results[5].code == grpc.StatusCode.PERMISSION_DENIED
-    for i, r in results.items():
-        if i != 5:
-            out, x = r
-            assert np.array_equal(out, x.reshape(len(x), -1)[:, :3] * 2 + 1), i
-    assert len(runs) < 12 and sum(runs) == sum(1 + i % 3 for i in range(12) if i != 5)
+def test_merged_group_is_one_call_per_license_and_one_run():
+    preprocess, run, calls, runs = _fake_module()
+    requests = [(["lic0", "lic1", "bad"][i % 3], f"c{i}", np.full((1 + i % 2, 1, 2, 2), float(i), np.float32))
+                for i in range(9)]
+    outcomes = process_group(preprocess, run, requests)
+    assert sorted(t for t, _ in calls) == ["bad", "lic0", "lic1"] and runs == [sum(1 + i % 2 for i in range(9)
+                                                                                  if i % 3 != 2)]
+    for (token, _, x), (out, err) in zip(requests, outcomes, strict=True):
+        if token == "bad":
+            assert out is None and err.code == grpc.StatusCode.PERMISSION_DENIED
+        else:
+            assert err is None and np.array_equal(out, x.reshape(len(x), -1)[:, :3] * 2 + 1)
+
+
+def test_batcher_merges_concurrent_submissions():
+    preprocess, run, calls, runs = _fake_module()
+
+    async def main():
+        batcher = DynamicBatcher(preprocess, run, BatchingConfig(max_batch=64, max_queue_delay_ms=20, workers=1))
+        xs = [np.full((1, 1, 2, 2), float(i), np.float32) for i in range(12)]
+        outs = await asyncio.gather(*(batcher.submit("lic", f"c{i}", x) for i, x in enumerate(xs)))
+        await batcher.close()
+        return xs, outs
+
+    xs, outs = asyncio.run(main())
+    for x, out in zip(xs, outs, strict=True):
+        assert np.array_equal(out, x.reshape(1, -1)[:, :3] * 2 + 1)
+    assert len(runs) < 12 and sum(runs) == 12
 
 
 def test_concurrent_clients_through_the_batching_runtime(artefacts, digits, short_tmp):
@@ -98,7 +105,6 @@ def test_concurrent_clients_through_the_batching_runtime(artefacts, digits, shor
             t.join()
     finally:
         server.stop(0)
-        service.close()
         enclave.stop(0)
         module.close()
     assert not mismatches
@@ -117,7 +123,6 @@ def test_benchmark_bypass_serves_raw_inputs_only(artefacts, digits):
         client.close()
     finally:
         server.stop(0)
-        service.close()
     model = artefacts["checkpoint"].build_public_model()
     with torch.no_grad():
         assert np.abs(out - model(torch.from_numpy(x)).numpy()).max() < 1e-3
