@@ -23,11 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from enclave_sim.keystore import KeystoreSpec, add_keystore_arguments, keystore_spec
+from enclave_sim.keystore import KeystoreSpec, keystore_spec
 from enclave_sim.measure import measurement_chain
 from enclave_sim.payload import pack
+from export import ExportError, add_arguments
 from protect.checkpoint import load_checkpoint
 from protect.transform import transform_to_arrays
+from runtime.onnx_session import ort_accuracy, ort_session
 from sealnet.bundle import (
     EXPECTED_MEASUREMENTS,
     FORMAT,
@@ -47,10 +49,6 @@ OUTPUT_NAME = "logits"
 PUBLIC_PLAN = "public.plan"
 
 
-class ExportError(Exception):
-    """The checkpoint cannot be exported safely; the message says why."""
-
-
 def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], path: Path, opset: int = 17) -> None:
     """Export with a dynamic batch dimension (TorchScript exporter: no extra dependencies)."""
     with warnings.catch_warnings():
@@ -60,29 +58,6 @@ def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], path: Path
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
-
-
-ACCELERATED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-
-
-def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None):
-    """An ONNX Runtime session with full graph optimisation; `providers=None` means CPU only, `["auto"]` picks
-    TensorRT / CUDA when this onnxruntime build and machine have them."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    if providers == ["auto"]:
-        available = ort.get_available_providers()
-        providers = [p for p in ACCELERATED_PROVIDERS if p in available] + ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
-
-
-def ort_accuracy(session, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
-    preds = [session.run(None, {INPUT_NAME: x[i : i + batch_size]})[0].argmax(1) for i in range(0, len(x), batch_size)]
-    return float((np.concatenate(preds) == y).mean())
 
 
 def tensorrt_available() -> str | None:
@@ -211,20 +186,6 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
         if staging.exists():
             shutil.rmtree(staging)
     return manifest
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, help="protected checkpoint written by `sealnet protect`")
-    p.add_argument("out_dir", type=Path, help="bundle directory to create")
-    p.add_argument("--owner-key", type=Path, required=True, help="owner Ed25519 signing key (sealnet license keygen)")
-    add_keystore_arguments(p)
-    p.add_argument("--model-id", help="model id that licenses must name (default: <model>-<variant>)")
-    p.add_argument("--data-dir", type=Path, help="local data for the checks when the checkpoint's dataset needs it")
-    p.add_argument("--max-raw-acc", type=float, default=0.2, help="refuse to export above this raw-input accuracy")
-    p.add_argument("--max-batch", type=int, default=1024, help="largest batch the bundle accepts")
-    p.add_argument("--tensorrt", action="store_true", help="also build public.plan (needs TensorRT and a GPU)")
-    p.add_argument("--fp16", action="store_true", help="build the TensorRT engine in FP16")
-    p.add_argument("--force", action="store_true", help="replace a non-empty out_dir")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-VARIANTS = ("fixed", "learned", "generator")
+from protect import VARIANTS
 
 
 class FixedPerturbation(nn.Module):

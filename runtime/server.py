@@ -21,9 +21,9 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import sealnet
-from export.build_engine import ort_session
 from runtime.batching import DEFAULT_BATCHING, BatchingConfig, DynamicBatcher
 from runtime.enclave_client import AttestationFailed, EnclaveClient, EnclaveError
+from runtime.onnx_session import ort_session
 from sealnet._grpc import inference_pb2, inference_pb2_grpc
 from sealnet.bundle import EXPECTED_MEASUREMENTS, PUBLIC_ONNX, Bundle, load_bundle
 

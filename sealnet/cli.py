@@ -221,8 +221,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from enclave_sim.keystore import add_keystore_arguments
-    from export.build_engine import add_arguments as add_export_arguments
-    from protect.transform import VARIANTS
+    from export import add_arguments as add_export_arguments
+    from protect import VARIANTS
 
     parser = argparse.ArgumentParser(prog="sealnet", description="Deploy protected models behind a trusted module.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_infer)
 
+    # `sealnet bench ARGS` is passed whole to bench/run.py (see main); listed here for --help.
+    sub.add_parser("bench", help="serving benchmark: in-process ONNX Runtime, unprotected, protected, KServe")
+
     p = sub.add_parser("demo", help="train, export, serve and query end to end on the embedded data")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     p.add_argument("--epochs", type=int, default=8)
@@ -344,11 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from enclave_sim.keystore import KeystoreError
-    from export.build_engine import ExportError
+    from export import ExportError
     from runtime.attestation import AttestationError
     from sealnet.bundle import BundleError
     from sealnet.licenses import LicenseError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from bench.run import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

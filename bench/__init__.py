@@ -1,0 +1,1 @@
+"""Benchmarks: sealnet's serving cost against plain ONNX Runtime and KServe (`sealnet bench`)."""

@@ -1,0 +1,360 @@
+"""`sealnet bench` (or `python bench/run.py`): what the trusted module and the gRPC hop cost.
+
+In one run, on one model and machine, it measures throughput (items/s) and latency p50/p99 at several batch
+sizes and client concurrencies for
+  (a) limit:       ONNX Runtime in-process on public.onnx with pre-transformed inputs (one caller);
+  (b) unprotected: the sealnet runtime with the trusted module bypassed (measurement-only switch);
+  (c) protected:   the sealnet runtime with the trusted module on a Unix socket;
+  (d) kserve:      KServe's Python model server (PyPI `kserve`, its own virtualenv) serving the same ONNX
+                   model over the same v2 gRPC protocol;
+driving (b)-(d) with the same closed-loop client (bench/load.py) in its own process on the same loopback.
+It also times one training epoch per protection method against plain training. Writes bench.json,
+bench.md and bench.png into --out and prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+KSERVE_VENV = ROOT / "bench" / ".kserve-venv"
+MODEL_ID = "bench-cnn-generator"
+TARGETS = {
+    "protected_vs_unprotected_b64": (">=", 0.95),
+    "protected_vs_limit_b64": (">=", 0.85),
+    "protected_vs_kserve_b1_c16": (">=", 3.0),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+# -- set-up ----------------------------------------------------------------------------------------------
+def build_fixture(work: Path, epochs: int) -> dict[str, Path]:
+    """A Generator-protected simple CNN on the embedded data, its bundle, a keystore and a license."""
+    from enclave_sim.keystore import KeystoreSpec, init_keystore
+    from export.build_engine import build_bundle
+    from protect.pipeline import protect_transform
+    from protect.train import TrainConfig
+    from sealnet.data import mnist_embedded
+    from sealnet.licenses import issue_license, load_owner_key, write_owner_key
+
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    _log(f"training the benchmark model ({epochs} epoch(s), Generator transform)")
+    protect_transform(mnist_embedded(), "generator", work / "protected.pt", TrainConfig(epochs=epochs),
+                      baseline=False)
+    key, _ = write_owner_key(work / "owner.key")
+    init_keystore(work / "keystore")
+    # Timing only: a briefly trained network may still work on raw inputs, so the raw-accuracy gate is off.
+    build_bundle(work / "protected.pt", work / "bundle", owner_key=key, keystore=KeystoreSpec("embedded",
+                 work / "keystore"), model_id=MODEL_ID, max_raw_acc=1.0, log=lambda *_: None)
+    token = issue_license(load_owner_key(key), customer_id="bench", model_id=MODEL_ID, serial_number="B-1",
+                          valid_seconds=86400)
+    (work / "license").write_text(token + "\n")
+    return {"bundle": work / "bundle", "keystore": work / "keystore", "license": work / "license"}
+
+
+def ensure_kserve() -> str | None:
+    """Create bench/.kserve-venv with kserve + onnxruntime on first use; None if ready, else the reason not."""
+    python = KSERVE_VENV / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", "import kserve, onnxruntime"],
+                                          capture_output=True).returncode == 0:
+        return None
+    _log("installing KServe into bench/.kserve-venv (first run only; it pins an older protobuf than sealnet)")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(KSERVE_VENV)], check=True, capture_output=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "kserve", "onnxruntime", "numpy"], check=True,
+                       capture_output=True, timeout=900)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        return f"could not install kserve: {exc}"
+    return None
+
+
+# -- measurements ----------------------------------------------------------------------------------------
+def measure_limit(onnx_path: Path, batches: list[int], duration: float) -> list[dict[str, Any]]:
+    """(a): back-to-back ONNX Runtime calls in this process, the same session options as the runtime."""
+    from runtime.onnx_session import ort_session
+
+    session = ort_session(onnx_path, providers=["auto"])
+    name = session.get_inputs()[0].name
+    shape = session.get_inputs()[0].shape[1:]
+    rows = []
+    for batch in batches:
+        x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
+        for _ in range(20):
+            session.run(None, {name: x})
+        lat = []
+        end = time.perf_counter() + duration
+        while (t0 := time.perf_counter()) < end:
+            session.run(None, {name: x})
+            lat.append(time.perf_counter() - t0)
+        ms = np.asarray(lat) * 1000
+        rows.append({"system": "limit", "batch": batch, "concurrency": 1, "requests": len(ms), "errors": 0,
+                     "items_per_s": len(ms) * batch / duration, "p50_ms": float(np.percentile(ms, 50)),
+                     "p99_ms": float(np.percentile(ms, 99))})
+        _log(f"limit     b{batch:<3} c1  {rows[-1]['items_per_s']:8.0f} items/s  p99 {rows[-1]['p99_ms']:.2f} ms")
+    return rows
+
+
+def _wait_ready(target: str, procs: list[subprocess.Popen], timeout: float = 90) -> None:
+    import grpc
+
+    from sealnet._grpc import inference_pb2, inference_pb2_grpc
+
+    channel = grpc.insecure_channel(target)
+    stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a server exited during start-up; see the logs in the bench work directory")
+            try:
+                if stub.ServerReady(inference_pb2.ServerReadyRequest(), timeout=2).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"server at {target} not ready after {timeout:.0f} s")
+    finally:
+        channel.close()
+
+
+def _start(cmd: list[str], log_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def measure_server(system: str, fixture: dict[str, Path], work: Path, batches: list[int], concurrency: list[int],
+                   duration: float, warmup: float) -> list[dict[str, Any]]:
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    sealnet = [sys.executable, "-m", "sealnet"]
+    procs: list[subprocess.Popen] = []
+    license_args: list[str] = []
+    if system == "protected":
+        sock = work / f"enclave-{port}.sock"
+        procs.append(_start([*sealnet, "enclave", "--bundle", str(fixture["bundle"]), "--keystore-dir",
+                             str(fixture["keystore"]), "--listen", f"unix:{sock}", "--state-dir",
+                             str(work / "state")], work / "enclave.log"))
+        procs.append(_start([*sealnet, "serve", "--bundle", str(fixture["bundle"]), "--enclave", f"unix:{sock}",
+                             "--listen", target], work / "runtime-protected.log"))
+        license_args = ["--license-file", str(fixture["license"])]
+    elif system == "unprotected":
+        procs.append(_start([*sealnet, "serve", "--bundle", str(fixture["bundle"]), "--listen", target,
+                             "--benchmark-bypass-trusted-module"], work / "runtime-unprotected.log"))
+    elif system == "kserve":
+        procs.append(_start([str(KSERVE_VENV / "bin" / "python"), str(ROOT / "bench" / "kserve_server.py"),
+                             "--onnx", str(fixture["bundle"] / "public.onnx"), "--model", MODEL_ID,
+                             "--grpc-port", str(port), "--http-port", str(_free_port())], work / "kserve.log"))
+    else:
+        raise ValueError(system)
+    rows = []
+    try:
+        _wait_ready(target, procs)
+        for batch in batches:
+            for conc in concurrency:
+                out = subprocess.run(
+                    [sys.executable, "-m", "bench.load", "--target", target, "--model", MODEL_ID, "--batch",
+                     str(batch), "--concurrency", str(conc), "--duration", str(duration), "--warmup", str(warmup),
+                     *license_args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+                if out.returncode != 0:
+                    raise RuntimeError(f"load generator failed against {system}: {out.stderr[-500:]}")
+                row = {"system": system, **json.loads(out.stdout)}
+                rows.append(row)
+                _log(f"{system:<11} b{batch:<3} c{conc:<3} {row['items_per_s']:8.0f} items/s  "
+                     f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  errors {row['errors']}")
+    finally:
+        _stop(procs)
+    return rows
+
+
+def measure_training(epochs: int = 1) -> dict[str, float]:
+    """Seconds per epoch of plain training and of each protection method on the embedded data."""
+    from protect.models import create_model
+    from protect.train import TrainConfig, seed_everything, train_plain, train_transform
+    from protect.transform import create_transform
+    from sealnet.data import mnist_embedded
+
+    data = mnist_embedded()
+    cfg = TrainConfig(epochs=epochs, progress=False)
+    seed_everything(0)
+    out = {"plain": train_plain(create_model("simple_cnn", data.input_shape, 10), data, cfg)}
+    for variant in ("fixed", "learned", "generator"):
+        seed_everything(0)
+        out[f"transform/{variant}"] = train_transform(create_model("simple_cnn", data.input_shape, 10),
+                                                      create_transform(variant, data.input_shape), data, cfg)
+    for name, seconds in out.items():
+        _log(f"training  {name:<20} {seconds:.2f} s/epoch  ({seconds / out['plain']:.2f}x plain)")
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------------------
+def _find(rows, system, batch, conc):
+    return next((r for r in rows if r["system"] == system and r["batch"] == batch and r["concurrency"] == conc),
+                None)
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def ratio(num, den):
+        return num["items_per_s"] / den["items_per_s"] if num and den and den["items_per_s"] else None
+
+    c64, b64, a64 = _find(rows, "protected", 64, 4), _find(rows, "unprotected", 64, 4), _find(rows, "limit", 64, 1)
+    c1_16, d1_16 = _find(rows, "protected", 1, 16), _find(rows, "kserve", 1, 16)
+    a1, c1 = _find(rows, "limit", 1, 1), _find(rows, "protected", 1, 1)
+    s = {
+        "protected_vs_unprotected_b64": ratio(c64, b64),
+        "protected_vs_limit_b64": ratio(c64, a64),
+        "protected_vs_kserve_b1_c16": ratio(c1_16, d1_16),
+        "p99_ms_b1_c16_protected": c1_16 and c1_16["p99_ms"],
+        "p99_ms_b1_c16_kserve": d1_16 and d1_16["p99_ms"],
+        "p99_ms_b1_limit": a1 and a1["p99_ms"],
+        "p99_ms_b1_protected": c1 and c1["p99_ms"],
+    }
+    checks = {k: (v is not None and v >= TARGETS[k][1]) for k, v in s.items() if k in TARGETS}
+    if s["p99_ms_b1_c16_protected"] is not None and s["p99_ms_b1_c16_kserve"] is not None:
+        checks["p99_b1_c16_protected_le_kserve"] = s["p99_ms_b1_c16_protected"] <= s["p99_ms_b1_c16_kserve"]
+    s["targets_met"] = checks
+    return s
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    s = report["summary"]
+    lines = ["# sealnet serving benchmark", "", f"Machine: {report['machine']}. Rerun: `{report['command']}`.", "",
+             "| ratio / latency | value | target | met |", "|---|---|---|---|"]
+    for key, (_, target) in TARGETS.items():
+        v = s[key]
+        lines.append(f"| {key} | {'n/a' if v is None else f'{v:.2f}'} | >= {target} | {s['targets_met'].get(key)} |")
+    for key in ("p99_ms_b1_c16_protected", "p99_ms_b1_c16_kserve", "p99_ms_b1_limit", "p99_ms_b1_protected"):
+        v = s[key]
+        lines.append(f"| {key} | {'n/a' if v is None else f'{v:.2f} ms'} | | |")
+    lines += ["", "b64 ratios at concurrency 4; the limit (a) is one in-process caller.", "",
+              "| system | batch | concurrency | items/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['system']} | {r['batch']} | {r['concurrency']} | {r['items_per_s']:.0f} | "
+                     f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |")
+    if report.get("training_s_per_epoch"):
+        plain = report["training_s_per_epoch"]["plain"]
+        lines += ["", "| training | s/epoch | x plain |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.2f} | {v / plain:.2f} |" for k, v in report["training_s_per_epoch"].items()]
+    for note in report.get("notes", []):
+        lines += ["", note]
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    _plot(out / "bench.png", report["results"])
+
+
+def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = [s for s in ("limit", "unprotected", "protected", "kserve") if any(r["system"] == s for r in rows)]
+    configs = sorted({(r["batch"], r["concurrency"]) for r in rows if r["system"] != "limit"})
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(systems)
+    for i, system in enumerate(systems):
+        xs, tput, p99 = [], [], []
+        for j, (b, c) in enumerate(configs):
+            r = _find(rows, system, b, c) or (_find(rows, system, b, 1) if system == "limit" else None)
+            if r:
+                xs.append(j + i * width)
+                tput.append(r["items_per_s"])
+                p99.append(r["p99_ms"])
+        axes[0].bar(xs, tput, width, label=system)
+        axes[1].bar(xs, p99, width, label=system)
+    for ax, title in zip(axes, ("throughput (items/s, log)", "p99 latency (ms, log)"), strict=True):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(configs))], [f"b{b}\nc{c}" for b, c in configs])
+        ax.set_yscale("log")
+        ax.set_title(title)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sealnet bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--duration", type=float, default=3.0, help="measured seconds per configuration")
+    p.add_argument("--warmup", type=float, default=0.5)
+    p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--epochs", type=int, default=1, help="training epochs of the benchmark model")
+    p.add_argument("--skip-kserve", action="store_true")
+    p.add_argument("--skip-training", action="store_true", help="skip the training-cost measurement")
+    p.add_argument("--json", type=Path, help="also write the summary + results JSON here")
+    args = p.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    work = args.out / "work"
+    started = time.perf_counter()
+    fixture = build_fixture(work, args.epochs)
+    notes = []
+    rows = measure_limit(fixture["bundle"] / "public.onnx", batches, args.duration)
+    systems = ["unprotected", "protected"]
+    if args.skip_kserve:
+        notes.append("KServe (d) skipped (--skip-kserve).")
+    elif reason := ensure_kserve():
+        notes.append(f"KServe (d) not measured: {reason}")
+    else:
+        systems.append("kserve")
+    for system in systems:
+        rows += measure_server(system, fixture, work, batches, concurrency, args.duration, args.warmup)
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "command": "sealnet bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "results": rows,
+        "summary": summarise(rows),
+        "training_s_per_epoch": None if args.skip_training else measure_training(),
+        "notes": notes,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_report(args.out, report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**report["summary"], "results": rows}, indent=2) + "\n")
+    s = report["summary"]
+    for key in TARGETS:
+        v = s[key]
+        print(f"{key:<32} {'n/a' if v is None else f'{v:.2f}':>8}  (target >= {TARGETS[key][1]})")
+    print(f"p99 b1 c16: protected {s['p99_ms_b1_c16_protected']} ms, kserve {s['p99_ms_b1_c16_kserve']} ms; "
+          f"report in {args.out}/bench.md ({report['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
