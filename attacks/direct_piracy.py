@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.build_engine import ort_accuracy, ort_session
+from runtime.onnx_session import ort_accuracy, ort_session
 from sealnet.bundle import PUBLIC_ONNX, load_bundle
 
 
