@@ -18,6 +18,9 @@ def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    # Idle intra-op threads spin by default; between a server's many small runs that spinning burns a core
+    # that the trusted module, the gRPC threads and the other runs need.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if providers == ["auto"]:
         available = ort.get_available_providers()
         providers = [p for p in ACCELERATED_PROVIDERS if p in available] + ["CPUExecutionProvider"]
