@@ -115,38 +115,11 @@ def test_tensorrt_without_tensorrt_stops_with_a_clear_message(tmp_path, artefact
 
 def test_build_engine_script_runs_as_documented(tmp_path, artefacts):
     out = tmp_path / "bundle"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "export/build_engine.py",
-            str(artefacts["checkpoint_path"]),
-            str(out),
-            "--owner-key",
-            str(artefacts["owner_key_path"]),
-            "--keystore-dir",
-            str(artefacts["keystore"].directory),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    command = [sys.executable, "export/build_engine.py", str(artefacts["checkpoint_path"]), str(out),
+               "--owner-key", str(artefacts["owner_key_path"]), "--keystore-dir", str(artefacts["keystore"].directory)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert load_bundle(out).model_id == "simple_cnn-generator"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "export/build_engine.py",
-            str(artefacts["checkpoint_path"]),
-            str(out),
-            "--owner-key",
-            str(artefacts["owner_key_path"]),
-            "--keystore-dir",
-            str(artefacts["keystore"].directory),
-            "--tensorrt",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = subprocess.run([*command, "--tensorrt"], capture_output=True, text=True, timeout=300)
     if tensorrt_available() is not None:
         assert proc.returncode == 2 and "TensorRT" in proc.stderr
