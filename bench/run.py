@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sealnet.processes import free_port, sealnet_command, start_logged, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 KSERVE_VENV = ROOT / "bench" / ".kserve-venv"
@@ -36,12 +37,6 @@ TARGETS = {
     "protected_vs_limit_b64": (">=", 0.85),
     "protected_vs_kserve_b1_c16": (">=", 3.0),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _log(msg: str) -> None:
@@ -140,44 +135,29 @@ def _wait_ready(target: str, procs: list[subprocess.Popen], timeout: float = 90)
         channel.close()
 
 
-def _start(cmd: list[str], log_path: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
 def measure_server(system: str, fixture: dict[str, Path], work: Path, batches: list[int], concurrency: list[int],
                    duration: float, warmup: float) -> list[dict[str, Any]]:
-    port = _free_port()
+    port = free_port()
     target = f"127.0.0.1:{port}"
-    sealnet = [sys.executable, "-m", "sealnet"]
     procs: list[subprocess.Popen] = []
     license_args: list[str] = []
+    bundle = str(fixture["bundle"])
     if system == "protected":
         sock = work / f"enclave-{port}.sock"
-        procs.append(_start([*sealnet, "enclave", "--bundle", str(fixture["bundle"]), "--keystore-dir",
-                             str(fixture["keystore"]), "--listen", f"unix:{sock}", "--state-dir",
-                             str(work / "state")], work / "enclave.log"))
-        procs.append(_start([*sealnet, "serve", "--bundle", str(fixture["bundle"]), "--enclave", f"unix:{sock}",
-                             "--listen", target], work / "runtime-protected.log"))
+        enclave = sealnet_command("enclave", "--bundle", bundle, "--keystore-dir", str(fixture["keystore"]),
+                                  "--listen", f"unix:{sock}", "--state-dir", str(work / "state"))
+        procs.append(start_logged(enclave, work / "enclave.log"))
+        runtime = sealnet_command("serve", "--bundle", bundle, "--enclave", f"unix:{sock}", "--listen", target)
+        procs.append(start_logged(runtime, work / "runtime-protected.log"))
         license_args = ["--license-file", str(fixture["license"])]
     elif system == "unprotected":
-        procs.append(_start([*sealnet, "serve", "--bundle", str(fixture["bundle"]), "--listen", target,
-                             "--benchmark-bypass-trusted-module"], work / "runtime-unprotected.log"))
+        runtime = sealnet_command("serve", "--bundle", bundle, "--listen", target, "--benchmark-bypass-trusted-module")
+        procs.append(start_logged(runtime, work / "runtime-unprotected.log"))
     elif system == "kserve":
-        procs.append(_start([str(KSERVE_VENV / "bin" / "python"), str(ROOT / "bench" / "kserve_server.py"),
-                             "--onnx", str(fixture["bundle"] / "public.onnx"), "--model", MODEL_ID,
-                             "--grpc-port", str(port), "--http-port", str(_free_port())], work / "kserve.log"))
+        kserve = [str(KSERVE_VENV / "bin" / "python"), str(ROOT / "bench" / "kserve_server.py"), "--onnx",
+                  str(fixture["bundle"] / "public.onnx"), "--model", MODEL_ID, "--grpc-port", str(port),
+                  "--http-port", str(free_port())]
+        procs.append(start_logged(kserve, work / "kserve.log"))
     else:
         raise ValueError(system)
     rows = []
@@ -196,7 +176,7 @@ def measure_server(system: str, fixture: dict[str, Path], work: Path, batches: l
                 _log(f"{system:<11} b{batch:<3} c{conc:<3} {row['items_per_s']:8.0f} items/s  "
                      f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  errors {row['errors']}")
     finally:
-        _stop(procs)
+        stop_all(procs)
     return rows
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,35 +24,13 @@ from protect.train import TrainConfig
 from runtime.client import InferenceClient
 from sealnet.data import mnist_embedded
 from sealnet.licenses import issue_license, load_owner_key, write_owner_key
+from sealnet.processes import free_port, sealnet_command, start_logged, stop_all
 
 MODEL_ID = "mnist-cnn-generator"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _step(text: str) -> None:
     print(f"\n== {text}", flush=True)
-
-
-def _start(name: str, args: list[str], logs: Path) -> subprocess.Popen:
-    log = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - closed when the process is reaped
-    return subprocess.Popen([sys.executable, "-m", "sealnet", *args], stdout=log, stderr=subprocess.STDOUT)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _query(
@@ -113,13 +89,14 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
 
     _step("edge host: start the trusted module (Unix socket) and the KServe v2 endpoint (loopback TCP)")
     enclave_addr = f"unix:{(workdir / 'enclave.sock').resolve()}"
-    server_addr = f"127.0.0.1:{_free_port()}"
+    server_addr = f"127.0.0.1:{free_port()}"
     procs = [
-        _start("enclave", ["enclave", "--bundle", str(workdir / "bundle"), *enclave_keystore_args,
-                           "--listen", enclave_addr, "--state-dir", str(workdir / "state"),
-                           "--audit-log", str(workdir / "logs" / "audit.jsonl")], workdir / "logs"),
-        _start("runtime", ["serve", "--bundle", str(workdir / "bundle"), "--enclave", enclave_addr,
-                           "--listen", server_addr], workdir / "logs"),
+        start_logged(sealnet_command("enclave", "--bundle", str(workdir / "bundle"), *enclave_keystore_args,
+                                     "--listen", enclave_addr, "--state-dir", str(workdir / "state"),
+                                     "--audit-log", str(workdir / "logs" / "audit.jsonl")),
+                     workdir / "logs" / "enclave.log"),
+        start_logged(sealnet_command("serve", "--bundle", str(workdir / "bundle"), "--enclave", enclave_addr,
+                                     "--listen", server_addr), workdir / "logs" / "runtime.log"),
     ]
     client = InferenceClient(server_addr, MODEL_ID)
     try:
@@ -137,7 +114,7 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         _, status_other = _query(client, data.x_test[:8], license_other)
     finally:
         client.close()
-        _stop(procs)
+        stop_all(procs)
 
     _step("pirate: run the copied public.onnx on raw inputs")
     pirate = direct_piracy_accuracy(workdir / "bundle", data.x_test, data.y_test)
