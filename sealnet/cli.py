@@ -342,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keystore", choices=["embedded", "tpm"], default="embedded",
                    help="tpm: seal to a software TPM (swtpm) started for the demo")
     p.set_defaults(func=cmd_demo)
+
+    from attacks.cli import add_attack_parser
+
+    add_attack_parser(sub)
     return parser
 
 

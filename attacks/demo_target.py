@@ -1,0 +1,85 @@
+"""`sealnet attack --demo`: a target to try the suite on with one command.
+
+Builds the demo's Generator-protected bundle on the embedded MNIST data (the same steps as `sealnet demo`),
+starts its own trusted module (Unix socket, with a revocation list) and runtime (loopback) as child processes,
+and hands the suite a Target that may kill the module it started. Nothing outside this is ever killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from attacks.base import Target
+from enclave_sim.keystore import KeystoreSpec, init_keystore
+from export.build_engine import build_bundle
+from protect.pipeline import protect_transform
+from protect.train import TrainConfig
+from runtime.client import InferenceClient
+from sealnet.data import mnist_embedded
+from sealnet.demo import MODEL_ID
+from sealnet.licenses import issue_license, load_owner_key, write_owner_key
+from sealnet.processes import free_port, sealnet_command, start_logged, stop_all
+
+REVOKED_SERIAL = "SN-REVOKED"
+
+
+@contextlib.contextmanager
+def demo_target(workdir: Path, *, epochs: int = 8, seed: int = 0, log=print) -> Iterator[Target]:
+    """Train + export the demo bundle into `workdir` (replaced), serve it, yield the target, stop the services."""
+    workdir = Path(workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    (workdir / "logs").mkdir(parents=True)
+    log(f"== demo target: train the Generator-protected CNN ({epochs} epochs) on the embedded MNIST subset")
+    protect_transform(mnist_embedded(seed=0), "generator", workdir / "protected.pt",
+                      TrainConfig(epochs=epochs, seed=seed))
+    owner_key_path, _ = write_owner_key(workdir / "owner.key")
+    owner_key = load_owner_key(owner_key_path)
+    valid = issue_license(owner_key, customer_id="tester", model_id=MODEL_ID, serial_number="SN-TESTER",
+                          valid_seconds=4 * 3600)
+    revoked = issue_license(owner_key, customer_id="former", model_id=MODEL_ID, serial_number=REVOKED_SERIAL,
+                            valid_seconds=4 * 3600)
+    (workdir / "revoked.txt").write_text(f"# revoked for the attack suite\n{REVOKED_SERIAL}\n")
+    init_keystore(workdir / "keystore")
+    build_bundle(workdir / "protected.pt", workdir / "bundle", owner_key=owner_key_path,
+                 keystore=KeystoreSpec("embedded", workdir / "keystore"), model_id=MODEL_ID, log=log)
+
+    sock_dir = Path(tempfile.mkdtemp(prefix="sealnet-attack-", dir="/tmp"))  # Unix socket paths must be short
+    os.chmod(sock_dir, 0o700)
+    enclave_addr = f"unix:{sock_dir / 'enclave.sock'}"
+    endpoint = f"127.0.0.1:{free_port()}"
+    log(f"== demo target: trusted module on {enclave_addr}, runtime on {endpoint} (logs in {workdir / 'logs'})")
+    logs = workdir / "logs"
+    procs = [
+        start_logged(sealnet_command("enclave", "--bundle", str(workdir / "bundle"), "--keystore-dir",
+                                     str(workdir / "keystore"), "--listen", enclave_addr, "--state-dir",
+                                     str(workdir / "state"), "--revocations", str(workdir / "revoked.txt"),
+                                     "--audit-log", str(logs / "audit.jsonl")), logs / "enclave.log"),
+        start_logged(sealnet_command("serve", "--bundle", str(workdir / "bundle"), "--enclave", enclave_addr,
+                                     "--listen", endpoint), logs / "runtime.log"),
+    ]
+    enclave_proc, runtime_proc = procs
+
+    def kill_enclave() -> None:
+        enclave_proc.kill()  # SIGKILL: a crash, not a clean shutdown
+        enclave_proc.wait()
+
+    try:
+        client = InferenceClient(endpoint, MODEL_ID)
+        try:
+            client.wait_ready(timeout=60)
+        except TimeoutError:
+            raise RuntimeError(f"demo services did not become ready; see {workdir / 'logs'}") from None
+        finally:
+            client.close()
+        yield Target(workdir / "bundle", endpoint=endpoint, enclave=enclave_addr, seed=seed, allow_disruptive=True,
+                     license=valid, owner_key=owner_key, revoked_license=revoked, kill_enclave=kill_enclave,
+                     alive=lambda: {"enclave": enclave_proc.poll() is None, "runtime": runtime_proc.poll() is None})
+    finally:
+        stop_all(procs)
+        shutil.rmtree(sock_dir, ignore_errors=True)
