@@ -372,8 +372,9 @@ def protocol_fuzz(target: Target, budget: Budget, out: Path) -> Outcome:
     metrics: list[Metric] = []
     details: dict[str, Any] = {}
     codes: dict[str, dict[str, int]] = {}
-    notes = ["'parser' answers are gRPC's own refusals of unparseable bytes (INTERNAL from the sync server, UNKNOWN "
-             "naming the DecodeError from the asyncio one); any other INTERNAL or UNKNOWN is an unhandled error"]
+    notes = ["'parser' answers are refusals of unparseable bytes (sealnet: INVALID_ARGUMENT 'request: not a valid ... "
+             "message'; stock gRPC: INTERNAL or UNKNOWN naming the DecodeError); any other INTERNAL or UNKNOWN is an "
+             "unhandled error"]
     for i, (service, make_wire) in enumerate((("runtime", _runtime), ("enclave", _enclave))):
         try:
             wire = make_wire(target)

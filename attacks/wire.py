@@ -51,10 +51,12 @@ class Reply:
 
 
 def is_parser_refusal(reply: Reply) -> bool:
-    """gRPC's own refusal of bytes that do not parse as the request message, before any handler runs: the
-    sync server says INTERNAL "Exception deserializing request!", the asyncio server UNKNOWN naming the
-    DecodeError."""
+    """A refusal of bytes that do not parse as the request message: sealnet's services answer INVALID_ARGUMENT
+    "request: not a valid ... message"; stock gRPC servers answer INTERNAL "Exception deserializing request!"
+    (sync) or UNKNOWN naming the DecodeError (asyncio)."""
     text = reply.details.lower()
+    if reply.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return text.startswith("request: not a valid")
     return reply.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and any(
         marker in text for marker in ("deserializ", "error parsing message", "decodeerror"))
 
@@ -64,10 +66,10 @@ def classify(reply: Reply, ok_allowed: bool) -> str:
     'unhandled' (an exception escaped a handler)."""
     if reply.code == grpc.StatusCode.OK:
         return "ok" if ok_allowed else "unprotected"
-    if reply.code in REFUSALS:
-        return "refused"
     if is_parser_refusal(reply):
         return "parser"
+    if reply.code in REFUSALS:
+        return "refused"
     if reply.code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return "hang"
     if reply.code == grpc.StatusCode.UNAVAILABLE:

@@ -29,6 +29,7 @@ from enclave_sim.transform_graph import transform_session
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import SECRETS, Bundle, core_digest, load_bundle
 from sealnet.licenses import License, LicenseError, verify_license
+from sealnet.rpc import add_servicer
 
 log = logging.getLogger("sealnet.enclave")
 
@@ -241,7 +242,7 @@ def serve(bundle_dir: Path, address: str, keystore: KeystoreSpec,
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
     )
-    enclave_pb2_grpc.add_TrustedModuleServicer_to_server(module, server)
+    add_servicer(enclave_pb2_grpc.add_TrustedModuleServicer_to_server, module, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if is_unix:

@@ -26,6 +26,7 @@ from runtime.enclave_client import AttestationFailed, EnclaveClient, EnclaveErro
 from runtime.onnx_session import ort_session
 from sealnet._grpc import inference_pb2, inference_pb2_grpc
 from sealnet.bundle import EXPECTED_MEASUREMENTS, PUBLIC_ONNX, Bundle, load_bundle
+from sealnet.rpc import add_servicer
 
 log = logging.getLogger("sealnet.runtime")
 
@@ -228,7 +229,7 @@ class RuntimeServer:
         self.service = make_service()
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, self._server)
+        add_servicer(inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, self.service, self._server)
         health_servicer = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
         port = self._server.add_insecure_port(address)

@@ -176,3 +176,17 @@ def test_attestation_is_signed_over_the_nonce(stack):
     with pytest.raises(Exception, match="nonce"):
         client.attest(b"short")
     client.close()
+
+
+def test_unparseable_requests_are_invalid_argument_on_both_services(stack):
+    garbage = b"\xff\x13not a protobuf\x00" * 3
+    for address, path in ((f"127.0.0.1:{stack['service'].port}", "/inference.GRPCInferenceService/ModelInfer"),
+                          (stack["enclave_addr"], "/sealnet.enclave.TrustedModule/OpenSession")):
+        channel = grpc.insecure_channel(address)
+        call = channel.unary_unary(path, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as err:
+            call(garbage, timeout=5)
+        channel.close()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, path
+        assert err.value.details().startswith("request: not a valid"), err.value.details()
+        assert "DecodeError" not in err.value.details()

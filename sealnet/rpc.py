@@ -1,0 +1,67 @@
+"""Register generated gRPC servicers so that unparseable request bytes get INVALID_ARGUMENT naming the
+message, instead of gRPC's INTERNAL / UNKNOWN with a parser exception's text."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+_UNPARSEABLE = object()
+
+
+class _Capture:
+    """Stands in for a server while a generated add_*_to_server function hands over its method handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def _safe(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:  # any parser failure: the handler answers INVALID_ARGUMENT
+            return _UNPARSEABLE
+
+    return parse
+
+
+def _guard(behavior, message: str):
+    detail = f"request: not a valid {message} message"
+    if inspect.iscoroutinefunction(behavior):
+        async def guarded_async(request, context):
+            if request is _UNPARSEABLE:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
+            return await behavior(request, context)
+
+        return guarded_async
+
+    def guarded(request, context):
+        if request is _UNPARSEABLE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
+        return behavior(request, context)
+
+    return guarded
+
+
+def add_servicer(add_to_server: Callable[[Any, Any], None], servicer: Any, server: Any) -> None:
+    """Like the generated `add_XServicer_to_server(servicer, server)`, with guarded request parsing."""
+    capture = _Capture()
+    add_to_server(servicer, capture)
+    handlers = {}
+    for method, handler in capture.handlers.items():
+        message = f"{capture.service}.{method} request"
+        handlers[method] = handler._replace(request_deserializer=_safe(handler.request_deserializer),
+                                            unary_unary=_guard(handler.unary_unary, message))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, handlers),))
+    server.add_registered_method_handlers(capture.service, handlers)
