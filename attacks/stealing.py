@@ -41,20 +41,26 @@ def public_torch_model(onnx_path: Path, input_shape: tuple[int, int, int], num_c
     return model.eval()
 
 
-def train_steps(model: nn.Module, x: np.ndarray, y: np.ndarray, *, steps: int, seed: int,
-                lr: float = 1e-3, batch_size: int = 64) -> nn.Module:
-    """Adam on cross-entropy for a fixed number of minibatch steps (same schedule for stolen and scratch)."""
+def fit_steps(model: nn.Module, x: np.ndarray, y: np.ndarray, loss_fn, *, steps: int, seed: int, lr: float,
+              batch_size: int = 64) -> nn.Module:
+    """Adam on `loss_fn(model(x), y)` for a fixed number of seeded minibatch steps; returns the model in eval."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
     model.train()
     for _ in range(steps):
         idx = torch.randint(0, len(xt), (min(batch_size, len(xt)),), generator=gen)
-        loss = F.cross_entropy(model(xt[idx]), yt[idx])
+        loss = loss_fn(model(xt[idx]), yt[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def train_steps(model: nn.Module, x: np.ndarray, y: np.ndarray, *, steps: int, seed: int,
+                lr: float = 1e-3, batch_size: int = 64) -> nn.Module:
+    """Cross-entropy training with the same schedule for the stolen and the scratch network."""
+    return fit_steps(model, x, y, F.cross_entropy, steps=steps, seed=seed, lr=lr, batch_size=batch_size)
 
 
 @torch.no_grad()

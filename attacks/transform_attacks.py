@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from attacks.base import Budget, Metric, Outcome, Skip, Target, pct, progress, torch_threads
 from attacks.plots import grouped_bars, histogram
 from attacks.registry import register_attack
+from attacks.stealing import fit_steps
 from protect.transform import GeneratorPerturbation
 
 DIRECT_PIRACY_MAX = 0.15  # DESIGN.md security targets: direct piracy <= 15%
@@ -120,17 +121,8 @@ def fit_imitation(xr: np.ndarray, xp: np.ndarray, *, steps: int, seed: int, lr: 
     """Regress the published Generator structure on (raw, processed) pairs (MSE), as Chen & Wu's attacker."""
     torch.manual_seed(seed)
     model = GeneratorPerturbation(tuple(xr.shape[1:]))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    x, y = torch.from_numpy(np.ascontiguousarray(xr)), torch.from_numpy(np.ascontiguousarray(xp))
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=gen)
-        loss = F.mse_loss(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.eval().requires_grad_(False)
+    fit_steps(model, xr, xp, F.mse_loss, steps=steps, seed=seed, lr=lr, batch_size=batch_size)
+    return model.requires_grad_(False)
 
 
 @register_attack(
