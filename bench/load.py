@@ -69,10 +69,32 @@ async def run(target: str, model: str, input_name: str, shape: list[int], batch:
     }
 
 
+def run_in_process(onnx_path: str, shape: list[int], batch: int, duration: float, warmup: float) -> dict:
+    """The limit: back-to-back ONNX Runtime calls on one thread of this process, the runtime's session options."""
+    from runtime.onnx_session import ort_session
+
+    session = ort_session(onnx_path, providers=["auto"])
+    name = session.get_inputs()[0].name
+    x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
+    end_warm = time.perf_counter() + warmup
+    while time.perf_counter() < end_warm:
+        session.run(None, {name: x})
+    lat = []
+    end = time.perf_counter() + duration
+    while (t0 := time.perf_counter()) < end:
+        session.run(None, {name: x})
+        lat.append(time.perf_counter() - t0)
+    ms = np.asarray(lat) * 1000
+    return {"batch": batch, "concurrency": 1, "requests": len(ms), "errors": 0, "error_codes": [],
+            "items_per_s": len(ms) * batch / duration, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99))}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--target", required=True)
-    p.add_argument("--model", required=True)
+    p.add_argument("--target", help="HOST:PORT of a KServe v2 gRPC endpoint")
+    p.add_argument("--onnx", help="instead of --target: run this ONNX file in-process (the limit)")
+    p.add_argument("--model", default="")
     p.add_argument("--input-name", default="input")
     p.add_argument("--shape", default="1,28,28", help="item shape, comma separated")
     p.add_argument("--batch", type=int, default=1)
@@ -83,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     token = open(args.license_file).read().strip() if args.license_file else None
     shape = [int(s) for s in args.shape.split(",")]
+    if args.onnx:
+        json.dump(run_in_process(args.onnx, shape, args.batch, args.duration, args.warmup), sys.stdout)
+        return 0
+    if not args.target:
+        p.error("pass --target or --onnx")
     result = asyncio.run(run(args.target, args.model, args.input_name, shape, args.batch, args.concurrency,
                              args.duration, args.warmup, token))
     json.dump(result, sys.stdout)

@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from sealnet.processes import free_port, sealnet_command, start_logged, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,28 +85,23 @@ def ensure_kserve() -> str | None:
 
 
 # -- measurements ----------------------------------------------------------------------------------------
-def measure_limit(onnx_path: Path, batches: list[int], duration: float) -> list[dict[str, Any]]:
-    """(a): back-to-back ONNX Runtime calls in this process, the same session options as the runtime."""
-    from runtime.onnx_session import ort_session
+def _load(args: list[str]) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "bench.load", *args], capture_output=True, text=True, timeout=180,
+                         cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr[-500:]}")
+    return json.loads(out.stdout)
 
-    session = ort_session(onnx_path, providers=["auto"])
-    name = session.get_inputs()[0].name
-    shape = session.get_inputs()[0].shape[1:]
+
+def measure_limit(onnx_path: Path, batches: list[int], duration: float, warmup: float) -> list[dict[str, Any]]:
+    """(a): back-to-back ONNX Runtime calls in a fresh process, the same session options as the runtime."""
     rows = []
     for batch in batches:
-        x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
-        for _ in range(20):
-            session.run(None, {name: x})
-        lat = []
-        end = time.perf_counter() + duration
-        while (t0 := time.perf_counter()) < end:
-            session.run(None, {name: x})
-            lat.append(time.perf_counter() - t0)
-        ms = np.asarray(lat) * 1000
-        rows.append({"system": "limit", "batch": batch, "concurrency": 1, "requests": len(ms), "errors": 0,
-                     "items_per_s": len(ms) * batch / duration, "p50_ms": float(np.percentile(ms, 50)),
-                     "p99_ms": float(np.percentile(ms, 99))})
-        _log(f"limit     b{batch:<3} c1  {rows[-1]['items_per_s']:8.0f} items/s  p99 {rows[-1]['p99_ms']:.2f} ms")
+        row = {"system": "limit", **_load(["--onnx", str(onnx_path), "--batch", str(batch), "--duration",
+                                          str(duration), "--warmup", str(warmup)])}
+        rows.append(row)
+        _log(f"limit       b{batch:<3} c1   {row['items_per_s']:8.0f} items/s  p50 {row['p50_ms']:.2f} ms  "
+             f"p99 {row['p99_ms']:.2f} ms")
     return rows
 
 
@@ -165,13 +158,9 @@ def measure_server(system: str, fixture: dict[str, Path], work: Path, batches: l
         _wait_ready(target, procs)
         for batch in batches:
             for conc in concurrency:
-                out = subprocess.run(
-                    [sys.executable, "-m", "bench.load", "--target", target, "--model", MODEL_ID, "--batch",
-                     str(batch), "--concurrency", str(conc), "--duration", str(duration), "--warmup", str(warmup),
-                     *license_args], capture_output=True, text=True, timeout=120, cwd=ROOT)
-                if out.returncode != 0:
-                    raise RuntimeError(f"load generator failed against {system}: {out.stderr[-500:]}")
-                row = {"system": system, **json.loads(out.stdout)}
+                row = {"system": system, **_load(["--target", target, "--model", MODEL_ID, "--batch", str(batch),
+                                                  "--concurrency", str(conc), "--duration", str(duration),
+                                                  "--warmup", str(warmup), *license_args])}
                 rows.append(row)
                 _log(f"{system:<11} b{batch:<3} c{conc:<3} {row['items_per_s']:8.0f} items/s  "
                      f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  errors {row['errors']}")
@@ -304,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     fixture = build_fixture(work, args.epochs)
     notes = []
-    rows = measure_limit(fixture["bundle"] / "public.onnx", batches, args.duration)
+    rows = measure_limit(fixture["bundle"] / "public.onnx", batches, args.duration, args.warmup)
     systems = ["unprotected", "protected"]
     if args.skip_kserve:
         notes.append("KServe (d) skipped (--skip-kserve).")
