@@ -26,15 +26,28 @@ class ProtectedCheckpoint:
     input_shape: tuple[int, int, int]
     num_classes: int
     public_state: dict[str, torch.Tensor]
-    secret: dict[str, Any]  # method-specific: e.g. {"variant", "config", "state"} for the transform
+    secret: dict[str, Any]  # method-specific: {"variant", "config", "state"} for the transform; for "passport"
+    # {"scheme", "passport_fn", "passport_type", "passports": {layer: {"gamma", "beta"}}, "bits", ...}
     dataset: str
     seed: int
     metrics: dict[str, float] = field(default_factory=dict)
     model_config: dict[str, Any] = field(default_factory=dict)
 
     def build_public_model(self) -> nn.Module:
+        if self.method == "passport":
+            import protect.passport_models  # noqa: F401  (registers the passport nets)
         model = create_model(self.model_name, self.input_shape, self.num_classes, **self.model_config)
         model.load_state_dict(self.public_state)
+        return model.eval()
+
+    def build_passport_model(self) -> nn.Module:
+        """method 'passport': the public network with the secret passports installed (gamma/beta derivable)."""
+        if self.method != "passport":
+            raise ValueError(f"checkpoint method is {self.method!r}, not 'passport'")
+        from protect.passport import set_passports
+
+        model = self.build_public_model()
+        set_passports(model, self.secret["passports"])
         return model.eval()
 
     def build_transform(self) -> nn.Module:

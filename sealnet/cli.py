@@ -33,6 +33,10 @@ def cmd_protect(args: argparse.Namespace) -> int:
     from protect.train import TrainConfig
     from sealnet.data import load_dataset
 
+    if args.method == "passport":
+        from protect.passport_cli import cmd_protect_passport
+
+        return cmd_protect_passport(args)
     if args.method != "transform":
         raise SystemExit(f"--method {args.method}: not available yet (available: transform)")
     data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
@@ -229,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("protect", help="train a protected model and write a checkpoint")
-    p.add_argument("--method", default="transform", choices=["transform"])
+    p.add_argument("--method", default="transform", choices=["transform", "passport"])
     p.add_argument("--variant", default="generator", choices=VARIANTS)
     p.add_argument("--dataset", default="mnist-embedded", choices=DATASETS)
     p.add_argument("--data-dir", type=Path, help="directory with MNIST/Fashion IDX files or CIFAR-10 batches")
@@ -243,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip training the unprotected baseline")
     p.add_argument("--out", type=Path, default=Path("protected.pt"))
     p.set_defaults(func=cmd_protect)
+    from protect.passport_cli import add_passport_eval_parser, add_protect_passport_arguments, add_verify_parser
+
+    add_protect_passport_arguments(p)
 
     p = sub.add_parser("export", help="build a bundle: public ONNX, sealed secrets, signed manifest")
     add_export_arguments(p)
@@ -346,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     from attacks.cli import add_attack_parser
 
     add_attack_parser(sub)
+    add_verify_parser(sub)
+    add_passport_eval_parser(sub)
     return parser
 
 

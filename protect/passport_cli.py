@@ -1,0 +1,157 @@
+"""CLI of the passport method: `sealnet protect --method passport`, `sealnet verify`, `sealnet passport-eval`.
+
+Torch-free at import time (the parser is built on every `sealnet` call); the commands import the rest lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+SCHEMES = ("v1", "v2", "v3")
+PASSPORT_TYPES = ("random", "fixed", "shuffled")
+PASSPORT_FNS = ("gamma", "beta", "both")
+PASSPORT_MODELS = ("alexnet_p", "cnn_p", "resnet18_p")
+DEFAULT_SIGNATURE = "sealnet:owner"  # 13 ASCII characters = 104 bits
+
+
+# -- sealnet protect --method passport ------------------------------------------------------------------------
+def add_protect_passport_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `sealnet protect` that only --method passport reads."""
+    g = p.add_argument_group("passport method (--method passport)")
+    g.add_argument("--scheme", default="v1", choices=SCHEMES,
+                   help="v1: passport needed at inference; v2: private passport, public gamma/beta; "
+                        "v3: v2 + trigger set")
+    g.add_argument("--passport-type", default="random", choices=PASSPORT_TYPES,
+                   help="T1 random patterns, T2 one fixed image's feature maps, T3 random-shuffled images")
+    g.add_argument("--passport-fn", default="both", choices=PASSPORT_FNS,
+                   help="which of gamma/beta are derived from passports (Digital Passport V1/V2/V3)")
+    g.add_argument("--signature", default=DEFAULT_SIGNATURE, help="ASCII signature embedded in sign(gamma)")
+    g.add_argument("--model", default="cnn_p", choices=PASSPORT_MODELS)
+    g.add_argument("--fake-weight", type=float, default=None, help="anti-fake term weight (0: the papers' loss)")
+    g.add_argument("--decor-weight", type=float, default=None, help="decorrelation term weight (0: the papers')")
+    g.add_argument("--sign-weight", type=float, default=None)
+    g.add_argument("--lr-schedule", choices=["cosine", "constant"], default=None)
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default=None,
+                   help="adam (default) or sgd with momentum 0.9 (the papers' CIFAR recipe: --lr 0.01)")
+    g.add_argument("--passport-out", type=Path, help="passport file (default: OUT with suffix .passport.pt)")
+
+
+def cmd_protect_passport(args: argparse.Namespace) -> int:
+    from protect.passport_train import PassportConfig, default_passport_path, protect_passport
+    from protect.train import TrainConfig
+    from sealnet.data import load_dataset
+
+    data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    overrides = {k: getattr(args, k) for k in ("fake_weight", "decor_weight", "sign_weight", "lr_schedule", "optimizer")
+                 if getattr(args, k, None) is not None}
+    pcfg = PassportConfig(scheme=args.scheme, passport_type=args.passport_type, passport_fn=args.passport_fn,
+                          signature=args.signature, **overrides)
+    passport_out = args.passport_out or default_passport_path(args.out)
+    ckpt = protect_passport(data, args.out, cfg, pcfg, model_name=args.model, baseline=not args.no_baseline,
+                            passport_out=passport_out)
+    m = ckpt.metrics
+    print(f"checkpoint {args.out} (mode 0600: it holds the passports), passport file {passport_out}")
+    if "baseline_acc" in m:
+        print(f"  baseline  accuracy {m['baseline_acc']:.2%}  (plain counterpart, same recipe)")
+    print(f"  passport  accuracy {m['valid_acc']:.2%}  (scheme {args.scheme}, {args.passport_type} passports)")
+    if "public_acc" in m:
+        print(f"  public    accuracy {m['public_acc']:.2%}  (distributed network, no passport)")
+    print(f"  signature {'recovered' if m['signature_match'] else 'NOT recovered'} "
+          f"({m['signature_bits']} bits; {m['bits_matched']}/{m['designated_bits']} designated channel signs, "
+          f"capacity {m['capacity_bits']})")
+    if "trigger_acc" in m:
+        print(f"  trigger set detected {m['trigger_acc']:.2%} (public branch, black-box)")
+    return 0
+
+
+# -- sealnet verify -------------------------------------------------------------------------------------------
+def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from sealnet.data import DATASETS
+
+    p = sub.add_parser("verify", help="verify model ownership with a passport and a signature")
+    p.add_argument("--checkpoint", type=Path, required=True, help="protected checkpoint (the suspect's weights)")
+    p.add_argument("--passport", type=Path, help="owner's passport file (default: CHECKPOINT.passport.pt)")
+    p.add_argument("--signature", required=True, help="the claimed ASCII signature")
+    p.add_argument("--dataset", choices=DATASETS, help="test data for fidelity (default: the checkpoint's)")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--epsilon", type=float, help="fidelity threshold eps_f (default: the passport file's, 0.03)")
+    p.add_argument("--trigger-threshold", type=float, default=0.95)
+    p.add_argument("--json", type=Path, help="also write the result as JSON")
+    p.set_defaults(func=cmd_verify)
+    return p
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from protect.checkpoint import load_checkpoint
+    from protect.passport_eval import verify_checkpoint
+    from protect.passport_train import default_passport_path
+    from sealnet.data import load_dataset
+
+    ckpt = load_checkpoint(args.checkpoint)
+    data = load_dataset(args.dataset or ckpt.dataset, args.data_dir, seed=ckpt.seed)
+    res = verify_checkpoint(args.checkpoint, args.passport or default_passport_path(args.checkpoint), args.signature,
+                            data, eps_f=args.epsilon, trigger_threshold=args.trigger_threshold)
+    print(f"ownership {'VERIFIED' if res.verified else 'NOT verified'}")
+    print(f"  signature: {res.signature_bits_matched}/{res.signature_bits} bits match "
+          f"(decoded {res.signature_decoded!r})")
+    if res.accuracy is not None:
+        rec = "n/a" if res.recorded_acc is None else f"{res.recorded_acc:.2%}"
+        print(f"  fidelity:  accuracy {res.accuracy:.2%} with the passport, recorded {rec}, eps_f {res.eps_f:.0%}")
+    if res.trigger_acc is not None:
+        print(f"  trigger:   {res.trigger_acc:.2%} of the trigger set detected (threshold {res.trigger_threshold:.0%})")
+    for reason in res.reasons:
+        print(f"  - {reason}")
+    if args.json:
+        args.json.write_text(json.dumps(res.to_dict(), indent=2))
+    return 0 if res.verified else 1
+
+
+# -- sealnet passport-eval ------------------------------------------------------------------------------------
+def add_passport_eval_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from sealnet.data import DATASETS
+
+    p = sub.add_parser("passport-eval", help="valid vs fake passports, reverse engineering, pruning, fine-tuning")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a --method passport checkpoint")
+    p.add_argument("--passport", type=Path, help="owner's passport file (default: CHECKPOINT.passport.pt)")
+    p.add_argument("--dataset", choices=DATASETS, help="default: the checkpoint's")
+    p.add_argument("--data-dir", type=Path)
+    p.add_argument("--out", type=Path, default=Path("runs/passport-eval"), help="report directory")
+    p.add_argument("--json", type=Path, help="also write the JSON report here")
+    p.add_argument("--fakes", type=int, default=200, help="number of random fake passports")
+    p.add_argument("--rev-epochs", type=int, default=3, help="epochs of the reverse-engineering attack")
+    p.add_argument("--rev-target", choices=["params", "passport"], default="params",
+                   help="reverse-engineer gamma/beta directly or a new passport")
+    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--signature", help="also verify this claimed signature")
+    p.add_argument("--skip", action="append", default=[],
+                   choices=["svd", "reverse", "reverse_svd", "insider", "forgery", "pruning", "finetune",
+                            "image_fakes"], help="leave out a measurement (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_passport_eval)
+    return p
+
+
+def cmd_passport_eval(args: argparse.Namespace) -> int:
+    from protect.checkpoint import load_checkpoint
+    from protect.passport_eval import markdown_report, run_passport_eval
+    from protect.passport_train import default_passport_path, load_passport_file
+    from sealnet.data import load_dataset
+
+    ckpt = load_checkpoint(args.checkpoint)
+    secret = load_passport_file(args.passport or default_passport_path(args.checkpoint))
+    data = load_dataset(args.dataset or ckpt.dataset, args.data_dir, seed=ckpt.seed)
+    r = run_passport_eval(ckpt, secret, data, args.out, n_fakes=args.fakes, seed=args.seed,
+                          rev_epochs=args.rev_epochs, rev_target=args.rev_target,
+                          finetune_epochs=args.finetune_epochs, signature=args.signature, skip=tuple(args.skip),
+                          progress=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(r, indent=2))
+    print(markdown_report(r))
+    print(f"report: {args.out}/passport_eval.{{json,md}}, {args.out}/passport_hist.png, "
+          f"{args.out}/passport_attacks.png", file=sys.stderr)
+    return 0

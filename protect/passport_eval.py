@@ -1,0 +1,644 @@
+"""Ownership verification with passports, and the attacks of the passport papers as one evaluation.
+
+Verification (Definition 1 of the extended paper): the signature decoded from sign(gamma), gamma computed from
+the claimed passport and the model's public weights, must match the claimed string bit for bit, and the
+accuracy with that passport must be within eps_f of the recorded one (fidelity). Scheme V3 adds black-box
+trigger-set detection through the deployed network. The functions take a model and/or prediction callables,
+so the same checks run on a bundle or a gRPC endpoint (wrap it as `predict(x) -> labels or logits`).
+
+`sealnet passport-eval` measures (JSON + Markdown + PNG):
+- valid passport vs the plain baseline;
+- fake1: N random passports (same generator as the owner's type), max / mean / p90 accuracy;
+- svd: a data-free white-box attack: gamma_l = +-(top left singular vector of the passport map of layer l),
+  beta = 0, best sign combination (shows whether the public weights leak gamma's direction);
+- fake2: reverse engineering with the training data: all weights frozen, gamma/beta (or a new passport)
+  trained on the training set, started from a random passport; accuracy and signature bits that survive;
+- fake3: insider who knows passport and signature, forges a signature with x% of signs flipped;
+- V2/V3 forgery: a passport solved by least squares so that Avg(W * P) equals the *public* gamma/beta;
+- pruning 10-90% (class-blind, global magnitude) and fine-tuning to another task: accuracy and signature.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from protect.checkpoint import ProtectedCheckpoint, load_checkpoint
+from protect.passport import (
+    Params,
+    bits_to_signature,
+    compute_params,
+    extract_bits,
+    image_passports,
+    passport_branch,
+    passport_layers,
+    random_passports,
+    sign_loss,
+    signature_to_bits,
+    use_params,
+    use_passports,
+)
+from protect.passport_train import (
+    _stem_in_body,
+    branch_accuracy,
+    load_passport_file,
+    passport_model,
+)
+from sealnet.data import Dataset
+
+Predict = Callable[[np.ndarray], np.ndarray]
+NOTE_DEPLOYMENT = "set by the deployment path"
+
+
+def _labels(out: np.ndarray | torch.Tensor) -> np.ndarray:
+    out = np.asarray(out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else out)
+    return out.argmax(1) if out.ndim == 2 else out.reshape(-1)
+
+
+def callable_accuracy(predict: Predict, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
+    """Accuracy of any `predict(x) -> labels or logits` (a torch model, an ONNX session, a gRPC client)."""
+    preds = np.concatenate([_labels(predict(x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
+    return float((preds == y).mean())
+
+
+def model_predict(model: nn.Module, branch: str = "passport") -> Predict:
+    def predict(x: np.ndarray) -> np.ndarray:
+        model.eval()
+        with torch.no_grad(), passport_branch(model, branch == "passport"):
+            return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+    return predict
+
+
+# -- verification -----------------------------------------------------------------------------------------------
+@dataclass
+class VerificationResult:
+    verified: bool
+    signature_claimed: str
+    signature_decoded: str
+    signature_match: bool
+    signature_bits_matched: int
+    signature_bits: int
+    accuracy: float | None = None
+    recorded_acc: float | None = None
+    eps_f: float = 0.03
+    fidelity_ok: bool | None = None
+    channel_bits_matched: int | None = None  # all designated channel signs vs the recorded bits, when known
+    capacity_bits: int | None = None
+    trigger_acc: float | None = None
+    trigger_threshold: float = 0.95
+    trigger_ok: bool | None = None
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def verify_ownership(model: nn.Module, passports: dict[str, dict[str, torch.Tensor]], signature: str,
+                     x: np.ndarray | None = None, y: np.ndarray | None = None, recorded_acc: float | None = None,
+                     eps_f: float = 0.03, predict: Predict | None = None,
+                     trigger: tuple[np.ndarray, np.ndarray] | None = None, trigger_predict: Predict | None = None,
+                     trigger_threshold: float = 0.95, recorded_bits: np.ndarray | None = None) -> VerificationResult:
+    """White-box passport verification (+ black-box trigger check for V3).
+
+    model: the suspect network's public weights as a passport net; passports: the claimant's passports.
+    predict: inference *with the claimed passport* (default: `model` with `passports` installed);
+    trigger_predict: the deployed network as a black box (default: the model's public branch when it has one).
+    """
+    bits = extract_bits(model, passports)
+    claimed = signature_to_bits(signature, len(bits))
+    n = len(claimed)
+    matched = int((bits[:n] == claimed).sum())
+    res = VerificationResult(verified=False, signature_claimed=signature, signature_decoded=bits_to_signature(bits[:n]),
+                             signature_match=matched == n, signature_bits_matched=matched, signature_bits=n,
+                             eps_f=eps_f, recorded_acc=recorded_acc, trigger_threshold=trigger_threshold)
+    if recorded_bits is not None:
+        rb = np.asarray(recorded_bits).reshape(-1)
+        res.channel_bits_matched = int((rb == bits[: len(rb)]).sum())
+        res.capacity_bits = len(bits)
+    if not res.signature_match:
+        res.reasons.append(f"signature mismatch: {n - matched} of {n} bits differ (decoded "
+                           f"{res.signature_decoded!r})")
+    if x is not None and y is not None:
+        if predict is None:
+            with use_passports(model, passports):
+                res.accuracy = callable_accuracy(model_predict(model, "passport"), x, y)
+        else:
+            res.accuracy = callable_accuracy(predict, x, y)
+        if recorded_acc is not None:
+            res.fidelity_ok = abs(res.accuracy - recorded_acc) <= eps_f
+            if not res.fidelity_ok:
+                res.reasons.append(f"fidelity: accuracy {res.accuracy:.2%} with this passport is not within "
+                                   f"{eps_f:.0%} of the recorded {recorded_acc:.2%}")
+    elif recorded_acc is not None:
+        res.reasons.append("fidelity not checked: no test data")
+    if trigger is not None:
+        if trigger_predict is None:
+            has_public = any(layer.public_affine for layer in passport_layers(model).values())
+            trigger_predict = model_predict(model, "public" if has_public else "passport")
+        res.trigger_acc = callable_accuracy(trigger_predict, trigger[0], trigger[1])
+        res.trigger_ok = res.trigger_acc >= trigger_threshold
+        if not res.trigger_ok:
+            res.reasons.append(f"trigger set: {res.trigger_acc:.2%} detected < {trigger_threshold:.0%}")
+    res.verified = bool(res.signature_match and res.fidelity_ok is not False and res.trigger_ok is not False
+                        and (res.fidelity_ok is not None or recorded_acc is None))
+    return res
+
+
+def verify_checkpoint(checkpoint: Path, passport_file: Path, signature: str, data: Dataset,
+                      eps_f: float | None = None, trigger_threshold: float = 0.95) -> VerificationResult:
+    """`sealnet verify`: the checkpoint's public weights + the owner's passport file + the claimed signature."""
+    ckpt = load_checkpoint(checkpoint)
+    secret = load_passport_file(passport_file)
+    model = passport_model(ckpt, secret)
+    recorded = secret.get("valid_acc", ckpt.metrics.get("valid_acc"))
+    trigger = None
+    if secret.get("trigger_x") is not None:
+        trigger = (secret["trigger_x"].numpy(), secret["trigger_y"].numpy())
+    return verify_ownership(model, secret["passports"], signature, data.x_test, data.y_test, recorded,
+                            eps_f=secret.get("eps_f", 0.03) if eps_f is None else eps_f, trigger=trigger,
+                            trigger_threshold=trigger_threshold, recorded_bits=secret["bits"].numpy())
+
+
+# -- fast evaluation with explicit gamma/beta ------------------------------------------------------------------------
+class Evaluator:
+    """Accuracy of the passport branch under many (gamma, beta) settings, with the stem's output cached."""
+
+    def __init__(self, model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 500):
+        self.model = model.eval()
+        self.y = y
+        self.split = _stem_in_body(model)
+        xs = torch.from_numpy(x)
+        with torch.no_grad():
+            self.h = [model.stem(xs[i : i + batch_size]) if self.split else xs[i : i + batch_size]
+                      for i in range(0, len(xs), batch_size)]
+
+    @torch.no_grad()
+    def accuracy(self, params: Params | None = None) -> float:
+        self.model.eval()
+        run = self.model.body if self.split else self.model
+        with passport_branch(self.model, True):
+            if params is None:
+                preds = [run(h).argmax(1) for h in self.h]
+            else:
+                with use_params(self.model, params):
+                    preds = [run(h).argmax(1) for h in self.h]
+        return float((torch.cat(preds).numpy() == self.y).mean())
+
+
+def fake_accuracies(model: nn.Module, ev: Evaluator, n: int, seed: int, kind: str = "random",
+                    images: np.ndarray | None = None, scale: float = 1.0, progress: bool = True) -> np.ndarray:
+    """fake1: accuracies with n fake passports of a type (random U[-1,1], or other images' feature maps)."""
+    gen = torch.Generator().manual_seed(seed)
+    accs = []
+    for _ in tqdm(range(n), desc=f"fake passports ({kind})", disable=not progress, unit="passport"):
+        if kind == "random":
+            fake = random_passports(model, gen, scale)
+        else:
+            pick = torch.randperm(len(images), generator=gen)[:20].numpy()
+            fake = image_passports(model, torch.from_numpy(images[pick]), gen, shuffle=kind == "shuffled")
+        with torch.no_grad():
+            accs.append(ev.accuracy(compute_params(model, fake)))
+    return np.asarray(accs)
+
+
+def passport_jacobian(layer: nn.Module) -> torch.Tensor:
+    """The exact linear map P -> Avg(W * P) of one layer as a (C_out, prod(passport_shape)) matrix."""
+    zero = torch.zeros(layer.passport_shape)
+    with torch.no_grad():
+        jac = torch.func.jacrev(layer.avg_response)(zero)
+    return jac.reshape(layer.out_channels, -1)
+
+
+def svd_attack(model: nn.Module, ev: Evaluator, max_combos: int = 64) -> dict[str, Any]:
+    """Data-free white-box attack: gamma_l = +-u1(M_l) (top left singular vector), beta_l = 0; best sign combo.
+
+    Also reports |cos(u1, gamma_true)| per layer: how much of gamma's direction the public weights reveal.
+    """
+    true = compute_params(model)
+    dirs, leak = {}, {}
+    for name, layer in passport_layers(model).items():
+        u = torch.linalg.svd(passport_jacobian(layer), full_matrices=False)[0][:, 0]
+        dirs[name] = u
+        g = true[name][0].detach()
+        leak[name] = float(abs(u @ g) / (g.norm() + 1e-12))
+    names = list(dirs)
+    best, accs = 0.0, []
+    combos = min(2 ** len(names), max_combos)
+    for c in range(combos):
+        params = {name: ((1.0 if (c >> i) & 1 == 0 else -1.0) * dirs[name] * np.sqrt(len(dirs[name])),
+                         torch.zeros_like(dirs[name])) for i, name in enumerate(names)}
+        accs.append(ev.accuracy(params))
+        best = max(best, accs[-1])
+    return {"svd_attack_acc": best, "svd_attack_accs": accs, "gamma_leak_cos": leak}
+
+
+def _rev_params(model: nn.Module, init: dict[str, dict[str, torch.Tensor]], target: str
+                ) -> tuple[list[nn.Parameter], Callable[[], Params]]:
+    layers = passport_layers(model)
+    if target == "passport":
+        ps = {n: (nn.Parameter(init[n]["gamma"].clone()), nn.Parameter(init[n]["beta"].clone())) for n in layers}
+        return ([p for pair in ps.values() for p in pair],
+                lambda: {n: layers[n].passport_params(ps[n][0], ps[n][1]) for n in layers})
+    start = compute_params(model, init)
+    ps = {n: (nn.Parameter(g.detach().clone()), nn.Parameter(b.detach().clone())) for n, (g, b) in start.items()}
+    return [p for pair in ps.values() for p in pair], lambda: {n: (g, b) for n, (g, b) in ps.items()}
+
+
+def svd_init_params(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Params:
+    """A data-aided start for reverse engineering: gamma_l = +-u1(M_l) * sqrt(C_l), beta = 0, the sign combination
+    that scores best on (x, y) (the attacker's own labelled data)."""
+    layers = passport_layers(model)
+    dirs = {n: torch.linalg.svd(passport_jacobian(layer), full_matrices=False)[0][:, 0] for n, layer in layers.items()}
+    ev = Evaluator(model, x.numpy(), y.numpy())
+    best, best_params = -1.0, None
+    for c in range(min(2 ** len(dirs), 64)):
+        params = {n: ((1.0 if (c >> i) & 1 == 0 else -1.0) * d * np.sqrt(len(d)), torch.zeros_like(d))
+                  for i, (n, d) in enumerate(dirs.items())}
+        acc = ev.accuracy(params)
+        if acc > best:
+            best, best_params = acc, params
+    return best_params
+
+
+def reverse_engineer(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarray, signature_nbits: int,
+                     epochs: int = 3, lr: float = 0.01, seed: int = 0, target: str = "params", init: str = "random",
+                     scale: float = 1.0, progress: bool = True) -> dict[str, Any]:
+    """fake2 (ambiguity attack of the extended paper): freeze every weight, train only gamma/beta (`target`
+    'params') or a new passport ('passport') on the training data.
+
+    init 'random': start from a random passport (the paper); 'svd' (ours, stronger, params only): start from the
+    top singular directions of the public passport maps (see `svd_attack`), signs picked on training data.
+    """
+    gen = torch.Generator().manual_seed(seed + 77)
+    model.eval()  # BatchNorm keeps the owner's running statistics; the attacker trains the affine only
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    if init == "svd":
+        if target != "params":
+            raise ValueError("init 'svd' reverse-engineers gamma/beta (target 'params')")
+        start = svd_init_params(model, x[:1000], y[:1000])
+        ps = {n: (nn.Parameter(g.clone()), nn.Parameter(b.clone())) for n, (g, b) in start.items()}
+        params, current = [p for pair in ps.values() for p in pair], (lambda: dict(ps))
+    elif init == "random":
+        params, current = _rev_params(model, random_passports(model, gen, scale), target)
+    else:
+        raise ValueError(f"unknown init {init!r}; choose random or svd")
+    opt = torch.optim.Adam(params, lr=lr)
+    split = _stem_in_body(model)
+    with torch.no_grad():
+        hs = torch.cat([model.stem(x[i : i + 500]) if split else x[i : i + 500] for i in range(0, len(x), 500)])
+    run = model.body if split else model
+    try:
+        with passport_branch(model, True):
+            for ep in range(epochs):
+                for idx in tqdm(torch.randperm(len(x), generator=gen).split(128), disable=not progress,
+                                desc=f"reverse-engineer ({target}, {init} init) epoch {ep + 1}/{epochs}",
+                                unit="batch"):
+                    with use_params(model, current()):
+                        loss = F.cross_entropy(run(hs[idx]), y[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        with torch.no_grad():
+            final = {n: (g.detach(), b.detach()) for n, (g, b) in current().items()}
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    got = np.where(torch.cat([g.reshape(-1) for g, _ in final.values()]).numpy() >= 0, 1, -1)
+    return {"acc": ev.accuracy(final), "target": target, "init": init, "epochs": epochs,
+            "signature_bits_matched": int((got[:signature_nbits] == bits[:signature_nbits]).sum()),
+            "channel_bits_matched": int((got[: len(bits)] == bits).sum())}
+
+
+def insider_flip(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarray,
+                 fractions: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5, 1.0), steps: int = 100, lr: float = 0.01,
+                 seed: int = 0, gamma0: float = 0.1, progress: bool = True) -> list[dict[str, float]]:
+    """fake3: the attacker knows the passport and the signature and wants a new signature with a fraction of
+    signs flipped: weights frozen, passports (starting at the true ones) trained with CE + sign loss."""
+    layers = passport_layers(model)
+    true = {n: {"gamma": layer.passport_gamma.clone(), "beta": layer.passport_beta.clone()}
+            for n, layer in layers.items()}
+    gen = torch.Generator().manual_seed(seed + 99)
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    split = _stem_in_body(model)
+    run = model.body if split else model
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    out = []
+    try:
+        for frac in tqdm(fractions, desc="insider sign flips", disable=not progress, unit="fraction"):
+            target = torch.from_numpy(bits.astype(np.float32)).clone()
+            flip = torch.randperm(len(target), generator=gen)[: int(round(frac * len(target)))]
+            target[flip] *= -1
+            params, current = _rev_params(model, true, "passport")
+            opt = torch.optim.Adam(params, lr=lr)
+            with passport_branch(model, True):
+                for _ in range(steps):
+                    idx = torch.randint(len(x), (128,), generator=gen)
+                    with torch.no_grad():
+                        h = model.stem(x[idx]) if split else x[idx]
+                    cur = current()
+                    with use_params(model, cur):
+                        ce = F.cross_entropy(run(h), y[idx])
+                    gam = torch.cat([g.reshape(-1) for g, _ in cur.values()])
+                    loss = ce + sign_loss(gam, target, gamma0)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            with torch.no_grad():
+                final = {n: (g.detach(), b.detach()) for n, (g, b) in current().items()}
+            got = torch.cat([g.reshape(-1) for g, _ in final.values()])[: len(bits)]
+            achieved = float(((got >= 0).float() * 2 - 1 != torch.from_numpy(bits.astype(np.float32))).float().mean())
+            out.append({"flip_fraction": frac, "achieved_flip_fraction": achieved, "acc": ev.accuracy(final)})
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return out
+
+
+def public_affine_forgery(model: nn.Module, ev: Evaluator, bits: np.ndarray, signature_nbits: int
+                          ) -> dict[str, Any]:
+    """V2/V3: solve P (least squares) with Avg(W * P_gamma) = public gamma and Avg(W * P_beta) = public beta.
+
+    If the passport map has full row rank, any gamma/beta is some passport's image; a forger who presents such a
+    passport gets the public network's accuracy and the signature sign(public gamma)."""
+    forged, residual = {}, 0.0
+    for name, layer in passport_layers(model).items():
+        m = passport_jacobian(layer)
+        pinv = torch.linalg.pinv(m)
+        forged[name] = {k: (pinv @ t.detach()).reshape(layer.passport_shape)
+                        for k, t in (("gamma", layer.public_gamma), ("beta", layer.public_beta))}
+        got = layer.passport_params(forged[name]["gamma"], forged[name]["beta"])
+        residual = max(residual, float((got[0] - layer.public_gamma).abs().max()),
+                       float((got[1] - layer.public_beta).abs().max()))
+    params = compute_params(model, forged)
+    fb = extract_bits(model, forged)
+    return {"forged_passport_acc": ev.accuracy(params), "forged_passport_residual": residual,
+            "forged_signature_bits_matched": int((fb[:signature_nbits] == bits[:signature_nbits]).sum()),
+            "forged_channel_bits_matched": int((fb[: len(bits)] == bits).sum())}
+
+
+def prune_global(model: nn.Module, rate: float) -> None:
+    """Class-blind pruning (See et al.): zero the `rate` fraction of smallest-magnitude conv/linear weights."""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    flat = torch.cat([w.detach().abs().reshape(-1) for w in weights])
+    k = int(rate * len(flat))
+    if k == 0:
+        return
+    threshold = flat.kthvalue(k).values
+    with torch.no_grad():
+        for w in weights:
+            w.mul_((w.abs() > threshold).to(w.dtype))
+
+
+def pruning_curve(model: nn.Module, data: Dataset, bits: np.ndarray, signature_nbits: int,
+                  rates: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+                  progress: bool = True) -> list[dict[str, Any]]:
+    out = []
+    for rate in tqdm(rates, desc="pruning", disable=not progress, unit="rate"):
+        m = copy.deepcopy(model)
+        prune_global(m, rate)
+        got = extract_bits(m)
+        out.append({"rate": rate, "acc": branch_accuracy(m, data.x_test, data.y_test, "passport"),
+                    "signature_detection": float((got[:signature_nbits] == bits[:signature_nbits]).mean()),
+                    "signature_match": bool((got[:signature_nbits] == bits[:signature_nbits]).all()),
+                    "channel_bits_detection": float((got[: len(bits)] == bits).mean())})
+    return out
+
+
+def finetune_task(data: Dataset) -> Dataset:
+    """Another task on the same data: inverted images (1 - x) with permuted labels y -> (3y + 1) mod 10."""
+    perm = (3 * np.arange(data.num_classes) + 1) % data.num_classes
+    return Dataset(data.name + "-inverted-relabelled", 1.0 - data.x_train, perm[data.y_train],
+                   1.0 - data.x_test, perm[data.y_test], data.num_classes)
+
+
+def finetune_attack(model: nn.Module, data: Dataset, bits: np.ndarray, signature_nbits: int, branch: str,
+                    epochs: int = 2, subset: int = 2000, lr: float = 1e-3, seed: int = 0,
+                    trigger: tuple[np.ndarray, np.ndarray] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Removal attack: fine-tune all weights (no sign loss) on another task; is the signature still there?
+
+    `branch`: 'public' for V2/V3 (what a pirate holds), 'passport' for V1 (fine-tuning needs the passport)."""
+    m = copy.deepcopy(model)
+    task = finetune_task(data)
+    gen = torch.Generator().manual_seed(seed + 5)
+    x, y = torch.from_numpy(task.x_train[:subset]), torch.from_numpy(task.y_train[:subset])
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    m.train()
+    with passport_branch(m, branch == "passport"):
+        for ep in range(epochs):
+            for idx in tqdm(torch.randperm(len(x), generator=gen).split(128), disable=not progress,
+                            desc=f"fine-tune to {task.name} epoch {ep + 1}/{epochs}", unit="batch"):
+                loss = F.cross_entropy(m(x[idx]), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    m.eval()
+    got = extract_bits(m)
+    out = {"task": task.name, "branch": branch, "epochs": epochs, "train_images": int(len(x)),
+           "new_task_acc": branch_accuracy(m, task.x_test, task.y_test, branch),
+           "signature_detection": float((got[:signature_nbits] == bits[:signature_nbits]).mean()),
+           "signature_match": bool((got[:signature_nbits] == bits[:signature_nbits]).all()),
+           "channel_bits_detection": float((got[: len(bits)] == bits).mean())}
+    if trigger is not None:
+        out["trigger_acc_after"] = branch_accuracy(m, trigger[0], trigger[1], branch)
+    return out
+
+
+# -- the report --------------------------------------------------------------------------------------------------
+def run_passport_eval(ckpt: ProtectedCheckpoint, secret: dict[str, Any], data: Dataset, out_dir: Path,
+                      n_fakes: int = 200, seed: int = 0, rev_epochs: int = 3, rev_target: str = "params",
+                      finetune_epochs: int = 2, signature: str | None = None, skip: tuple[str, ...] = (),
+                      progress: bool = True) -> dict[str, Any]:
+    """Every measurement of the module docstring; writes passport_eval.{json,md} and PNG plots to out_dir."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = passport_model(ckpt, secret)
+    scheme = secret["scheme"]
+    bits = secret["bits"].numpy().astype(np.int8)
+    nsig = int(secret["signature_nbits"])
+    trigger = None if secret.get("trigger_x") is None else (secret["trigger_x"].numpy(), secret["trigger_y"].numpy())
+    ev = Evaluator(model, data.x_test, data.y_test)
+    valid = ev.accuracy()
+    got = extract_bits(model)
+    r: dict[str, Any] = {
+        "model": ckpt.model_name, "dataset": data.name, "scheme": scheme, "passport_type": secret["passport_type"],
+        "passport_fn": secret["passport_fn"], "test_images": int(len(data.y_test)),
+        "baseline_acc": ckpt.metrics.get("baseline_acc"), "valid_acc": valid,
+        "recorded_valid_acc": ckpt.metrics.get("valid_acc"),
+        "signature_bits": nsig, "designated_bits": len(bits), "capacity_bits": len(got),
+        "signature_match": bool((got[:nsig] == bits[:nsig]).all()),
+        "signature_decoded": bits_to_signature(got[:nsig]),
+        "channel_bits_matched": int((got[: len(bits)] == bits).sum()),
+        "deployed_acc": None, "public_onnx_acc": None,
+        "deployed_note": f"deployed_acc and public_onnx_acc are {NOTE_DEPLOYMENT}",
+    }
+    if signature is not None:
+        r["signature_claim_verified"] = verify_ownership(
+            model, secret["passports"], signature, data.x_test, data.y_test, r["recorded_valid_acc"],
+            eps_f=secret.get("eps_f", 0.03), trigger=trigger).verified
+    if scheme != "v1":
+        r["public_acc"] = branch_accuracy(model, data.x_test, data.y_test, "public")
+    if trigger is not None:
+        r["trigger_acc"] = branch_accuracy(model, trigger[0], trigger[1], "public" if scheme != "v1" else "passport")
+    scale = float(secret.get("passport_scale", 1.0))
+    fakes = fake_accuracies(model, ev, n_fakes, seed=seed + 10_000, kind="random", scale=scale, progress=progress)
+    r.update({"fake_n": int(n_fakes), "fake_kind": "random", "fake_max_acc": float(fakes.max()),
+              "fake_mean_acc": float(fakes.mean()), "fake_p90_acc": float(np.quantile(fakes, 0.9)),
+              "fake_accs": [float(a) for a in fakes]})
+    image_fakes = None
+    if secret["passport_type"] != "random" and "image_fakes" not in skip:
+        image_fakes = fake_accuracies(model, ev, n_fakes, seed=seed + 20_000, kind=secret["passport_type"],
+                                      images=data.x_test, progress=progress)
+        r.update({"fake_image_max_acc": float(image_fakes.max()), "fake_image_mean_acc": float(image_fakes.mean()),
+                  "fake_image_accs": [float(a) for a in image_fakes]})
+    if "svd" not in skip:
+        r.update(svd_attack(model, ev))
+    r["reverse_engineered_acc"] = None
+    if "reverse" not in skip:
+        rev = reverse_engineer(model, data, ev, bits, nsig, epochs=rev_epochs, seed=seed, target=rev_target,
+                               scale=scale, progress=progress)
+        r.update({"reverse_engineered_acc": rev["acc"], "reverse_engineered": rev})
+    if "reverse_svd" not in skip and "reverse" not in skip:
+        rev = reverse_engineer(model, data, ev, bits, nsig, epochs=rev_epochs, seed=seed, init="svd",
+                               progress=progress)
+        r.update({"reverse_engineered_svd_acc": rev["acc"], "reverse_engineered_svd": rev})
+    if "insider" not in skip:
+        r["insider_flip"] = insider_flip(model, data, ev, bits, seed=seed, gamma0=secret.get("gamma0", 0.1),
+                                         progress=progress)
+    if scheme != "v1" and "forgery" not in skip:
+        r.update(public_affine_forgery(model, ev, bits, nsig))
+    if "pruning" not in skip:
+        r["pruning"] = pruning_curve(model, data, bits, nsig, progress=progress)
+    if "finetune" not in skip:
+        r["finetune"] = finetune_attack(model, data, bits, nsig, "public" if scheme != "v1" else "passport",
+                                        epochs=finetune_epochs, seed=seed, trigger=trigger, progress=progress)
+    r["eval_seconds"] = time.perf_counter() - t0
+    (out_dir / "passport_eval.json").write_text(json.dumps(r, indent=2))
+    (out_dir / "passport_eval.md").write_text(markdown_report(r))
+    write_plots(r, out_dir)
+    return r
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def markdown_report(r: dict[str, Any]) -> str:
+    lines = [f"# Passport evaluation: {r['model']} on {r['dataset']} (scheme {r['scheme']}, "
+             f"{r['passport_type']} passports, passport function '{r['passport_fn']}')", "",
+             "| measurement | value |", "|---|---|",
+             f"| baseline (plain counterpart) | {_pct(r['baseline_acc'])} |",
+             f"| valid passport | {_pct(r['valid_acc'])} |"]
+    if "public_acc" in r:
+        lines.append(f"| public branch (distributed network, no passport) | {_pct(r['public_acc'])} |")
+    lines += [f"| fake1: {r['fake_n']} random passports, max / mean / p90 | {_pct(r['fake_max_acc'])} / "
+              f"{_pct(r['fake_mean_acc'])} / {_pct(r['fake_p90_acc'])} |"]
+    if "fake_image_max_acc" in r:
+        lines.append(f"| fake1: {r['fake_n']} other-image passports, max / mean | {_pct(r['fake_image_max_acc'])} / "
+                     f"{_pct(r['fake_image_mean_acc'])} |")
+    lines.append(f"| signature ({r['signature_bits']} bits) recovered exactly | {r['signature_match']} "
+                 f"(decoded {r['signature_decoded']!r}; {r['channel_bits_matched']}/{r['designated_bits']} designated "
+                 f"signs, capacity {r['capacity_bits']}) |")
+    if "svd_attack_acc" in r:
+        leak = ", ".join(f"{v:.2f}" for v in r["gamma_leak_cos"].values())
+        lines.append(f"| svd attack (data-free, best sign combination) | {_pct(r['svd_attack_acc'])} "
+                     f"(abs cos(u1, gamma) per layer: {leak}) |")
+    for key, how in (("reverse_engineered", "random start (paper)"), ("reverse_engineered_svd", "SVD start (ours)")):
+        if key in r:
+            rev = r[key]
+            lines.append(f"| fake2: {rev['target']} reverse-engineered with training data, {how} | "
+                         f"{_pct(rev['acc'])} (signature bits kept {rev['signature_bits_matched']}/"
+                         f"{r['signature_bits']}) |")
+    if "forged_passport_acc" in r:
+        lines.append(f"| V2/V3 forgery: passport solved for the public gamma/beta | {_pct(r['forged_passport_acc'])} "
+                     f"(signature bits matching the owner's: {r['forged_signature_bits_matched']}/"
+                     f"{r['signature_bits']}) |")
+    if "trigger_acc" in r:
+        lines.append(f"| V3 trigger set detected | {_pct(r['trigger_acc'])} |")
+    lines.append(f"| deployed / public ONNX accuracy | {r['deployed_note']} |")
+    if "insider_flip" in r:
+        lines += ["", "## fake3: insider forges a signature with flipped signs", "",
+                  "| flipped (asked) | flipped (achieved) | accuracy |", "|---|---|---|"]
+        lines += [f"| {row['flip_fraction']:.0%} | {row['achieved_flip_fraction']:.1%} | {_pct(row['acc'])} |"
+                  for row in r["insider_flip"]]
+    if "pruning" in r:
+        lines += ["", "## Pruning (class-blind, global magnitude)", "",
+                  "| rate | accuracy | signature bits detected | exact |", "|---|---|---|---|"]
+        lines += [f"| {row['rate']:.0%} | {_pct(row['acc'])} | {row['signature_detection']:.1%} | "
+                  f"{row['signature_match']} |" for row in r["pruning"]]
+    if "finetune" in r:
+        f = r["finetune"]
+        lines += ["", f"## Fine-tuning to {f['task']} ({f['epochs']} epochs, {f['train_images']} images, "
+                  f"{f['branch']} branch)", "",
+                  f"new-task accuracy {_pct(f['new_task_acc'])}; signature bits detected "
+                  f"{f['signature_detection']:.1%} (exact: {f['signature_match']})"
+                  + (f"; trigger set after {_pct(f['trigger_acc_after'])}" if "trigger_acc_after" in f else "")]
+    lines += ["", f"Evaluation took {r['eval_seconds']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def write_plots(r: dict[str, Any], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(0, 100, 51)
+    ax.hist(100 * np.asarray(r["fake_accs"]), bins=bins, color="tab:blue", alpha=0.8,
+            label=f"fake passports (n={r['fake_n']})")
+    if "fake_image_accs" in r:
+        ax.hist(100 * np.asarray(r["fake_image_accs"]), bins=bins, color="tab:purple", alpha=0.6,
+                label="fake passports (other images)")
+    ax.axvline(100 * r["valid_acc"], color="tab:red", lw=3, label="valid passport")
+    if r.get("baseline_acc") is not None:
+        ax.axvline(100 * r["baseline_acc"], color="tab:green", ls="--", label="original (no passport)")
+    if r.get("reverse_engineered_acc") is not None:
+        ax.axvline(100 * r["reverse_engineered_acc"], color="tab:orange", ls=":", lw=2, label="reverse-engineered")
+    ax.set_xlabel("test accuracy (%)")
+    ax.set_ylabel("count")
+    ax.set_title(f"{r['model']} {r['scheme']} ({r['passport_type']}): valid vs fake passports")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "passport_hist.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    if "pruning" in r or "insider_flip" in r:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        if "pruning" in r:
+            rates = [100 * row["rate"] for row in r["pruning"]]
+            axes[0].plot(rates, [100 * row["acc"] for row in r["pruning"]], "o-", label="accuracy")
+            axes[0].plot(rates, [100 * row["signature_detection"] for row in r["pruning"]], "s-",
+                         label="signature bits detected")
+            axes[0].set_xlabel("pruning rate (%)")
+            axes[0].set_ylabel("%")
+            axes[0].set_title("pruning")
+            axes[0].legend(fontsize=8)
+        if "insider_flip" in r:
+            axes[1].plot([100 * row["flip_fraction"] for row in r["insider_flip"]],
+                         [100 * row["acc"] for row in r["insider_flip"]], "o-")
+            axes[1].set_xlabel("signature signs flipped by the insider (%)")
+            axes[1].set_ylabel("test accuracy (%)")
+            axes[1].set_title("fake3: insider forgery")
+        fig.tight_layout()
+        paths.append(out_dir / "passport_attacks.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,361 @@
+"""Passport layers, signatures, schemes V1-V3, verification and checkpoints (tiny models on the 8x8 digits)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from protect.checkpoint import load_checkpoint
+from protect.models import available_models, create_model
+from protect.passport import (
+    ExplicitParamsModel,
+    PassportConv2d,
+    PassportLinear,
+    PublicBranchModel,
+    bits_to_signature,
+    compute_params,
+    extract_bits,
+    init_passport_shapes,
+    make_passports,
+    passport_layers,
+    random_passports,
+    set_passports,
+    sign_loss,
+    signature_bits,
+    signature_capacity,
+    signature_gammas,
+    signature_to_bits,
+    use_params,
+)
+from protect.passport_eval import (
+    Evaluator,
+    callable_accuracy,
+    fake_accuracies,
+    run_passport_eval,
+    verify_ownership,
+)
+from protect.passport_train import (
+    PassportConfig,
+    default_passport_path,
+    load_passport_file,
+    passport_model,
+    protect_passport,
+)
+from protect.train import TrainConfig
+
+TINY_WIDTHS = {"widths": [8, 16, 32, 32, 64]}  # capacity 128 bits on 8x8 digits
+TRAIN = TrainConfig(epochs=15, batch_size=64, lr=3e-3, seed=0, progress=False)
+SIGNATURE = "tiny-sig"  # 64 bits
+
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory, digits):
+    """A tiny V1 passport CNN (random passports) and its plain baseline, trained once for the module."""
+    root = tmp_path_factory.mktemp("passport")
+    ckpt = protect_passport(digits, root / "v1.pt", TRAIN, PassportConfig(scheme="v1", signature=SIGNATURE),
+                            model_config=TINY_WIDTHS)
+    return {"ckpt": ckpt, "path": root / "v1.pt", "passport_path": default_passport_path(root / "v1.pt")}
+
+
+# -- the passport layer -----------------------------------------------------------------------------------------
+def test_gamma_beta_follow_the_formula_and_the_layer_applies_them():
+    torch.manual_seed(0)
+    layer = PassportConv2d(3, 5, 3, stride=1, padding=1, norm="bn")
+    init_passport_shapes(layer, (3, 6, 6))
+    assert layer.passport_shape == (3, 6, 6)
+    pg, pb = torch.randn(3, 6, 6), torch.randn(3, 6, 6)
+    set_passports(layer, {"": {"gamma": pg, "beta": pb}})
+    w = layer.conv.weight.detach()
+    # Avg(W * P) written out: zero padding, then a sum over input channels and kernel taps, averaged over space.
+    padded = F.pad(pg, (1, 1, 1, 1))
+    want = torch.zeros(5)
+    for o in range(5):
+        acc = 0.0
+        for h in range(6):
+            for x in range(6):
+                acc += (w[o] * padded[:, h : h + 3, x : x + 3]).sum()
+        want[o] = acc / 36
+    gamma, beta = layer.passport_params()
+    assert torch.allclose(gamma, want, atol=1e-5)
+    assert torch.allclose(beta, F.conv2d(pb[None], w, padding=1).mean((2, 3))[0], atol=1e-5)
+    # the forward pass is gamma * BN(conv(x)) + beta (BatchNorm without affine, eval mode: running stats)
+    layer.eval()
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        want_y = gamma[None, :, None, None] * layer.norm(layer.conv(x)) + beta[None, :, None, None]
+        assert torch.allclose(layer(x), want_y, atol=1e-5)
+    assert not any("passport" in k for k in layer.state_dict())  # passports are never public weights
+
+
+def test_passport_functions_and_linear_layer():
+    lin = PassportLinear(6, 4, norm="bn", passport_fn="gamma")
+    init_passport_shapes(lin, (6,))
+    p = torch.randn(6)
+    set_passports(lin, {"": {"gamma": p, "beta": torch.zeros(6)}})
+    gamma, beta = lin.passport_params()
+    assert torch.allclose(gamma, lin.linear.weight.detach() @ p, atol=1e-6)
+    assert beta is lin.beta  # passport function 'gamma' (Digital Passport V1): beta is trainable
+    conv = PassportConv2d(2, 3, 3, padding=1, passport_fn="beta")
+    init_passport_shapes(conv, (2, 4, 4))
+    with pytest.raises(RuntimeError, match="no passport"):
+        conv.passport_params()
+    set_passports(conv, random_passports(conv, torch.Generator().manual_seed(0)))
+    assert conv.passport_params()[0] is conv.gamma
+    with pytest.raises(ValueError, match="passport function"):
+        PassportConv2d(2, 3, 3, passport_fn="nope")
+
+
+def test_sign_loss_drives_the_signs_of_gamma_to_the_signature():
+    torch.manual_seed(1)
+    layer = PassportConv2d(16, 32, 3, padding=1)
+    init_passport_shapes(layer, (16, 5, 5))
+    set_passports(layer, random_passports(layer, torch.Generator().manual_seed(2)))
+    bits = torch.from_numpy(signature_bits("ab", 32, pad=True).astype(np.float32))
+    assert (torch.sign(layer.signature_gamma().detach()) != bits).any()
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = sign_loss(signature_gammas(layer), bits)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() == 0.0
+    assert (extract_bits(layer) == bits.numpy()).all()
+    assert (layer.signature_gamma().detach() * bits >= 0.1 - 1e-6).all()  # |gamma| >= gamma0 with the right sign
+
+
+def test_signature_round_trip_and_capacity():
+    bits = signature_to_bits("sealnet:owner")
+    assert len(bits) == 104 and set(np.unique(bits)) == {-1, 1}
+    assert bits_to_signature(bits) == "sealnet:owner"
+    assert bits_to_signature((bits > 0).astype(np.uint8)) == "sealnet:owner"
+    assert list(signature_to_bits("t")) == [-1, 1, 1, 1, -1, 1, -1, -1]  # 't' = 116 = 0b01110100, as in the paper
+    with pytest.raises(ValueError, match="needs 104 bits but the passport layers carry only 96"):
+        signature_to_bits("sealnet:owner", capacity=96)
+    with pytest.raises(ValueError, match="ASCII"):
+        signature_to_bits("été")
+    padded = signature_bits("ab", 40, seed=3, pad=True)
+    assert len(padded) == 40 and bits_to_signature(padded[:16]) == "ab"
+    assert len(signature_bits("ab", 40)) == 16
+
+
+def test_registry_has_passport_nets_and_plain_counterparts():
+    import protect.passport_models  # noqa: F401
+
+    names = set(available_models())
+    assert {"cnn_p", "cnn_plain", "alexnet_p", "alexnet_plain", "resnet18_p", "resnet18_plain"} <= names
+    cnn = create_model("cnn_p", (1, 28, 28), 10)
+    shapes = {n: layer.passport_shape for n, layer in passport_layers(cnn).items()}
+    assert list(shapes.values()) == [(32, 7, 7), (64, 7, 7), (64, 3, 3)]  # deep: never the 1-channel input conv
+    alex = create_model("alexnet_p", (3, 32, 32), 10)
+    assert [layer.out_channels for layer in passport_layers(alex).values()] == [384, 256, 256]  # conv3-5
+    assert signature_capacity(alex) == 896
+    res = create_model("resnet18_p", (3, 32, 32), 10, width=8)  # width 64 is the paper's; 8 keeps the test light
+    assert len(passport_layers(res)) == 4 and all(n.startswith("body.0.") for n in passport_layers(res))
+    for name in ("cnn_plain", "alexnet_plain", "resnet18_plain"):
+        plain = create_model(name, (3, 32, 32), 10, **({"width": 8} if "resnet" in name else {}))
+        assert not passport_layers(plain)
+    for model in (alex, res):
+        set_passports(model, random_passports(model, torch.Generator().manual_seed(0)))
+        assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_image_passports_are_feature_maps_of_the_images():
+    model = create_model("cnn_p", (1, 8, 8), 10, **TINY_WIDTHS)
+    images = torch.rand(20, 1, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    fixed = make_passports(model, "fixed", gen, images)
+    shuffled = make_passports(model, "shuffled", gen, images)
+    first = next(iter(passport_layers(model)))
+    with torch.no_grad():
+        want = model.eval().stem(images[:2])  # the first passport layer's input for images 0 and 1
+    assert torch.allclose(fixed[first]["gamma"], want[0], atol=1e-5)
+    assert torch.allclose(fixed[first]["beta"], want[1], atol=1e-5)
+    for name, layer in passport_layers(model).items():
+        assert tuple(shuffled[name]["gamma"].shape) == layer.passport_shape
+    with pytest.raises(ValueError, match="unknown passport type"):
+        make_passports(model, "nope", gen, images)
+
+
+# -- scheme V1: trained once for the module ----------------------------------------------------------------------
+def test_v1_is_accurate_with_its_passport_and_not_with_fakes(v1, digits):
+    m = v1["ckpt"].metrics
+    assert m["valid_acc"] >= m["baseline_acc"] - 0.05 and m["valid_acc"] >= 0.85
+    assert m["signature_match"] and m["signature_bits"] == 64
+    model = passport_model(v1["ckpt"])
+    fakes = fake_accuracies(model, Evaluator(model, digits.x_test, digits.y_test), 20, seed=123, progress=False)
+    assert fakes.max() <= m["valid_acc"] - 0.5  # the maximum over fakes, not the mean
+    assert fakes.mean() <= 0.25
+
+
+def test_verification_accepts_the_owner_and_rejects_fakes(v1, digits):
+    ckpt = v1["ckpt"]
+    model = passport_model(ckpt)
+    passports = ckpt.secret["passports"]
+    recorded = ckpt.metrics["valid_acc"]
+    ok = verify_ownership(model, passports, SIGNATURE, digits.x_test, digits.y_test, recorded)
+    assert ok.verified and ok.signature_match and ok.fidelity_ok, ok.reasons
+    wrong_sig = verify_ownership(model, passports, "tiny-siG", digits.x_test, digits.y_test, recorded)
+    assert not wrong_sig.verified and "signature mismatch" in wrong_sig.reasons[0]
+    fake = random_passports(model, torch.Generator().manual_seed(9))
+    forged = verify_ownership(model, fake, SIGNATURE, digits.x_test, digits.y_test, recorded)
+    assert not forged.verified and not forged.signature_match and forged.fidelity_ok is False
+    # any predict callable works for the fidelity check (the integrator passes a bundle / gRPC client here)
+    calls = []
+
+    def predict(x):
+        calls.append(len(x))
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+
+    via_callable = verify_ownership(model, passports, SIGNATURE, digits.x_test, digits.y_test, recorded,
+                                    predict=predict)
+    assert via_callable.verified and sum(calls) == len(digits.y_test)
+    assert callable_accuracy(lambda x: np.zeros(len(x), np.int64), digits.x_test, digits.y_test) < 0.2
+
+
+def test_checkpoint_round_trip(v1, digits):
+    path, ppath = v1["path"], v1["passport_path"]
+    for p in (path, ppath):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
+    ckpt = load_checkpoint(path)
+    assert ckpt.method == "passport" and ckpt.model_name == "cnn_p"
+    assert not any("passport" in k for k in ckpt.public_state)  # public weights = everything but passports
+    assert {"scheme", "passports", "bits", "signature_nbits"} <= set(ckpt.secret)
+    model = ckpt.build_passport_model()
+    x = torch.from_numpy(digits.x_test[:50])
+    with torch.no_grad():
+        same = passport_model(v1["ckpt"])(x)
+        assert torch.allclose(model(x), same, atol=1e-5)
+    secret = load_passport_file(ppath)
+    assert torch.equal(secret["bits"], ckpt.secret["bits"]) and secret["valid_acc"] == ckpt.metrics["valid_acc"]
+    with pytest.raises(ValueError, match="not 'transform'"):
+        ckpt.build_transform()
+    # the public model alone has no passports: it cannot run until gamma/beta are supplied
+    public = ckpt.build_public_model()
+    with pytest.raises(RuntimeError, match="no passport"):
+        public(x)
+
+
+def test_explicit_params_model_exports_to_onnx_with_gamma_beta_inputs(v1, digits, tmp_path):
+    import onnxruntime as ort
+
+    ckpt = v1["ckpt"]
+    model = ckpt.build_passport_model()
+    params = compute_params(model)
+    wrapper = ExplicitParamsModel(ckpt.build_public_model()).eval()  # no passports inside
+    flat = [t.detach() for pair in params.values() for t in pair]
+    x = torch.from_numpy(digits.x_test[:8])
+    torch.onnx.export(wrapper, (x, *flat), str(tmp_path / "p.onnx"), dynamo=False, opset_version=17,
+                      input_names=wrapper.input_names(), output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    sess = ort.InferenceSession(str(tmp_path / "p.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input": x.numpy(), **{n: t.numpy() for n, t in zip(wrapper.input_names()[1:], flat, strict=True)}}
+    got = sess.run(None, feeds)[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.abs(got - want).max() < 1e-4
+    with use_params(model, params), torch.no_grad():
+        assert np.abs(model(x).numpy() - want).max() < 1e-6
+
+
+def test_passport_eval_report(v1, digits, tmp_path):
+    r = run_passport_eval(v1["ckpt"], load_passport_file(v1["passport_path"]), digits, tmp_path, n_fakes=10,
+                          rev_epochs=1, finetune_epochs=1, signature=SIGNATURE, progress=False)
+    for key in ("baseline_acc", "valid_acc", "fake_max_acc", "fake_mean_acc", "signature_match",
+                "reverse_engineered_acc"):
+        assert r[key] is not None, key
+    assert r["deployed_acc"] is None and r["public_onnx_acc"] is None and "deployment path" in r["deployed_note"]
+    assert r["signature_match"] and r["signature_claim_verified"]
+    assert len(r["fake_accs"]) == 10 and [row["rate"] for row in r["pruning"]][0] == 0.1
+    assert {"new_task_acc", "signature_detection"} <= set(r["finetune"])
+    for name in ("passport_eval.json", "passport_eval.md", "passport_hist.png", "passport_attacks.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+# -- schemes V2 / V3 -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["v2", "v3"])
+def test_v2_v3_train_and_verify(tmp_path, digits, scheme):
+    cfg = TrainConfig(epochs=12, batch_size=64, lr=3e-3, seed=0, progress=False)
+    pcfg = PassportConfig(scheme=scheme, signature=SIGNATURE, trigger_size=20, trigger_per_batch=8)
+    ckpt = protect_passport(digits, tmp_path / "p.pt", cfg, pcfg, model_config=TINY_WIDTHS, baseline=False)
+    m = ckpt.metrics
+    assert m["valid_acc"] >= 0.85 and m["public_acc"] >= 0.85 and m["signature_match"]
+    assert all(layer.norm_kind == "gn" and layer.public_affine for layer in
+               passport_layers(ckpt.build_public_model()).values())
+    trigger = None
+    if scheme == "v3":
+        assert m["trigger_acc"] >= 0.95
+        trigger = (ckpt.secret["trigger_x"].numpy(), ckpt.secret["trigger_y"].numpy())
+    else:
+        assert ckpt.secret["trigger_x"] is None
+    model = passport_model(ckpt)
+    res = verify_ownership(model, ckpt.secret["passports"], SIGNATURE, digits.x_test, digits.y_test,
+                           m["valid_acc"], trigger=trigger)
+    assert res.verified, res.reasons
+    assert (res.trigger_acc is not None) == (scheme == "v3")
+    fake = verify_ownership(model, random_passports(model, torch.Generator().manual_seed(4)), SIGNATURE,
+                            digits.x_test, digits.y_test, m["valid_acc"], trigger=trigger)
+    assert not fake.verified
+    # what gets distributed: the public branch alone, no passport and no trusted module needed
+    public = PublicBranchModel(ckpt.build_public_model())
+    with torch.no_grad():
+        acc = (public(torch.from_numpy(digits.x_test)).argmax(1).numpy() == digits.y_test).mean()
+    assert acc == pytest.approx(m["public_acc"])
+
+
+def test_image_passports_train(tmp_path, digits):
+    """T3 (random-shuffled images, features of the trained plain baseline) trains and carries the signature."""
+    cfg = TrainConfig(epochs=8, batch_size=64, lr=3e-3, seed=0, progress=False)
+    ckpt = protect_passport(digits, tmp_path / "p.pt", cfg, PassportConfig(passport_type="shuffled", signature="t3"),
+                            model_config=TINY_WIDTHS)
+    assert ckpt.metrics["valid_acc"] >= 0.8 and ckpt.metrics["signature_match"]
+    assert ckpt.secret["passport_type"] == "shuffled"
+    passports = ckpt.secret["passports"]
+    assert all(float(p["gamma"].min()) >= 0 for p in passports.values())  # feature maps after ReLU
+
+
+# -- the CLI ----------------------------------------------------------------------------------------------------------
+def test_cli_protect_verify(tmp_path, capsys):
+    from sealnet.cli import main
+
+    out = tmp_path / "p.pt"
+    rc = main(["protect", "--method", "passport", "--scheme", "v1", "--dataset", "digits", "--epochs", "3",
+               "--lr", "3e-3", "--no-baseline", "--signature", "cli", "--out", str(out)])
+    assert rc == 0 and out.exists() and default_passport_path(out).exists()
+    assert "signature recovered" in capsys.readouterr().out
+    # 3 epochs: whatever accuracy it reached is the recorded one, so owner verification passes
+    assert main(["verify", "--checkpoint", str(out), "--signature", "cli", "--json", str(tmp_path / "v.json")]) == 0
+    assert main(["verify", "--checkpoint", str(out), "--signature", "clj"]) == 1
+    assert main(["protect", "--method", "passport", "--dataset", "digits", "--epochs", "1", "--no-baseline",
+                 "--signature", "x" * 100, "--out", str(tmp_path / "q.pt")]) == 2  # does not fit: 800 > 128 bits
+
+
+# -- full-size reproductions (not run by default) -----------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["alexnet_p", "resnet18_p"])
+def test_cifar10_reproduction(tmp_path, model_name):
+    """`sealnet protect --method passport --model M --dataset cifar10 --data-dir DIR --epochs 200 --lr 0.01`
+    then `sealnet passport-eval`; needs SEALNET_CIFAR10_DIR (the python batches), hours on a GPU-less host."""
+    data_dir = os.environ.get("SEALNET_CIFAR10_DIR")
+    if not data_dir or not Path(data_dir).is_dir():
+        pytest.skip("set SEALNET_CIFAR10_DIR to the CIFAR-10 python batches")
+    from sealnet.cli import main
+
+    epochs = os.environ.get("SEALNET_CIFAR10_EPOCHS", "200")
+    out = tmp_path / f"{model_name}.pt"
+    assert main(["protect", "--method", "passport", "--model", model_name, "--dataset", "cifar10",
+                 "--data-dir", data_dir, "--epochs", epochs, "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.01",
+                 "--scheme", "v1", "--passport-type", "random", "--out", str(out)]) == 0
+    assert main(["passport-eval", "--checkpoint", str(out), "--data-dir", data_dir, "--out",
+                 str(tmp_path / "eval")]) == 0
+    import json
+
+    r = json.loads((tmp_path / "eval" / "passport_eval.json").read_text())
+    assert r["valid_acc"] >= r["baseline_acc"] - 0.03 and r["signature_match"]
+    assert r["fake_mean_acc"] <= 0.2
