@@ -71,21 +71,25 @@ class CNNp(_StemBody):
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, passport: bool = True,
                  scheme: str = "v1", passport_fn: str = "both", norm: str | None = None,
-                 widths: tuple[int, ...] | list[int] = (16, 32, 64, 64, 256)):
+                 widths: tuple[int, ...] | list[int] = (16, 32, 64, 64, 256),
+                 passport_layers: tuple[int, ...] | list[int] = (3, 4, 5)):
         super().__init__()
         norm_kind, public = _resolve(passport, scheme, norm)
         conv = _layer_factory(passport, norm_kind, passport_fn, public)
         channels, height, width = input_shape
         w1, w2, w3, w4, w5 = widths
+        on = set(passport_layers)
+        if passport and not on <= {3, 4, 5}:
+            raise ValueError(f"cnn_p passport layers must be among conv3-5 (deep), got {sorted(on)}")
         self.stem = nn.Sequential(
             ConvNorm(channels, w1, 3, 1, 1, norm_kind), nn.ReLU(), nn.MaxPool2d(2),
             ConvNorm(w1, w2, 3, 1, 1, norm_kind), nn.ReLU(), nn.MaxPool2d(2),
         )
         pool = nn.MaxPool2d(2) if min(height, width) // 4 >= 4 else nn.Identity()
         self.body = nn.Sequential(
-            conv(w2, w3, 3, 1, 1), nn.ReLU(),
-            conv(w3, w4, 3, 1, 1), nn.ReLU(), pool,
-            conv(w4, w5, 3, 1, 1), nn.ReLU(),
+            conv(w2, w3, 3, 1, 1, 3 in on), nn.ReLU(),
+            conv(w3, w4, 3, 1, 1, 4 in on), nn.ReLU(), pool,
+            conv(w4, w5, 3, 1, 1, 5 in on), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w5, num_classes),
         )
         if passport:
@@ -163,7 +167,7 @@ PLAIN_COUNTERPART = {"cnn_p": "cnn_plain", "alexnet_p": "alexnet_plain", "resnet
 
 def plain_config(model_config: dict[str, Any]) -> dict[str, Any]:
     """The plain counterpart's config for a passport net's config: same sizes, the scheme's normalisation."""
-    cfg = {k: v for k, v in model_config.items() if k not in ("scheme", "passport_fn")}
+    cfg = {k: v for k, v in model_config.items() if k not in ("scheme", "passport_fn", "passport_layers")}
     cfg["norm"] = scheme_norm(model_config.get("scheme", "v1"))
     return cfg
 
