@@ -70,12 +70,18 @@ def save_checkpoint(ckpt: ProtectedCheckpoint, path: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path) -> ProtectedCheckpoint:
+def load_tagged(path: Path, fmt: str, what: str) -> dict[str, Any]:
+    """torch.load(weights_only=True) a dict whose "format" is `fmt` (removed); clear errors otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found; create one with `sealnet protect`")
+        raise FileNotFoundError(f"{what} {path} not found; `sealnet protect` writes one")
     data = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} file")
+    if not isinstance(data, dict) or data.pop("format", None) != fmt:
+        raise ValueError(f"{path} is not a {fmt} file")
+    return data
+
+
+def load_checkpoint(path: Path) -> ProtectedCheckpoint:
+    data = load_tagged(path, FORMAT, "checkpoint")
     data["input_shape"] = tuple(data["input_shape"])
     return ProtectedCheckpoint(**data)

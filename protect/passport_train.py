@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import protect.passport_models  # noqa: F401  (registers cnn_p, alexnet_p, resnet18_p and plain counterparts)
-from protect.checkpoint import ProtectedCheckpoint, save_checkpoint
+from protect.checkpoint import ProtectedCheckpoint, load_tagged, save_checkpoint
 from protect.models import create_model
 from protect.passport import (
     GAMMA0,
@@ -278,13 +278,7 @@ def save_passport_file(secret: dict[str, Any], path: Path, **extra: Any) -> Path
 
 
 def load_passport_file(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"passport file {path} not found; `sealnet protect --method passport` writes one")
-    data = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or data.pop("format", None) != PASSPORT_FORMAT:
-        raise ValueError(f"{path} is not a {PASSPORT_FORMAT} file")
-    return data
+    return load_tagged(path, PASSPORT_FORMAT, "passport file")
 
 
 def default_passport_path(checkpoint: Path) -> Path:
