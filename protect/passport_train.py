@@ -62,7 +62,7 @@ from protect.passport import (
 )
 from protect.passport_cli import DEFAULT_SIGNATURE
 from protect.passport_models import PLAIN_COUNTERPART, plain_config
-from protect.train import TrainConfig, _batches, _epochs, accuracy, seed_everything
+from protect.train import TrainConfig, _batches, _epochs, accuracy, seed_everything, train_plain
 from sealnet.data import Dataset
 
 PASSPORT_FORMAT = "sealnet-passport/1"
@@ -172,24 +172,8 @@ def make_scheduler(opt: torch.optim.Optimizer, kind: str, total_steps: int) -> t
 def train_baseline(model: nn.Module, data: Dataset, cfg: TrainConfig, lr_schedule: str = "cosine",
                    optimizer: str = "adam", label: str = "baseline") -> float:
     """The plain counterpart, trained with the passport net's recipe (optimizer, schedule, batches); s/epoch."""
-    seed_everything(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    opt = make_optimizer(model.parameters(), optimizer, cfg.lr)
-    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-    n_batches = -(-len(x) // cfg.batch_size)
-    sched = make_scheduler(opt, lr_schedule, cfg.epochs * n_batches)
-    start = time.perf_counter()
-    for _, bar in _epochs(cfg, label, n_batches):
-        model.train()
-        for idx in _batches(len(x), cfg.batch_size, gen):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return (time.perf_counter() - start) / max(cfg.epochs, 1)
+    return train_plain(model, data, cfg, optimizer=make_optimizer(model.parameters(), optimizer, cfg.lr),
+                       schedule=lambda opt, steps: make_scheduler(opt, lr_schedule, steps), label=label)
 
 
 def train_passport(model: nn.Module, data: Dataset, cfg: TrainConfig, pcfg: PassportConfig, bits: np.ndarray,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,21 +66,26 @@ def _epochs(cfg: TrainConfig, label: str, n_batches: int):
         bar.close()
 
 
-def train_plain(model: nn.Module, data: Dataset, cfg: TrainConfig) -> float:
-    """Ordinary cross-entropy training; returns seconds per epoch."""
+def train_plain(model: nn.Module, data: Dataset, cfg: TrainConfig, *, optimizer: torch.optim.Optimizer | None = None,
+                schedule: Callable[[torch.optim.Optimizer, int], Any] | None = None, label: str = "baseline") -> float:
+    """Ordinary cross-entropy training (Adam at cfg.lr unless `optimizer` is given; `schedule(opt, total_steps)`
+    makes an LR scheduler stepped per batch); returns seconds per epoch."""
     seed_everything(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr=cfg.lr)
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     n_batches = -(-len(x) // cfg.batch_size)
+    sched = schedule(opt, cfg.epochs * n_batches) if schedule else None
     start = time.perf_counter()
-    for _, bar in _epochs(cfg, "baseline", n_batches):
+    for _, bar in _epochs(cfg, label, n_batches):
         model.train()
         for idx in _batches(len(x), cfg.batch_size, gen):
             loss = F.cross_entropy(model(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return (time.perf_counter() - start) / max(cfg.epochs, 1)
