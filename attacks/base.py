@@ -135,13 +135,13 @@ class Target:
 
     @cached_property
     def public_session(self):
-        from export.build_engine import ort_session
+        from runtime.onnx_session import ort_session
 
         return ort_session(self.bundle.path(PUBLIC_ONNX), threads=1)  # small batches; cores may be shared
 
     def public_accuracy(self, x: np.ndarray, y: np.ndarray | None = None) -> float:
         """Accuracy of the copied public network (ONNX Runtime, CPU) on `x` against the test labels."""
-        from export.build_engine import ort_accuracy
+        from runtime.onnx_session import ort_accuracy
 
         return ort_accuracy(self.public_session, np.ascontiguousarray(x, dtype=np.float32),
                             self.data.y_test if y is None else y)

@@ -21,6 +21,7 @@ TRUSTED_CODE: tuple[str, ...] = (
     "enclave_sim/policy.py",
     "enclave_sim/tpm.py",
     "enclave_sim/transform_graph.py",
+    "enclave_sim/passport_params.py",
     "enclave_sim/service.py",
     "sealnet/licenses.py",
     "sealnet/bundle.py",

@@ -2,7 +2,8 @@
 
 Start-up: verify the bundle manifest, extend the keystore's chain with this module's code and the manifest,
 unseal the secrets (refused if either changed), pin the owner public key from the measured manifest.
-Requests: licenses open expiring sessions; sessions may transform batches. Every refusal is a gRPC status
+Requests: licenses open expiring sessions; sessions may transform batches (transform bundles) or fetch the
+passport layers' gamma/beta (passport bundles, scheme V1). Every refusal is a gRPC status
 whose message names the field; no message, log line or audit record ever contains a secret.
 """
 
@@ -23,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from enclave_sim.keystore import Keystore, KeystoreSpec
 from enclave_sim.measure import Measurement, measurement_chain
+from enclave_sim.passport_params import derive_params
 from enclave_sim.payload import unpack
 from enclave_sim.policy import AccessPolicy, AuditLog, PolicyConfig, PolicyRefusal, Revocations
 from enclave_sim.transform_graph import transform_session
@@ -58,7 +60,8 @@ def caller_identity(context) -> str:
 
 
 class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
-    """Holds the unsealed transform; answers only sessions opened with a valid license."""
+    """Holds the unsealed transform (or derived passport parameters); answers only sessions opened with a
+    valid license."""
 
     def __init__(self, bundle: Bundle, keystore: Keystore, *, policy: AccessPolicy | None = None,
                  revocations: Revocations | None = None, audit: AuditLog | None = None,
@@ -71,7 +74,15 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         self.chain = keystore.extend(self.measurements)
         blob = bundle.path(SECRETS).read_bytes()
         config, arrays = unpack(keystore.unseal(blob, label=bundle.bundle_id))
-        self._transform = transform_session(config, arrays)
+        self.method = bundle.manifest["method"]
+        self._transform = None
+        self._params: dict[str, np.ndarray] | None = None
+        if self.method == "transform":
+            self._transform = transform_session(config, arrays)
+        elif self.method == "passport":
+            self._params = derive_params(config, arrays)
+        else:
+            raise ValueError(f"bundle method {self.method!r} is not served by this module")
         for array in arrays.values():
             array.fill(0)
         self._input_shape = tuple(bundle.manifest["input"]["shape"][1:])
@@ -88,6 +99,10 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         """Drop the transform and forget the keystore. The unsealed arrays were zeroed once the session held
         them; ONNX Runtime's own copy is freed here (best effort: the allocator does not scrub memory)."""
         self._transform = None
+        if self._params is not None:
+            for array in self._params.values():
+                array.fill(0)
+            self._params = None
         with self._lock:
             self._sessions.clear()
         self._keystore.close()
@@ -95,7 +110,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
 
     # -- rpc ---------------------------------------------------------------------------------------------
     def Health(self, request, context):
-        return enclave_pb2.HealthResponse(serving=True, model_id=self.model_id, method=self.bundle.manifest["method"])
+        return enclave_pb2.HealthResponse(serving=True, model_id=self.model_id, method=self.method)
 
     def Attest(self, request, context):
         if not 16 <= len(request.nonce) <= 64:
@@ -140,25 +155,46 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
                                                customer_id=lic.customer_id)
 
     def Preprocess(self, request, context):
+        if self._transform is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"method: this module serves a {self.method} bundle; "
+                          "Preprocess is for transform bundles (passport bundles use PassportParams)")
         session = self._session(request.session_id, context)
         batch = self._tensor(request.input, context)
-        lic = session.license
-        try:
-            if self.revocations.is_revoked(lic.license_id, lic.serial_number):
-                self._drop(request.session_id)
-                raise PolicyRefusal("revoked", f"license {lic.license_id} has been revoked")
-            self.policy.charge(lic.license_id, len(batch))
-        except PolicyRefusal as exc:
-            self.audit.write("preprocess", client=session.client, license_id=lic.license_id, decision=exc.kind,
-                             items=len(batch))
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.kind == "quota" else grpc.StatusCode.PERMISSION_DENIED
-            context.abort(code, f"{exc.kind}: {exc}")
+        self._charge(request.session_id, session, len(batch), "preprocess", context)
         out = self._transform.run(None, {"x": batch})[0]
-        self.audit.write("preprocess", client=session.client, license_id=lic.license_id, decision="ok",
+        self.audit.write("preprocess", client=session.client, license_id=session.license.license_id, decision="ok",
                          items=len(batch))
         return enclave_pb2.PreprocessResponse(output=enclave_pb2.Tensor(shape=list(out.shape), data=out.tobytes()))
 
+    def PassportParams(self, request, context):
+        if self._params is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"method: this module serves a {self.method} bundle; "
+                          "PassportParams is for passport bundles")
+        session = self._session(request.session_id, context)
+        if not 1 <= request.items <= self._max_batch:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"items: must be 1..{self._max_batch} (the batch the parameters are used for)")
+        self._charge(request.session_id, session, request.items, "passport_params", context)
+        self.audit.write("passport_params", client=session.client, license_id=session.license.license_id,
+                         decision="ok", items=request.items)
+        return enclave_pb2.PassportParamsResponse(params=[
+            enclave_pb2.NamedTensor(name=name, tensor=enclave_pb2.Tensor(shape=list(v.shape), data=v.tobytes()))
+            for name, v in self._params.items()])
+
     # -- checks ------------------------------------------------------------------------------------------
+    def _charge(self, session_id: str, session: _Session, items: int, event: str, context) -> None:
+        """Refuse a revoked license (and drop its session) or one over its quota; else count the items."""
+        lic = session.license
+        try:
+            if self.revocations.is_revoked(lic.license_id, lic.serial_number):
+                self._drop(session_id)
+                raise PolicyRefusal("revoked", f"license {lic.license_id} has been revoked")
+            self.policy.charge(lic.license_id, items)
+        except PolicyRefusal as exc:
+            self.audit.write(event, client=session.client, license_id=lic.license_id, decision=exc.kind, items=items)
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.kind == "quota" else grpc.StatusCode.PERMISSION_DENIED
+            context.abort(code, f"{exc.kind}: {exc}")
+
     def _drop(self, session_id: str) -> None:
         with self._lock:
             self._sessions.pop(session_id, None)

@@ -2,9 +2,10 @@
 
     python export/build_engine.py CHECKPOINT OUT_DIR --owner-key KEY --keystore-dir DIR [--tensorrt]
 
-(also `sealnet export`). The bundle holds public.onnx (useless on raw inputs; checked here and recorded),
-secrets.sealed (the transform parameters, sealed by the keystore to the trusted module's measurements)
-and manifest.json (sha256 of every file, signed by the owner key).
+(also `sealnet export`). The bundle holds public.onnx (useless alone; checked here and recorded),
+secrets.sealed (the transform parameters or the passports, sealed by the keystore to the trusted module's
+measurements) and manifest.json (sha256 of every file, signed by the owner key). export/split.py has the
+per-method part.
 """
 
 from __future__ import annotations
@@ -16,20 +17,17 @@ import sys
 import tempfile
 import time
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from enclave_sim.keystore import KeystoreSpec, keystore_spec
 from enclave_sim.measure import measurement_chain
 from enclave_sim.payload import pack
 from export import ExportError, add_arguments
-from protect.checkpoint import load_checkpoint
-from protect.transform import transform_to_arrays
-from runtime.onnx_session import ort_accuracy, ort_session
+from export.split import INPUT_NAME, OUTPUT_NAME, SPLITS
+from protect.checkpoint import ProtectedCheckpoint, load_checkpoint
 from sealnet.bundle import (
     EXPECTED_MEASUREMENTS,
     FORMAT,
@@ -44,20 +42,7 @@ from sealnet.bundle import (
 from sealnet.data import load_dataset
 from sealnet.licenses import load_owner_key
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 PUBLIC_PLAN = "public.plan"
-
-
-def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], path: Path, opset: int = 17) -> None:
-    """Export with a dynamic batch dimension (TorchScript exporter: no extra dependencies)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(), (torch.zeros(1, *input_shape),), str(path), dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-        )
 
 
 def tensorrt_available() -> str | None:
@@ -96,6 +81,11 @@ def build_tensorrt_plan(onnx_path: Path, plan_path: Path, input_shape: tuple[int
     plan_path.write_bytes(bytes(plan))
 
 
+def default_model_id(ckpt: ProtectedCheckpoint) -> str:
+    kind = ckpt.secret["variant"] if ckpt.method == "transform" else ckpt.method
+    return f"{ckpt.model_name}-{kind}"
+
+
 def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: KeystoreSpec,
                  model_id: str | None = None, data_dir: Path | None = None, max_raw_acc: float = 0.2,
                  max_batch: int = 1024, tensorrt: bool = False, fp16: bool = False, force: bool = False,
@@ -108,41 +98,20 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise ExportError(f"{out_dir} exists and is not empty; pass --force to replace it")
     ckpt = load_checkpoint(checkpoint)
-    if ckpt.method != "transform":
-        raise ExportError(f"checkpoint method {ckpt.method!r} is not exportable yet (supported: transform)")
+    if ckpt.method not in SPLITS:
+        raise ExportError(f"checkpoint method {ckpt.method!r} is not exportable (supported: {', '.join(SPLITS)})")
     signer = load_owner_key(owner_key)
-    store = keystore.open()
-    model, transform = ckpt.build_public_model(), ckpt.build_transform()
     data = load_dataset(ckpt.dataset, data_dir, seed=0)
     if data.input_shape != ckpt.input_shape:
         raise ExportError(f"dataset {data.name} has input shape {data.input_shape}, checkpoint {ckpt.input_shape}")
+    store = keystore.open()
 
     staging = Path(tempfile.mkdtemp(prefix=".sealnet-export-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
         onnx_path = staging / PUBLIC_ONNX
-        export_onnx(model, ckpt.input_shape, onnx_path)
-        session = ort_session(onnx_path)
-        with torch.no_grad():
-            processed = transform(torch.from_numpy(data.x_test)).numpy()
-            reference = model(torch.from_numpy(processed[:256])).numpy()
-        max_abs_diff = float(np.abs(session.run(None, {INPUT_NAME: processed[:256]})[0] - reference).max())
-        if max_abs_diff > 1e-3:
-            raise ExportError(f"ONNX output differs from torch by {max_abs_diff:.2e} (> 1e-3); not exporting")
-        checks = {
-            "onnx_max_abs_diff": max_abs_diff,
-            "public_raw_acc": ort_accuracy(session, data.x_test, data.y_test),
-            "authorized_acc": ort_accuracy(session, processed, data.y_test),
-            "chance_acc": 1.0 / data.num_classes,
-            "max_raw_acc": max_raw_acc,
-            "dataset": data.name,
-            "test_items": int(len(data.y_test)),
-        }
-        log(f"public.onnx: max |onnx - torch| = {max_abs_diff:.2e}; raw-input accuracy "
-            f"{checks['public_raw_acc']:.1%} (authorized {checks['authorized_acc']:.1%})")
-        if checks["public_raw_acc"] > max_raw_acc:
-            raise ExportError(
-                f"the public network reaches {checks['public_raw_acc']:.1%} on raw inputs (> --max-raw-acc "
-                f"{max_raw_acc:.0%}): it would be useful to a pirate without the trusted module; retrain it")
+        split = SPLITS[ckpt.method](ckpt, data, onnx_path, max_raw_acc, log)
+        checks = {**split.checks, "chance_acc": 1.0 / data.num_classes, "max_raw_acc": max_raw_acc,
+                  "dataset": data.name, "test_items": int(len(data.y_test))}
         files = {PUBLIC_ONNX: sha256_file(onnx_path)}
         if tensorrt:
             build_tensorrt_plan(onnx_path, staging / PUBLIC_PLAN, ckpt.input_shape, max_batch, fp16)
@@ -151,9 +120,9 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
         manifest: dict[str, Any] = {
             "format": FORMAT,
             "bundle_id": uuid.uuid4().hex,
-            "model_id": model_id or f"{ckpt.model_name}-{ckpt.secret['variant']}",
-            "method": "transform",
-            "variant": ckpt.secret["variant"],
+            "model_id": model_id or default_model_id(ckpt),
+            "method": ckpt.method,
+            **split.manifest,
             "created_at": int(time.time()),
             "owner_public_key": owner_key_field(signer),
             "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": tensor_shape},
@@ -164,8 +133,7 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
             "training": {k: float(v) for k, v in ckpt.metrics.items()},
         }
         measurements, chain = measurement_chain(core_digest(manifest))
-        config, arrays = transform_to_arrays(transform, ckpt.input_shape)
-        sealed = store.seal(pack(config, arrays), chain=chain, label=manifest["bundle_id"])
+        sealed = store.seal(pack(split.config, split.arrays), chain=chain, label=manifest["bundle_id"])
         (staging / SECRETS).write_bytes(sealed)
         expected = {
             "backend": store.backend,

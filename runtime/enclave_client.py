@@ -135,23 +135,39 @@ class EnclaveClient:
             self._sessions[key] = (reply.session_id, float(reply.expires_at))
         return reply.session_id
 
-    def preprocess(self, license_token: str, batch: np.ndarray, client: str = "") -> np.ndarray:
-        """Send a raw float32 batch through the trusted module; reopen the session once if it expired."""
+    def _with_session(self, license_token: str, client: str, call):
+        """call(session_id) with this license's session; reopen it once if the module forgot it (expiry)."""
         self.ensure_attested()
-        batch = np.ascontiguousarray(batch, dtype="<f4")
-        tensor = enclave_pb2.Tensor(shape=list(batch.shape), data=batch.tobytes())
         for attempt in range(2):
             session_id = self.session_for(license_token, client)
             try:
-                reply = self._call(self._stub.Preprocess,
-                                   enclave_pb2.PreprocessRequest(session_id=session_id, input=tensor))
-                break
+                return call(session_id)
             except EnclaveError as exc:
                 if exc.code != grpc.StatusCode.UNAUTHENTICATED or attempt:
                     raise
                 with self._lock:
                     self._sessions.pop(hashlib.sha256(license_token.encode()).hexdigest(), None)
+        raise AssertionError("unreachable")
+
+    def preprocess(self, license_token: str, batch: np.ndarray, client: str = "") -> np.ndarray:
+        """Send a raw float32 batch through the trusted module."""
+        batch = np.ascontiguousarray(batch, dtype="<f4")
+        tensor = enclave_pb2.Tensor(shape=list(batch.shape), data=batch.tobytes())
+        reply = self._with_session(license_token, client, lambda sid: self._call(
+            self._stub.Preprocess, enclave_pb2.PreprocessRequest(session_id=sid, input=tensor)))
         out = np.frombuffer(reply.output.data, dtype="<f4")
         if out.size != batch.size or tuple(reply.output.shape) != batch.shape:
             raise EnclaveError(grpc.StatusCode.INTERNAL, "trusted module returned a tensor of the wrong shape")
         return out.reshape(batch.shape)
+
+    def passport_params(self, license_token: str, items: int, client: str = "") -> dict[str, np.ndarray]:
+        """The passport layers' gamma/beta for a batch of `items` inputs (passport bundles)."""
+        reply = self._with_session(license_token, client, lambda sid: self._call(
+            self._stub.PassportParams, enclave_pb2.PassportParamsRequest(session_id=sid, items=items)))
+        params = {}
+        for named in reply.params:
+            value = np.frombuffer(named.tensor.data, dtype="<f4")
+            if value.size != int(np.prod(named.tensor.shape)):
+                raise EnclaveError(grpc.StatusCode.INTERNAL, f"trusted module returned a malformed {named.name}")
+            params[named.name] = value.reshape(tuple(named.tensor.shape))
+        return params

@@ -1,5 +1,8 @@
 """KServe v2 gRPC endpoint (proto/inference.proto): raw inputs -> trusted module -> public.onnx -> logits.
 
+Passport bundles (scheme V1) ask the trusted module for the passport layers' gamma/beta instead, once per
+batch, and run public.onnx with them filled in (the session is rebuilt in memory when they change).
+
 The license travels as gRPC request metadata under the key `sealnet-license` (tritonclient:
 `client.infer(..., headers={"sealnet-license": token})`). Every answer passes through the trusted module:
 when it is unreachable the call fails with UNAVAILABLE; no code path runs the public network on raw inputs.
@@ -10,6 +13,7 @@ run in worker threads behind the dynamic batcher.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
@@ -17,13 +21,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import sealnet
 from runtime.batching import DEFAULT_BATCHING, BatchingConfig, DynamicBatcher
 from runtime.enclave_client import AttestationFailed, EnclaveClient, EnclaveError
-from runtime.onnx_session import ort_session
+from runtime.onnx_session import ort_session, session_from_model, with_params
 from sealnet._grpc import inference_pb2, inference_pb2_grpc
 from sealnet.bundle import EXPECTED_MEASUREMENTS, PUBLIC_ONNX, Bundle, load_bundle
 from sealnet.rpc import add_servicer
@@ -59,7 +64,14 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self.item_shape = tuple(spec["input"]["shape"][1:])
         self.num_outputs = spec["output"]["shape"][1]
         self.max_batch = int(spec.get("max_batch", 1024))
-        self.session = ort_session(bundle.path(PUBLIC_ONNX), threads=ort_threads, providers=providers or ["auto"])
+        self.method = spec["method"]
+        self._ort_threads, self._providers = ort_threads, providers or ["auto"]
+        self.session = ort_session(bundle.path(PUBLIC_ONNX), threads=ort_threads, providers=self._providers)
+        if self.method == "passport":
+            self._public_model = onnx.load(str(bundle.path(PUBLIC_ONNX)))
+            self._param_names = list(spec["passport_params"])
+            self._params_digest = b""  # the shipped (zero) gamma/beta: what the bypass serves
+            self._session_lock = threading.Lock()
         self.batcher = DynamicBatcher(self._preprocess, self._run, batching or BatchingConfig(max_batch=1))
         self._ready_cache = (0.0, False)
         self.port = 0  # set by serve(): the bound TCP port (useful with HOST:0)
@@ -137,7 +149,27 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     def _preprocess(self, token: str, client: str, batch: np.ndarray) -> np.ndarray:
         if self.enclave is None:
             return batch
+        if self.method == "passport":
+            self._use_params(self.enclave.passport_params(token, len(batch), client=client))
+            return batch
         return self.enclave.preprocess(token, batch, client=client)
+
+    def _use_params(self, params: dict[str, np.ndarray]) -> None:
+        """Make sure the session runs with these gamma/beta (the same on every call unless the module changed)."""
+        if sorted(params) != sorted(self._param_names):
+            raise EnclaveError(grpc.StatusCode.INTERNAL, "trusted module returned passport parameters that do not "
+                               "match this bundle")
+        digest = hashlib.sha256(b"".join(params[n].tobytes() for n in self._param_names)).digest()
+        with self._session_lock:
+            if digest == self._params_digest:
+                return
+            try:
+                model = with_params(self._public_model, params)
+            except ValueError as exc:
+                raise EnclaveError(grpc.StatusCode.INTERNAL,
+                                   f"passport parameters do not fit public.onnx: {exc}") from None
+            self.session = session_from_model(model, threads=self._ort_threads, providers=self._providers)
+            self._params_digest = digest
 
     def _run(self, processed: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: processed})[0].astype("<f4", copy=False)
@@ -179,12 +211,16 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if len(raw) != count * 4:
                 raise RequestError(bad, f"raw_input_contents[0]: {len(raw)} bytes for shape {list(shape)}, "
                                         f"expected {count * 4} (FP32)")
-            return np.frombuffer(raw, dtype="<f4").reshape(shape)
-        values = tensor.contents.fp32_contents
-        if len(values) != count:
-            raise RequestError(bad, f"inputs[0].contents.fp32_contents: {len(values)} values for shape "
-                                    f"{list(shape)}, expected {count}")
-        return np.asarray(values, dtype="<f4").reshape(shape)
+            batch = np.frombuffer(raw, dtype="<f4").reshape(shape)
+        else:
+            values = tensor.contents.fp32_contents
+            if len(values) != count:
+                raise RequestError(bad, f"inputs[0].contents.fp32_contents: {len(values)} values for shape "
+                                        f"{list(shape)}, expected {count}")
+            batch = np.asarray(values, dtype="<f4").reshape(shape)
+        if not np.isfinite(batch).all():
+            raise RequestError(bad, "inputs[0]: contains NaN or infinity")
+        return batch
 
 
 def client_identity(context) -> str:

@@ -52,6 +52,22 @@ def artefacts(tmp_path_factory, digits):
     }
 
 
+PASSPORT_WIDTHS = {"widths": [8, 16, 32, 32, 64]}  # capacity 128 bits on 8x8 digits
+PASSPORT_TRAIN = TrainConfig(epochs=15, batch_size=64, lr=3e-3, seed=0, progress=False)
+PASSPORT_SIGNATURE = "tiny-sig"  # 64 bits
+
+
+@pytest.fixture(scope="session")
+def passport_v1(tmp_path_factory, digits):
+    """A tiny V1 passport CNN (random passports) and its plain baseline, trained once per test session."""
+    from protect.passport_train import PassportConfig, default_passport_path, protect_passport
+
+    root = tmp_path_factory.mktemp("passport")
+    ckpt = protect_passport(digits, root / "v1.pt", PASSPORT_TRAIN,
+                            PassportConfig(scheme="v1", signature=PASSPORT_SIGNATURE), model_config=PASSPORT_WIDTHS)
+    return {"ckpt": ckpt, "path": root / "v1.pt", "passport_path": default_passport_path(root / "v1.pt")}
+
+
 @pytest.fixture
 def bundle_copy(tmp_path, artefacts):
     """A private copy of the session bundle that a test may tamper with."""

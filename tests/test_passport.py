@@ -48,19 +48,13 @@ from protect.passport_train import (
     protect_passport,
 )
 from protect.train import TrainConfig
-
-TINY_WIDTHS = {"widths": [8, 16, 32, 32, 64]}  # capacity 128 bits on 8x8 digits
-TRAIN = TrainConfig(epochs=15, batch_size=64, lr=3e-3, seed=0, progress=False)
-SIGNATURE = "tiny-sig"  # 64 bits
+from tests.conftest import PASSPORT_SIGNATURE as SIGNATURE
+from tests.conftest import PASSPORT_WIDTHS as TINY_WIDTHS
 
 
 @pytest.fixture(scope="module")
-def v1(tmp_path_factory, digits):
-    """A tiny V1 passport CNN (random passports) and its plain baseline, trained once for the module."""
-    root = tmp_path_factory.mktemp("passport")
-    ckpt = protect_passport(digits, root / "v1.pt", TRAIN, PassportConfig(scheme="v1", signature=SIGNATURE),
-                            model_config=TINY_WIDTHS)
-    return {"ckpt": ckpt, "path": root / "v1.pt", "passport_path": default_passport_path(root / "v1.pt")}
+def v1(passport_v1):
+    return passport_v1
 
 
 # -- the passport layer -----------------------------------------------------------------------------------------

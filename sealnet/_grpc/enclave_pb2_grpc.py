@@ -54,6 +54,11 @@ class TrustedModuleStub:
                 request_serializer=enclave__pb2.PreprocessRequest.SerializeToString,
                 response_deserializer=enclave__pb2.PreprocessResponse.FromString,
                 _registered_method=True)
+        self.PassportParams = channel.unary_unary(
+                '/sealnet.enclave.TrustedModule/PassportParams',
+                request_serializer=enclave__pb2.PassportParamsRequest.SerializeToString,
+                response_deserializer=enclave__pb2.PassportParamsResponse.FromString,
+                _registered_method=True)
 
 
 class TrustedModuleServicer:
@@ -87,6 +92,14 @@ class TrustedModuleServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PassportParams(self, request, context):
+        """Passport bundles (scheme V1): the scale/bias (gamma, beta) of every passport layer, derived inside the
+        module from the sealed passports and weights. Called once per batch: `items` is charged to the license.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrustedModuleServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_TrustedModuleServicer_to_server(servicer, server):
                     servicer.Preprocess,
                     request_deserializer=enclave__pb2.PreprocessRequest.FromString,
                     response_serializer=enclave__pb2.PreprocessResponse.SerializeToString,
+            ),
+            'PassportParams': grpc.unary_unary_rpc_method_handler(
+                    servicer.PassportParams,
+                    request_deserializer=enclave__pb2.PassportParamsRequest.FromString,
+                    response_serializer=enclave__pb2.PassportParamsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +237,33 @@ class TrustedModule:
             '/sealnet.enclave.TrustedModule/Preprocess',
             enclave__pb2.PreprocessRequest.SerializeToString,
             enclave__pb2.PreprocessResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PassportParams(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealnet.enclave.TrustedModule/PassportParams',
+            enclave__pb2.PassportParamsRequest.SerializeToString,
+            enclave__pb2.PassportParamsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,168 @@
+"""Per-method splits of a protected checkpoint into what the bundle ships and what gets sealed.
+
+Each split writes public.onnx, checks that it is useless alone and right with the secret, and returns the
+secret part as (config, arrays) for the trusted module. build_engine.py does the rest (sealing, manifest).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from export import ExportError
+from protect.checkpoint import ProtectedCheckpoint
+from protect.transform import transform_to_arrays
+from runtime.onnx_session import ort_accuracy, ort_session, param_names, session_from_model, with_params
+from sealnet.data import Dataset
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+MAX_ONNX_DIFF = 1e-3
+
+
+@dataclass
+class Split:
+    config: dict[str, Any]  # sealed: method-specific settings the trusted module needs
+    arrays: dict[str, np.ndarray]  # sealed: the secret tensors
+    checks: dict[str, Any]  # recorded in the manifest
+    manifest: dict[str, Any] = field(default_factory=dict)  # method-specific manifest fields
+
+
+def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
+                opset: int = 17) -> None:
+    """Export with a dynamic batch dimension on `input` (TorchScript exporter: no extra dependencies)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(), args, str(path), dynamo=False, opset_version=opset,
+            input_names=input_names, output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        )
+
+
+def _check_diff(got: np.ndarray, reference: np.ndarray) -> float:
+    diff = float(np.abs(got - reference).max())
+    if diff > MAX_ONNX_DIFF:
+        raise ExportError(f"ONNX output differs from torch by {diff:.2e} (> {MAX_ONNX_DIFF}); not exporting")
+    return diff
+
+
+def _gate(public_acc: float, max_raw_acc: float, what: str) -> None:
+    if public_acc > max_raw_acc:
+        raise ExportError(f"the public network reaches {public_acc:.1%} {what} (> --max-raw-acc {max_raw_acc:.0%}): "
+                          "it would be useful to a pirate without the trusted module; retrain it")
+
+
+def split_transform(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, max_raw_acc: float,
+                    log: Callable[[str], None]) -> Split:
+    """Anti-piracy transform: public.onnx is the network trained on transformed inputs; the transform is sealed."""
+    model, transform = ckpt.build_public_model(), ckpt.build_transform()
+    export_onnx(model, (torch.zeros(1, *ckpt.input_shape),), onnx_path, [INPUT_NAME])
+    session = ort_session(onnx_path)
+    with torch.no_grad():
+        processed = transform(torch.from_numpy(data.x_test)).numpy()
+        reference = model(torch.from_numpy(processed[:256])).numpy()
+    diff = _check_diff(session.run(None, {INPUT_NAME: processed[:256]})[0], reference)
+    checks = {"onnx_max_abs_diff": diff, "public_raw_acc": ort_accuracy(session, data.x_test, data.y_test),
+              "authorized_acc": ort_accuracy(session, processed, data.y_test)}
+    log(f"public.onnx: max |onnx - torch| = {diff:.2e}; raw-input accuracy {checks['public_raw_acc']:.1%} "
+        f"(authorized {checks['authorized_acc']:.1%})")
+    _gate(checks["public_raw_acc"], max_raw_acc, "on raw inputs")
+    config, arrays = transform_to_arrays(transform, ckpt.input_shape)
+    return Split(config, arrays, checks, {"variant": ckpt.secret["variant"]})
+
+
+# -- passports (scheme V1) ------------------------------------------------------------------------------------
+def _layer_spec(name: str, layer: torch.nn.Module, index: int, arrays: dict[str, np.ndarray],
+                passports: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Sealed description of one passport layer: how the trusted module derives its gamma and beta.
+
+    The layer's weight is sealed too (a copy of public weights, not a secret): the ONNX exporter folds the
+    normalisation into the convolution, so public.onnx does not hold W itself, and a sealed copy means a
+    swapped public.onnx cannot steer the derived parameters.
+    """
+    from protect.passport import PassportConv2d
+
+    spec: dict[str, Any] = {"layer": name, "gamma": f"gamma_{index}", "beta": f"beta_{index}"}
+    if isinstance(layer, PassportConv2d):
+        conv = layer.conv
+        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+            raise ExportError(f"passport layer {name}: only plain convolutions (groups 1, dilation 1) are supported")
+        spec.update(kind="conv", stride=list(conv.stride), padding=list(conv.padding))
+    else:
+        spec.update(kind="linear")
+    arrays[f"{name}/weight"] = layer.weight().detach().numpy().astype(np.float32)
+    for key in ("gamma", "beta"):
+        derived = layer.passport_fn in (key, "both")
+        spec[f"{key}_from"] = "passport" if derived else "constant"
+        source = passports[key] if derived else getattr(layer, key)
+        arrays[f"{name}/{key}"] = torch.as_tensor(source).detach().numpy().astype(np.float32)
+    return spec
+
+
+def split_passport(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, max_raw_acc: float,
+                   log: Callable[[str], None]) -> Split:
+    """Scheme V1: public.onnx computes gamma*norm(conv(x))+beta with gamma/beta as initializers that ship
+    as zeros; the sealed part holds the passports; the trusted module derives gamma/beta after a license check."""
+    from protect.passport import ExplicitParamsModel, compute_params, passport_layers
+
+    scheme = ckpt.secret.get("scheme")
+    if scheme != "v1":
+        raise ExportError(f"passport scheme {scheme!r} is not deployable through the trusted module: V2/V3 "
+                          "distribute the public gamma/beta branch, which needs no secret at inference. Export "
+                          "scheme v1 (passport needed at inference); verify V2/V3 ownership with `sealnet verify`")
+    model = ckpt.build_passport_model()
+    layers = passport_layers(model)
+    wrapper = ExplicitParamsModel(model).eval()
+    params = compute_params(model)
+    names = param_names(len(layers))
+    values = {n: t.detach().numpy().astype(np.float32)
+              for n, t in zip(names, (t for name in layers for t in params[name]), strict=True)}
+    example = (torch.zeros(1, *ckpt.input_shape), *(torch.from_numpy(values[n]) for n in names))
+    export_onnx(wrapper, example, onnx_path, [INPUT_NAME, *names])
+
+    # gamma/beta become initializers holding zeros: what ships is a network whose passport layers output 0.
+    graph_model = onnx.load(str(onnx_path))
+    moved = [i for i in graph_model.graph.input if i.name in values]
+    if len(moved) != len(names):
+        raise ExportError(f"the exported graph lost passport inputs (found {[i.name for i in moved]})")
+    for inp in moved:
+        graph_model.graph.input.remove(inp)
+        graph_model.graph.initializer.append(numpy_helper.from_array(np.zeros_like(values[inp.name]), inp.name))
+    onnx.save(graph_model, str(onnx_path))
+
+    x, y = data.x_test, data.y_test
+    with torch.no_grad():
+        reference = model(torch.from_numpy(x[:256])).numpy()
+    authorized = session_from_model(with_params(graph_model, values))
+    diff = _check_diff(authorized.run(None, {INPUT_NAME: x[:256]})[0], reference)
+    # What a holder of the bundle alone can run: the shipped zeros, or the natural guess gamma=1, beta=0.
+    guess = {n: (np.ones_like(v) if n.startswith("gamma") else np.zeros_like(v)) for n, v in values.items()}
+    checks = {
+        "onnx_max_abs_diff": diff,
+        "public_raw_acc": ort_accuracy(ort_session(onnx_path), x, y),
+        "public_unit_params_acc": ort_accuracy(session_from_model(with_params(graph_model, guess)), x, y),
+        "authorized_acc": ort_accuracy(authorized, x, y),
+    }
+    log(f"public.onnx: max |onnx - torch| = {diff:.2e}; shipped gamma/beta (zeros) {checks['public_raw_acc']:.1%}, "
+        f"gamma=1/beta=0 {checks['public_unit_params_acc']:.1%} (authorized {checks['authorized_acc']:.1%})")
+    _gate(checks["public_raw_acc"], max_raw_acc, "with the shipped gamma/beta")
+    _gate(checks["public_unit_params_acc"], max_raw_acc, "with gamma=1, beta=0")
+
+    arrays: dict[str, np.ndarray] = {}
+    passports = ckpt.secret["passports"]
+    specs = [_layer_spec(name, layer, i, arrays, passports[name]) for i, (name, layer) in enumerate(layers.items())]
+    config = {"method": "passport", "layers": specs}
+    return Split(config, arrays, checks, {"scheme": scheme, "passport_fn": ckpt.secret.get("passport_fn"),
+                                          "passport_params": names})
+
+
+SPLITS = {"transform": split_transform, "passport": split_passport}
