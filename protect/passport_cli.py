@@ -129,7 +129,7 @@ def add_passport_eval_parser(sub: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--signature", help="also verify this claimed signature")
     p.add_argument("--skip", action="append", default=[],
                    choices=["svd", "reverse", "reverse_svd", "insider", "forgery", "pruning", "finetune",
-                            "image_fakes"], help="leave out a measurement (repeatable)")
+                            "image_fakes", "deploy"], help="leave out a measurement (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_passport_eval)
     return p
@@ -147,7 +147,7 @@ def cmd_passport_eval(args: argparse.Namespace) -> int:
     r = run_passport_eval(ckpt, secret, data, args.out, n_fakes=args.fakes, seed=args.seed,
                           rev_epochs=args.rev_epochs, rev_target=args.rev_target,
                           finetune_epochs=args.finetune_epochs, signature=args.signature, skip=tuple(args.skip),
-                          progress=True)
+                          progress=True, checkpoint_path=args.checkpoint, data_dir=args.data_dir)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(r, indent=2))

@@ -58,7 +58,6 @@ from protect.passport_train import (
 from sealnet.data import Dataset
 
 Predict = Callable[[np.ndarray], np.ndarray]
-NOTE_DEPLOYMENT = "set by the deployment path"
 
 
 def _labels(out: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -463,8 +462,12 @@ def finetune_attack(model: nn.Module, data: Dataset, bits: np.ndarray, signature
 def run_passport_eval(ckpt: ProtectedCheckpoint, secret: dict[str, Any], data: Dataset, out_dir: Path,
                       n_fakes: int = 200, seed: int = 0, rev_epochs: int = 3, rev_target: str = "params",
                       finetune_epochs: int = 2, signature: str | None = None, skip: tuple[str, ...] = (),
-                      progress: bool = True) -> dict[str, Any]:
-    """Every measurement of the module docstring; writes passport_eval.{json,md} and PNG plots to out_dir."""
+                      progress: bool = True, checkpoint_path: Path | None = None,
+                      data_dir: Path | None = None) -> dict[str, Any]:
+    """Every measurement of the module docstring; writes passport_eval.{json,md} and PNG plots to out_dir.
+
+    With `checkpoint_path` (scheme V1) the checkpoint is also exported and served locally: deployed_acc is
+    measured over gRPC through the trusted module, public_onnx_acc on the bundle's public.onnx alone."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -486,7 +489,6 @@ def run_passport_eval(ckpt: ProtectedCheckpoint, secret: dict[str, Any], data: D
         "signature_decoded": bits_to_signature(got[:nsig]),
         "channel_bits_matched": int((got[: len(bits)] == bits).sum()),
         "deployed_acc": None, "public_onnx_acc": None,
-        "deployed_note": f"deployed_acc and public_onnx_acc are {NOTE_DEPLOYMENT}",
     }
     if signature is not None:
         r["signature_claim_verified"] = verify_ownership(
@@ -528,11 +530,30 @@ def run_passport_eval(ckpt: ProtectedCheckpoint, secret: dict[str, Any], data: D
     if "finetune" not in skip:
         r["finetune"] = finetune_attack(model, data, bits, nsig, "public" if scheme != "v1" else "passport",
                                         epochs=finetune_epochs, seed=seed, trigger=trigger, progress=progress)
+    if "deploy" not in skip:
+        r.update(deployed_accuracy(checkpoint_path, scheme, data, data_dir))
     r["eval_seconds"] = time.perf_counter() - t0
     (out_dir / "passport_eval.json").write_text(json.dumps(r, indent=2))
     (out_dir / "passport_eval.md").write_text(markdown_report(r))
     write_plots(r, out_dir)
     return r
+
+
+def deployed_accuracy(checkpoint_path: Path | None, scheme: str, data: Dataset, data_dir: Path | None
+                      ) -> dict[str, Any]:
+    """deployed_acc (bundle + trusted module + gRPC with a license) and public_onnx_acc (public.onnx alone)."""
+    if scheme != "v1":
+        return {"deployed_note": f"scheme {scheme} distributes the public branch; only V1 deploys through the "
+                                 "trusted module"}
+    if checkpoint_path is None:
+        return {"deployed_note": "not measured (no checkpoint path given)"}
+    from sealnet.deployment import local_deployment
+
+    with local_deployment(checkpoint_path, data_dir=data_dir) as dep:
+        return {"deployed_acc": dep.accuracy(data.x_test, data.y_test, dep.license()),
+                "public_onnx_acc": dep.public_onnx_accuracy(data.x_test, data.y_test),
+                "public_unit_params_acc": dep.manifest["checks"]["public_unit_params_acc"],
+                "deployed_note": "bundle exported with a fresh key and keystore, served locally, queried over gRPC"}
 
 
 def _pct(v: Any) -> str:
@@ -571,7 +592,12 @@ def markdown_report(r: dict[str, Any]) -> str:
                      f"{r['signature_bits']}) |")
     if "trigger_acc" in r:
         lines.append(f"| V3 trigger set detected | {_pct(r['trigger_acc'])} |")
-    lines.append(f"| deployed / public ONNX accuracy | {r['deployed_note']} |")
+    if r.get("deployed_acc") is not None:
+        lines.append(f"| deployed: bundle + trusted module + gRPC, with a license | {_pct(r['deployed_acc'])} |")
+        lines.append(f"| public.onnx alone (shipped zero gamma/beta) | {_pct(r['public_onnx_acc'])} |")
+        lines.append(f"| public.onnx with gamma=1, beta=0 | {_pct(r['public_unit_params_acc'])} |")
+    else:
+        lines.append(f"| deployed / public ONNX accuracy | {r.get('deployed_note', 'not measured')} |")
     if "insider_flip" in r:
         lines += ["", "## fake3: insider forges a signature with flipped signs", "",
                   "| flipped (asked) | flipped (achieved) | accuracy |", "|---|---|---|"]

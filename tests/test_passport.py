@@ -260,11 +260,13 @@ def test_explicit_params_model_exports_to_onnx_with_gamma_beta_inputs(v1, digits
 
 def test_passport_eval_report(v1, digits, tmp_path):
     r = run_passport_eval(v1["ckpt"], load_passport_file(v1["passport_path"]), digits, tmp_path, n_fakes=10,
-                          rev_epochs=1, finetune_epochs=1, signature=SIGNATURE, progress=False)
+                          rev_epochs=1, finetune_epochs=1, signature=SIGNATURE, progress=False,
+                          checkpoint_path=v1["path"])
     for key in ("baseline_acc", "valid_acc", "fake_max_acc", "fake_mean_acc", "signature_match",
-                "reverse_engineered_acc"):
+                "reverse_engineered_acc", "deployed_acc", "public_onnx_acc"):
         assert r[key] is not None, key
-    assert r["deployed_acc"] is None and r["public_onnx_acc"] is None and "deployment path" in r["deployed_note"]
+    assert r["deployed_acc"] == pytest.approx(r["valid_acc"], abs=0.002)  # gRPC through the trusted module
+    assert r["public_onnx_acc"] <= 0.2
     assert r["signature_match"] and r["signature_claim_verified"]
     assert len(r["fake_accs"]) == 10 and [row["rate"] for row in r["pruning"]][0] == 0.1
     assert {"new_task_acc", "signature_detection"} <= set(r["finetune"])
