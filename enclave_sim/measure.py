@@ -24,6 +24,7 @@ TRUSTED_CODE: tuple[str, ...] = (
     "enclave_sim/passport_params.py",
     "enclave_sim/service.py",
     "sealnet/licenses.py",
+    "sealnet/serial.py",
     "sealnet/bundle.py",
     "sealnet/rpc.py",
 )

@@ -2,8 +2,9 @@
 
 Start-up: verify the bundle manifest, extend the keystore's chain with this module's code and the manifest,
 unseal the secrets (refused if either changed), pin the owner public key from the measured manifest.
-Requests: licenses open expiring sessions; sessions may transform batches (transform bundles) or fetch the
-passport layers' gamma/beta (passport bundles, scheme V1). Every refusal is a gRPC status
+Requests: licenses open expiring sessions; sessions may transform batches (transform bundles), stamp them with
+the serial number (DSN bundles: only for the student's own customer and serial number) or fetch the passport
+layers' gamma/beta (passport bundles, scheme V1). Every refusal is a gRPC status
 whose message names the field; no message, log line or audit record ever contains a secret.
 """
 
@@ -32,6 +33,7 @@ from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import SECRETS, Bundle, core_digest, load_bundle
 from sealnet.licenses import License, LicenseError, verify_license
 from sealnet.rpc import add_servicer
+from sealnet.serial import StampSpec, as_pattern
 
 log = logging.getLogger("sealnet.enclave")
 
@@ -76,9 +78,15 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         config, arrays = unpack(keystore.unseal(blob, label=bundle.bundle_id))
         self.method = bundle.manifest["method"]
         self._transform = None
+        self._stamp = None
+        self._required: tuple[str, str] | None = None  # DSN: (customer_id, serial_number) a license must carry
         self._params: dict[str, np.ndarray] | None = None
         if self.method == "transform":
             self._transform = transform_session(config, arrays)
+        elif self.method == "dsn":
+            self._stamp = StampSpec(as_pattern(arrays["pattern"].round().astype(np.uint8)),
+                                    tuple(config["position"]), int(config["scale"]))
+            self._required = (config["customer_id"], config["serial_number"])
         elif self.method == "passport":
             self._params = derive_params(config, arrays)
         else:
@@ -99,6 +107,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         """Drop the transform and forget the keystore. The unsealed arrays were zeroed once the session held
         them; ONNX Runtime's own copy is freed here (best effort: the allocator does not scrub memory)."""
         self._transform = None
+        self._stamp = None
         if self._params is not None:
             for array in self._params.values():
                 array.fill(0)
@@ -137,6 +146,9 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
             lic = verify_license(request.license, self._owner, model_id=self.model_id)
             if self.revocations.is_revoked(lic.license_id, lic.serial_number):
                 raise LicenseError(f"license {lic.license_id} (serial {lic.serial_number}) has been revoked")
+            if self._required and (lic.customer_id, lic.serial_number) != self._required:
+                raise LicenseError(f"serial number {lic.serial_number!r} of customer {lic.customer_id!r} does not "
+                                   "match this model's serial number (a student answers only its own customer)")
         except (LicenseError, PolicyRefusal) as exc:
             self.policy.record_failure(client, caller)
             self.audit.write("open_session", client=client, decision="denied", reason=str(exc))
@@ -155,13 +167,16 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
                                                customer_id=lic.customer_id)
 
     def Preprocess(self, request, context):
-        if self._transform is None:
+        if self._transform is None and self._stamp is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"method: this module serves a {self.method} bundle; "
-                          "Preprocess is for transform bundles (passport bundles use PassportParams)")
+                          "Preprocess is for transform and DSN bundles (passport bundles use PassportParams)")
         session = self._session(request.session_id, context)
         batch = self._tensor(request.input, context)
         self._charge(request.session_id, session, len(batch), "preprocess", context)
-        out = self._transform.run(None, {"x": batch})[0]
+        if self._stamp is not None:
+            out = self._stamp.apply(batch)
+        else:
+            out = self._transform.run(None, {"x": batch})[0]
         self.audit.write("preprocess", client=session.client, license_id=session.license.license_id, decision="ok",
                          items=len(batch))
         return enclave_pb2.PreprocessResponse(output=enclave_pb2.Tensor(shape=list(out.shape), data=out.tobytes()))

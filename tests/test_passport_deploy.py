@@ -79,7 +79,8 @@ def test_trusted_module_derives_the_same_gamma_beta_as_torch(passport_v1):
 
     arrays: dict[str, np.ndarray] = {}
     passports = passport_v1["ckpt"].secret["passports"]
-    specs = [_layer_spec(n, layer, i, arrays, passports[n]) for i, (n, layer) in enumerate(passport_layers(model).items())]
+    layers = passport_layers(model)
+    specs = [_layer_spec(n, layer, i, arrays, passports[n]) for i, (n, layer) in enumerate(layers.items())]
     got = derive_params({"layers": specs}, arrays)
     for i, name in enumerate(passport_layers(model)):
         for j, key in enumerate(("gamma", "beta")):
