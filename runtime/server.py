@@ -17,6 +17,7 @@ import hashlib
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -318,6 +319,47 @@ def serve(bundle_dir: Path, address: str, enclave_address: str | None, *, ort_th
                     "(answers are near chance; for measuring the trusted module's cost only)")
     server = RuntimeServer(lambda: InferenceService(bundle, enclave, ort_threads=ort_threads, batching=batching,
                                                     providers=providers), address)
+    server.service.port = server.port
+    return server, server.service
+
+
+def unprotected_bundle(onnx_path: Path, model_id: str, max_batch: int = 1024) -> Bundle:
+    """An in-memory bundle around a bare ONNX model (one FP32 input with a batch axis, one output)."""
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"--onnx {onnx_path}: no such file")
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise ValueError(f"--onnx {onnx_path}: expected one input and one output, got {len(inputs)} and "
+                         f"{len(graph.output)}")
+
+    def dims(value) -> list[int]:
+        return [d.dim_value if d.dim_value > 0 else -1 for d in value.type.tensor_type.shape.dim]
+
+    manifest = {"model_id": model_id, "method": "unprotected", "max_batch": max_batch,
+                "input": {"name": inputs[0].name, "datatype": "FP32", "shape": [-1, *dims(inputs[0])[1:]]},
+                "output": {"name": graph.output[0].name, "datatype": "FP32", "shape": [-1, *dims(graph.output[0])[1:]]},
+                "files": {}}
+    return _OnnxOnly(onnx_path.parent, manifest, onnx_path)
+
+
+@dataclass(frozen=True)
+class _OnnxOnly(Bundle):
+    onnx_file: Path
+
+    def path(self, name: str) -> Path:
+        return self.onnx_file if name == PUBLIC_ONNX else super().path(name)
+
+
+def serve_unprotected(onnx_path: Path, model_id: str, address: str, *, ort_threads: int = 0
+                      ) -> tuple[RuntimeServer, InferenceService]:
+    """Serve a bare ONNX model over KServe v2 with no trusted module and no license: what a pirate's (or any
+    unprotected) deployment looks like. For ownership checks (`sealnet verify --endpoint`) and experiments."""
+    bundle = unprotected_bundle(onnx_path, model_id)
+    log.warning("UNPROTECTED: serving %s as %s with no trusted module and no license check", onnx_path, model_id)
+    server = RuntimeServer(lambda: InferenceService(bundle, None, ort_threads=ort_threads), address)
     server.service.port = server.port
     return server, server.service
 

@@ -176,6 +176,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.batching import BatchingConfig
     from runtime.server import serve, wait_forever
 
+    if args.onnx:
+        from runtime.server import serve_unprotected
+
+        if args.bundle:
+            raise ValueError("serve: pass either --bundle (protected) or --onnx (unprotected), not both")
+        server, service = serve_unprotected(args.onnx, args.model_id or args.onnx.stem, args.listen,
+                                            ort_threads=args.ort_threads)
+        print(f"UNPROTECTED KServe v2 endpoint for {service.model_id} on {args.listen} (no trusted module, "
+              "no license check)", flush=True)
+        wait_forever(server, _stop_on_signals())
+        return 0
+    if not args.bundle:
+        raise ValueError("serve: --bundle is required (or --onnx for an unprotected model)")
     batching = None if args.no_batching else BatchingConfig(args.max_batch_size, args.max_queue_delay_ms,
                                                             args.batch_workers)
     enclave = None if args.benchmark_bypass_trusted_module else args.enclave
@@ -309,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_attest)
 
     p = sub.add_parser("serve", help="run the KServe v2 inference endpoint")
-    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--bundle", type=Path, help="the bundle to serve through the trusted module")
+    p.add_argument("--onnx", type=Path, help="instead: serve this bare ONNX model UNPROTECTED (what a pirate's "
+                                             "deployment looks like; for `sealnet verify --endpoint` and experiments)")
+    p.add_argument("--model-id", help="with --onnx: the model name clients use (default: the file's stem)")
     p.add_argument("--enclave", default=default_enclave_address(), help="trusted module address")
     p.add_argument("--listen", default="127.0.0.1:8001", help="HOST:PORT (default 127.0.0.1:8001) or unix:PATH")
     p.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)")

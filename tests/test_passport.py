@@ -303,6 +303,28 @@ def test_v2_v3_train_and_verify(tmp_path, digits, scheme):
     with torch.no_grad():
         acc = (public(torch.from_numpy(digits.x_test)).argmax(1).numpy() == digits.y_test).mean()
     assert acc == pytest.approx(m["public_acc"])
+    if scheme == "v3":  # black-box: a suspect serves the distributed network over KServe v2
+        _trigger_detected_over_grpc(tmp_path, public, model, ckpt, digits, trigger)
+
+
+def _trigger_detected_over_grpc(tmp_path, public, model, ckpt, digits, trigger):
+    from export.split import export_onnx
+    from runtime.client import InferenceClient
+    from runtime.server import serve_unprotected
+
+    export_onnx(public, (torch.zeros(1, *ckpt.input_shape),), tmp_path / "suspect.onnx", ["input"])
+    plain = create_model("cnn_plain", ckpt.input_shape, ckpt.num_classes, widths=TINY_WIDTHS["widths"])
+    export_onnx(plain, (torch.zeros(1, *ckpt.input_shape),), tmp_path / "plain.onnx", ["input"])
+    for name, want in (("suspect", True), ("plain", False)):
+        server, service = serve_unprotected(tmp_path / f"{name}.onnx", name, "127.0.0.1:0")
+        client = InferenceClient(f"127.0.0.1:{service.port}", name)
+        try:
+            res = verify_ownership(model, ckpt.secret["passports"], SIGNATURE, trigger=trigger,
+                                   trigger_predict=lambda x, c=client: c.infer(x, None))
+        finally:
+            client.close()
+            server.stop(0)
+        assert res.trigger_ok is want, (name, res.trigger_acc)
 
 
 def test_image_passports_train(tmp_path, digits):
