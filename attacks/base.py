@@ -113,7 +113,7 @@ class Target:
     revoked_license: str | None = field(default=None, repr=False)
     kill_enclave: Callable[[], None] | None = field(default=None, repr=False)
     alive: Callable[[], dict[str, bool]] | None = field(default=None, repr=False)  # service name -> process alive
-    _pairs: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False)
+    _pairs: dict[str, Any] = field(default_factory=dict, init=False, repr=False)  # insider-obtained data
 
     @cached_property
     def bundle(self) -> Bundle:
@@ -166,9 +166,38 @@ class Target:
             self._pairs[split] = np.concatenate(parts)
         return self._pairs[split]
 
+    def passport_params(self) -> dict[str, np.ndarray]:
+        """Passport bundles: the gamma/beta the trusted module hands a licensed caller (as an insider gets them)."""
+        if "passport" not in self._pairs:
+            if not (self.enclave and self.license):
+                raise Skip("needs the trusted module's address (--enclave) and a valid license (--license-file) "
+                           "to obtain the passport parameters as an insider")
+            from runtime.enclave_client import EnclaveClient
+
+            client = EnclaveClient(self.enclave, tls_dir=self.enclave_tls, timeout=60.0)
+            try:
+                self._pairs["passport"] = client.passport_params(self.license, 1, client=f"attack-insider-{self.seed}")
+            finally:
+                client.close()
+        return dict(self._pairs["passport"])
+
+    def accuracy_with_params(self, params: dict[str, np.ndarray], x: np.ndarray | None = None,
+                             y: np.ndarray | None = None) -> float:
+        """Passport bundles: public.onnx run with these gamma/beta filled in, on raw test images by default."""
+        import onnx
+
+        from runtime.onnx_session import ort_accuracy, session_from_model, with_params
+
+        model = with_params(onnx.load(str(self.bundle.path(PUBLIC_ONNX))), params)
+        session = session_from_model(model, threads=1)
+        return ort_accuracy(session, self.data.x_test if x is None else x, self.data.y_test if y is None else y)
+
     def authorized_accuracy(self) -> tuple[float, str]:
         """What a licensed user gets, and where the number comes from (measured, else the manifest's record)."""
         try:
+            if self.method == "passport":
+                return (self.accuracy_with_params(self.passport_params()),
+                        "measured: public.onnx with the trusted module's gamma/beta")
             return self.public_accuracy(self.processed("test")), "measured: public.onnx on trusted-module outputs"
         except Skip:
             recorded = self.bundle.manifest.get("checks", {}).get("authorized_acc")

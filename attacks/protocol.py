@@ -120,8 +120,7 @@ def check_health(target: Target) -> dict[str, dict[str, bool]]:
                 opened = open_session(wire, target.license, "health")
                 ok = opened.code == S.OK
                 if ok:
-                    r = wire.call(method(ENCLAVE_SERVICE, "Preprocess"),
-                                  preprocess_request(session_id_of(opened), _images(target, 2)).SerializeToString())
+                    r = wire.call(*_data_call(target, session_id_of(opened), _images(target, 2)))
                     ok = r.code == S.OK
                 checks["valid_request"] = ok
             out["enclave"] = checks
@@ -205,6 +204,14 @@ def _runtime_cases(target: Target) -> list[tuple[str, str, bytes, Any, set]]:
     return cases
 
 
+def _data_call(target: Target, sid: str, x: np.ndarray) -> tuple[str, bytes]:
+    """The trusted module's data RPC for this bundle's method: PassportParams for passports, else Preprocess."""
+    if target.method == "passport":
+        return (method(ENCLAVE_SERVICE, "PassportParams"),
+                enclave_pb2.PassportParamsRequest(session_id=sid, items=len(x)).SerializeToString())
+    return method(ENCLAVE_SERVICE, "Preprocess"), preprocess_request(sid, x).SerializeToString()
+
+
 def _with(msg, **fields) -> bytes:
     for k, v in fields.items():
         setattr(msg, k, v)
@@ -240,7 +247,20 @@ def _enclave_cases(target: Target, sid: str | None) -> list[tuple[str, str, byte
         ("unknown method", method(ENCLAVE_SERVICE, "NoSuchMethod"), b"", None, {S.UNIMPLEMENTED}),
         ("oversized message (65 MiB)", pre, os.urandom(OVERSIZED), None, {S.RESOURCE_EXHAUSTED}),
     ]
-    if sid:
+    if sid and target.method == "passport":
+        pp = method(ENCLAVE_SERVICE, "PassportParams")
+
+        def items(n: int) -> bytes:
+            return enclave_pb2.PassportParamsRequest(session_id=sid, items=n).SerializeToString()
+
+        cases += [
+            ("passport: items 0", pp, items(0), None, {S.INVALID_ARGUMENT}),
+            ("passport: items -1", pp, items(-1), None, {S.INVALID_ARGUMENT}),
+            (f"passport: items {max_batch + 1} (max + 1)", pp, items(max_batch + 1), None, {S.INVALID_ARGUMENT}),
+            ("passport: Preprocess on a passport bundle", pre, req(), None, {S.FAILED_PRECONDITION}),
+            (f"passport: items {max_batch} (max) is served", pp, items(max_batch), None, {S.OK}),
+        ]
+    elif sid:
         no_input = enclave_pb2.PreprocessRequest(session_id=sid).SerializeToString()
         cases += [
             ("no input tensor", pre, no_input, None, {S.INVALID_ARGUMENT}),
@@ -350,10 +370,22 @@ def _enclave_seeds(target: Target, sid: str | None) -> list[Seed]:
         except LicenseError:
             return False
 
+    def structured_params(rng: np.random.Generator) -> enclave_pb2.PassportParamsRequest:
+        sess = str(rng.choice([session, session, "", random_text(rng, 32)]))
+        n = int(rng.choice([0, 1, max_batch, max_batch + 1, -1, 2**62, int(rng.integers(-10**9, 10**9))]))
+        return enclave_pb2.PassportParamsRequest(session_id=sess, items=n)
+
     token = target.license or forged_license(model)
+    if target.method == "passport":
+        data_seed = Seed(method(ENCLAVE_SERVICE, "PassportParams"),
+                         enclave_pb2.PassportParamsRequest(session_id=session, items=2),
+                         ok_allowed=lambda msg: bool(sid) and msg.session_id == sid and 1 <= msg.items <= max_batch,
+                         structured=structured_params)
+    else:
+        data_seed = Seed(method(ENCLAVE_SERVICE, "Preprocess"), preprocess_request(session, _images(target, 2)),
+                         ok_allowed=lambda msg: bool(sid) and msg.session_id == sid, structured=structured)
     return [
-        Seed(method(ENCLAVE_SERVICE, "Preprocess"), preprocess_request(session, _images(target, 2)),
-             ok_allowed=lambda msg: bool(sid) and msg.session_id == sid, structured=structured),
+        data_seed,
         Seed(method(ENCLAVE_SERVICE, "OpenSession"), enclave_pb2.OpenSessionRequest(license=token),
              client_md("fuzz"), ok_allowed=license_ok),
         Seed(method(ENCLAVE_SERVICE, "Attest"), enclave_pb2.AttestRequest(nonce=os.urandom(32))),

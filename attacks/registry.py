@@ -2,8 +2,8 @@
 
 An attack is a function `run(target, budget, out_dir) -> Outcome` registered with its suite ("model" or
 "protocol"), the protection methods it applies to (None: any, e.g. protocol attacks) and the attacker
-knowledge it assumes. Future methods (passports, serial numbers) add their own modules with
-`methods=("passport",)` etc.; the runner skips attacks whose methods do not include the bundle's.
+knowledge it assumes. Each method has its own module (`methods=("passport",)` etc.); the runner skips attacks
+whose methods do not include the bundle's.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from attacks.base import Budget, Outcome, Target
 
 SUITES = ("model", "protocol")
 # Modules that register attacks when imported; a new attack module is added here.
-ATTACK_MODULES = ("attacks.transform_attacks", "attacks.stealing", "attacks.protocol")
+ATTACK_MODULES = ("attacks.transform_attacks", "attacks.passport_attacks", "attacks.serial_attacks", "attacks.stealing",
+                  "attacks.protocol")
 
 RunFn = Callable[[Target, Budget, Path], Outcome]
 

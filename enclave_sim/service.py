@@ -167,10 +167,10 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
                                                customer_id=lic.customer_id)
 
     def Preprocess(self, request, context):
+        session = self._session(request.session_id, context)
         if self._transform is None and self._stamp is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"method: this module serves a {self.method} bundle; "
                           "Preprocess is for transform and DSN bundles (passport bundles use PassportParams)")
-        session = self._session(request.session_id, context)
         batch = self._tensor(request.input, context)
         self._charge(request.session_id, session, len(batch), "preprocess", context)
         if self._stamp is not None:
@@ -182,10 +182,10 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         return enclave_pb2.PreprocessResponse(output=enclave_pb2.Tensor(shape=list(out.shape), data=out.tobytes()))
 
     def PassportParams(self, request, context):
+        session = self._session(request.session_id, context)
         if self._params is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"method: this module serves a {self.method} bundle; "
                           "PassportParams is for passport bundles")
-        session = self._session(request.session_id, context)
         if not 1 <= request.items <= self._max_batch:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"items: must be 1..{self._max_batch} (the batch the parameters are used for)")

@@ -165,4 +165,32 @@ def split_passport(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, ma
                                           "passport_params": names})
 
 
-SPLITS = {"transform": split_transform, "passport": split_passport}
+# -- Deep Serial Number ----------------------------------------------------------------------------------------
+def split_dsn(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, max_raw_acc: float,
+              log: Callable[[str], None]) -> Split:
+    """DSN: public.onnx is one customer's student; the sealed part is its stamp (pattern, position, scale) and
+    the serial number and customer id a license must carry for the trusted module to stamp inputs."""
+    from sealnet.serial import StampSpec, license_serial_number
+
+    spec = StampSpec.from_secret(ckpt.secret)
+    model = ckpt.build_public_model()
+    export_onnx(model, (torch.zeros(1, *ckpt.input_shape),), onnx_path, [INPUT_NAME])
+    session = ort_session(onnx_path)
+    stamped = spec.apply(data.x_test)
+    with torch.no_grad():
+        reference = model(torch.from_numpy(stamped[:256])).numpy()
+    diff = _check_diff(session.run(None, {INPUT_NAME: stamped[:256]})[0], reference)
+    checks = {"onnx_max_abs_diff": diff, "public_raw_acc": ort_accuracy(session, data.x_test, data.y_test),
+              "authorized_acc": ort_accuracy(session, stamped, data.y_test)}
+    log(f"public.onnx: max |onnx - torch| = {diff:.2e}; raw-input accuracy {checks['public_raw_acc']:.1%} "
+        f"(stamped with the serial number {checks['authorized_acc']:.1%})")
+    _gate(checks["public_raw_acc"], max_raw_acc, "on raw (unstamped) inputs")
+    serial = ckpt.secret["serial"]
+    serial_number = license_serial_number(ckpt.secret["commitment"])
+    config = {"method": "dsn", "position": list(spec.position), "scale": spec.scale,
+              "customer_id": serial["customer_id"], "serial_number": serial_number}
+    arrays = {"pattern": spec.pattern.astype(np.float32)}
+    return Split(config, arrays, checks, {"customer_id": serial["customer_id"], "serial_number": serial_number})
+
+
+SPLITS = {"transform": split_transform, "passport": split_passport, "dsn": split_dsn}

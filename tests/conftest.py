@@ -55,6 +55,9 @@ def artefacts(tmp_path_factory, digits):
 PASSPORT_WIDTHS = {"widths": [8, 16, 32, 32, 64]}  # capacity 128 bits on 8x8 digits
 PASSPORT_TRAIN = TrainConfig(epochs=15, batch_size=64, lr=3e-3, seed=0, progress=False)
 PASSPORT_SIGNATURE = "tiny-sig"  # 64 bits
+PASSPORT_MODEL_ID = "digits-passport"
+DSN_MODEL_ID = "digits-dsn"
+DSN_TRAIN = TrainConfig(epochs=12, batch_size=64, lr=2e-3, seed=0, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +69,31 @@ def passport_v1(tmp_path_factory, digits):
     ckpt = protect_passport(digits, root / "v1.pt", PASSPORT_TRAIN,
                             PassportConfig(scheme="v1", signature=PASSPORT_SIGNATURE), model_config=PASSPORT_WIDTHS)
     return {"ckpt": ckpt, "path": root / "v1.pt", "passport_path": default_passport_path(root / "v1.pt")}
+
+
+@pytest.fixture(scope="session")
+def passport_bundle(tmp_path_factory, passport_v1, artefacts):
+    """The V1 passport model exported with the session's owner key and keystore."""
+    root = tmp_path_factory.mktemp("passport-bundle")
+    manifest = build_bundle(passport_v1["path"], root / "bundle", owner_key=artefacts["owner_key_path"],
+                            keystore=artefacts["keystore"], model_id=PASSPORT_MODEL_ID, log=lambda *_: None)
+    return {"bundle": root / "bundle", "manifest": manifest}
+
+
+@pytest.fixture(scope="session")
+def dsn_student(tmp_path_factory, digits, artefacts):
+    """A tiny DSN student for customer "acme", exported with the session's owner key and keystore."""
+    from protect.serial import protect_dsn
+    from sealnet.serial import SerialRecord, license_serial_number
+
+    root = tmp_path_factory.mktemp("dsn")
+    record = SerialRecord("sealnet-tests", DSN_MODEL_ID, 1_700_000_000, "acme")
+    ckpt = protect_dsn(digits, root / "student.pt", DSN_TRAIN, artefacts["owner_key"], record,
+                       model_config={"hidden": 128}, other_customers=0)
+    manifest = build_bundle(root / "student.pt", root / "bundle", owner_key=artefacts["owner_key_path"],
+                            keystore=artefacts["keystore"], model_id=DSN_MODEL_ID, log=lambda *_: None)
+    return {"ckpt": ckpt, "path": root / "student.pt", "bundle": root / "bundle", "manifest": manifest,
+            "serial_number": license_serial_number(ckpt.secret["commitment"])}
 
 
 @pytest.fixture

@@ -20,16 +20,7 @@ from protect.passport import compute_params, passport_layers
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import PUBLIC_ONNX
 from sealnet.licenses import issue_license
-
-MODEL_ID = "digits-passport"
-
-
-@pytest.fixture(scope="module")
-def passport_bundle(tmp_path_factory, passport_v1, artefacts):
-    root = tmp_path_factory.mktemp("passport-bundle")
-    manifest = build_bundle(passport_v1["path"], root / "bundle", owner_key=artefacts["owner_key_path"],
-                            keystore=artefacts["keystore"], model_id=MODEL_ID, log=lambda *_: None)
-    return {"bundle": root / "bundle", "manifest": manifest}
+from tests.conftest import PASSPORT_MODEL_ID as MODEL_ID
 
 
 @pytest.fixture
@@ -151,8 +142,12 @@ def test_transform_bundle_refuses_passport_params(artefacts, short_tmp):
     try:
         with grpc.insecure_channel(addr) as channel:
             stub = enclave_pb2_grpc.TrustedModuleStub(channel)
-            with pytest.raises(grpc.RpcError) as err:
+            with pytest.raises(grpc.RpcError) as err:  # no session: nothing is said about the bundle
                 stub.PassportParams(enclave_pb2.PassportParamsRequest(session_id="x", items=1))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            sid = stub.OpenSession(enclave_pb2.OpenSessionRequest(license=_license(artefacts, "digits-generator")))
+            with pytest.raises(grpc.RpcError) as err:
+                stub.PassportParams(enclave_pb2.PassportParamsRequest(session_id=sid.session_id, items=1))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         enclave.stop(0)

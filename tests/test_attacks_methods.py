@@ -1,0 +1,74 @@
+"""Model attacks on passport and DSN bundles, behind real trusted modules (tiny digits models)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+
+import pytest
+
+from attacks.base import BUDGETS, Target
+from attacks.registry import get_attack, select
+from enclave_sim import service as enclave_service
+from sealnet.licenses import issue_license
+from tests.conftest import DSN_MODEL_ID, PASSPORT_MODEL_ID
+
+BUDGET = replace(BUDGETS["small"], input_only_trials=9)
+
+
+@pytest.fixture(scope="module")
+def served(artefacts):
+    """serve(bundle, license kwargs) -> Target behind a live trusted module, stopped at the module's end."""
+    servers = []
+    with tempfile.TemporaryDirectory(prefix="sn-", dir="/tmp") as d:
+        def serve(bundle, **lic) -> Target:
+            addr = f"unix:{d}/e{len(servers)}.sock"
+            server, module = enclave_service.serve(bundle, addr, artefacts["keystore"])
+            servers.append((server, module))
+            token = issue_license(artefacts["owner_key"], valid_seconds=600, **lic)
+            return Target(bundle, enclave=addr, license=token)
+
+        yield serve
+        for server, module in servers:
+            server.stop(0)
+            module.close()
+
+
+def _metrics(outcome) -> dict:
+    return {m.name: m for m in outcome.metrics}
+
+
+def test_registry_has_passport_and_dsn_attacks():
+    assert [a.name for a in select("model") if a.applies_to("passport")] == [
+        "passport-utility", "passport-direct-piracy", "passport-random-params", "passport-insider-params"]
+    assert [a.name for a in select("model") if a.applies_to("dsn")] == [
+        "dsn-utility", "dsn-direct-piracy", "dsn-pattern-search", "dsn-stamp-copy"]
+
+
+def test_passport_attacks(served, passport_bundle, passport_v1, tmp_path):
+    target = served(passport_bundle["bundle"], customer_id="tester", model_id=PASSPORT_MODEL_ID,
+                    serial_number="SN-T")
+    authorized, source = target.authorized_accuracy()
+    assert "trusted module" in source
+    assert authorized == pytest.approx(passport_v1["ckpt"].metrics["valid_acc"], abs=0.002)
+    piracy = _metrics(get_attack("passport-direct-piracy").run(target, BUDGET, tmp_path))
+    assert piracy["shipped_params_acc"].passed and piracy["unit_params_acc"].value < 0.3
+    fakes = _metrics(get_attack("passport-random-params").run(target, BUDGET, tmp_path))
+    assert fakes["best_acc"].value < authorized - 0.3
+    insider = _metrics(get_attack("passport-insider-params").run(target, BUDGET, tmp_path))
+    assert insider["stolen_params_acc"].value == pytest.approx(authorized)  # the documented leak
+    assert insider["stolen_params_acc"].passed is False
+
+
+def test_dsn_attacks(served, dsn_student, tmp_path):
+    target = served(dsn_student["bundle"], customer_id="acme", model_id=DSN_MODEL_ID,
+                    serial_number=dsn_student["serial_number"])
+    authorized, _ = target.authorized_accuracy()
+    assert authorized == pytest.approx(dsn_student["ckpt"].metrics["student_sn_acc"], abs=0.002)
+    raw = _metrics(get_attack("dsn-direct-piracy").run(target, BUDGET, tmp_path))["raw_acc"]
+    assert raw.value < authorized - 0.3
+    copied = _metrics(get_attack("dsn-stamp-copy").run(target, BUDGET, tmp_path))["copied_stamp_acc"]
+    assert copied.value > authorized - 0.05  # the stamp is input-independent: one stamped input reveals it
+    search = get_attack("dsn-pattern-search").run(target, BUDGET, tmp_path)
+    assert _metrics(search)["candidates"].value == 4 * 512
+    assert _metrics(search)["best_candidate_acc"].value > raw.value
