@@ -57,7 +57,8 @@ PASSPORT_TRAIN = TrainConfig(epochs=15, batch_size=64, lr=3e-3, seed=0, progress
 PASSPORT_SIGNATURE = "tiny-sig"  # 64 bits
 PASSPORT_MODEL_ID = "digits-passport"
 DSN_MODEL_ID = "digits-dsn"
-DSN_TRAIN = TrainConfig(epochs=12, batch_size=64, lr=2e-3, seed=0, progress=False)
+DSN_TRAIN = TrainConfig(epochs=30, batch_size=64, lr=2e-3, seed=0, progress=False)
+DSN_TEACHER_TRAIN = TrainConfig(epochs=20, batch_size=64, lr=2e-3, seed=0, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -89,10 +90,11 @@ def dsn_student(tmp_path_factory, digits, artefacts):
     root = tmp_path_factory.mktemp("dsn")
     record = SerialRecord("sealnet-tests", DSN_MODEL_ID, 1_700_000_000, "acme")
     ckpt = protect_dsn(digits, root / "student.pt", DSN_TRAIN, artefacts["owner_key"], record,
-                       model_config={"hidden": 128}, other_customers=0)
+                       teacher_path=root / "teacher.pt", teacher_cfg=DSN_TEACHER_TRAIN, model_config={"hidden": 128})
     manifest = build_bundle(root / "student.pt", root / "bundle", owner_key=artefacts["owner_key_path"],
                             keystore=artefacts["keystore"], model_id=DSN_MODEL_ID, log=lambda *_: None)
-    return {"ckpt": ckpt, "path": root / "student.pt", "bundle": root / "bundle", "manifest": manifest,
+    return {"ckpt": ckpt, "path": root / "student.pt", "teacher": root / "teacher.pt", "root": root,
+            "bundle": root / "bundle", "manifest": manifest,
             "serial_number": license_serial_number(ckpt.secret["commitment"])}
 
 
