@@ -73,9 +73,9 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     from sealnet.data import DATASETS
 
     p = sub.add_parser("verify", help="verify model ownership with a passport and a signature")
-    p.add_argument("--checkpoint", type=Path, required=True, help="protected checkpoint (the suspect's weights)")
+    p.add_argument("--checkpoint", type=Path, help="protected checkpoint (the suspect's weights)")
     p.add_argument("--passport", type=Path, help="owner's passport file (default: CHECKPOINT.passport.pt)")
-    p.add_argument("--signature", required=True, help="the claimed ASCII signature")
+    p.add_argument("--signature", help="the claimed ASCII signature")
     p.add_argument("--dataset", choices=DATASETS, help="test data for fidelity (default: the checkpoint's)")
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--epsilon", type=float, help="fidelity threshold eps_f (default: the passport file's, 0.03)")

@@ -37,6 +37,10 @@ def cmd_protect(args: argparse.Namespace) -> int:
         from protect.passport_cli import cmd_protect_passport
 
         return cmd_protect_passport(args)
+    if args.method in ("dsn", "watermark"):
+        from protect.serial_cli import cmd_protect_serial
+
+        return cmd_protect_serial(args)
     if args.method != "transform":
         raise SystemExit(f"--method {args.method}: not available yet (available: transform)")
     data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
@@ -246,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("protect", help="train a protected model and write a checkpoint")
-    p.add_argument("--method", default="transform", choices=["transform", "passport"])
+    p.add_argument("--method", default="transform", choices=["transform", "passport", "dsn", "watermark"])
     p.add_argument("--variant", default="generator", choices=VARIANTS)
     p.add_argument("--dataset", default="mnist-embedded", choices=DATASETS)
     p.add_argument("--data-dir", type=Path, help="directory with MNIST/Fashion IDX files or CIFAR-10 batches")
@@ -263,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     from protect.passport_cli import add_passport_eval_parser, add_protect_passport_arguments, add_verify_parser
 
     add_protect_passport_arguments(p)
+    from protect.serial_cli import (
+        add_ca_parser,
+        add_protect_serial_arguments,
+        add_serial_eval_parser,
+        add_verify_serial_arguments,
+    )
+
+    add_protect_serial_arguments(p)
 
     p = sub.add_parser("export", help="build a bundle: public ONNX, sealed secrets, signed manifest")
     add_export_arguments(p)
@@ -369,8 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     from attacks.cli import add_attack_parser
 
     add_attack_parser(sub)
-    add_verify_parser(sub)
+    add_verify_serial_arguments(add_verify_parser(sub))
     add_passport_eval_parser(sub)
+    add_ca_parser(sub)
+    add_serial_eval_parser(sub)
     return parser
 
 
