@@ -144,7 +144,7 @@ def train_teacher(data: Dataset, cfg: TrainConfig, model_name: str = "simple_cnn
     return teacher, train_plain(teacher, data, cfg, label="dsn teacher")
 
 
-def _ramp(progress: float) -> float:
+def grl_ramp(progress: float) -> float:
     """DANN's schedule 2 / (1 + exp(-10 p)) - 1: from 0 to ~1 over the first half of training."""
     return 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
 
@@ -185,7 +185,7 @@ def train_student(student: nn.Module, teacher: nn.Module, spec: StampSpec, data:
             feats = ge(torch.cat([x_sn, x_neg]))
             e_sn, e_neg = feats[: len(xb)], feats[len(xb) :]
             distill = F.kl_div(F.log_softmax(gy(e_sn) / dcfg.temperature, dim=1), p_t, reduction="batchmean") * t_sq
-            ramp = _ramp(step / max(total - 1, 1))
+            ramp = grl_ramp(step / max(total - 1, 1))
             sne = F.cross_entropy(gd(grad_reverse(e_neg, dcfg.grl_lambda * ramp)), yb)
             loss = distill + sne
             if dcfg.uniform_weight:
@@ -202,9 +202,9 @@ def train_student(student: nn.Module, teacher: nn.Module, spec: StampSpec, data:
 
 
 # -- evaluation helpers ------------------------------------------------------------------------------------------
-def stamped_accuracy(model: nn.Module, data_x: np.ndarray, y: np.ndarray, spec: StampSpec | None) -> float:
+def stamped_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: StampSpec | None) -> float:
     """Accuracy on inputs stamped with `spec` through sealnet.serial.stamp (what the trusted module runs), or raw."""
-    return accuracy(model, data_x if spec is None else spec.apply(data_x), y)
+    return accuracy(model, x if spec is None else spec.apply(x), y)
 
 
 def other_customer_specs(owner_key: Ed25519PrivateKey, record: SerialRecord, spec: StampSpec, n: int
@@ -227,9 +227,9 @@ def dsn_secret(record: SerialRecord, signature: bytes, spec: StampSpec, dcfg: DS
 
 # -- the pipeline ------------------------------------------------------------------------------------------------
 def load_or_train_teacher(path: Path | None, data: Dataset, cfg: TrainConfig, model_name: str,
-                          model_config: dict[str, Any] | None) -> tuple[nn.Module, float, bool]:
-    """(teacher, accuracy, trained_now): load the teacher checkpoint at `path` if it exists, else train one
-    (and save it there when a path is given, mode 0600: the teacher is the owner's secret)."""
+                          model_config: dict[str, Any] | None) -> tuple[nn.Module, float]:
+    """(teacher, test accuracy): load the teacher checkpoint at `path` if it exists, else train one (and save it
+    there when a path is given, mode 0600: the teacher is the owner's secret)."""
     if path is not None and Path(path).exists():
         ckpt = load_checkpoint(path)
         if ckpt.method != TEACHER_METHOD:
@@ -237,7 +237,7 @@ def load_or_train_teacher(path: Path | None, data: Dataset, cfg: TrainConfig, mo
         if ckpt.dataset != data.name:
             raise ValueError(f"{path}: teacher was trained on {ckpt.dataset!r}, not {data.name!r}")
         teacher = ckpt.build_public_model()
-        return teacher, accuracy(teacher, data.x_test, data.y_test), False
+        return teacher, accuracy(teacher, data.x_test, data.y_test)
     teacher, epoch_s = train_teacher(data, cfg, model_name, model_config)
     acc = accuracy(teacher, data.x_test, data.y_test)
     if path is not None:
@@ -246,7 +246,7 @@ def load_or_train_teacher(path: Path | None, data: Dataset, cfg: TrainConfig, mo
             public_state={k: v.detach().clone() for k, v in teacher.state_dict().items()}, secret={},
             dataset=data.name, seed=cfg.seed, metrics={"teacher_acc": acc, "teacher_epoch_s": epoch_s},
             model_config=dict(model_config or {})), path)
-    return teacher, acc, True
+    return teacher, acc
 
 
 def protect_dsn(data: Dataset, out: Path, cfg: TrainConfig, owner_key: Ed25519PrivateKey, record: SerialRecord, *,
@@ -263,7 +263,7 @@ def protect_dsn(data: Dataset, out: Path, cfg: TrainConfig, owner_key: Ed25519Pr
     signature = sign_record(owner_key, record)
     spec = StampSpec(derive_pattern(signature, pattern_size), position, stamp_scale(data.input_shape))
     spec.apply(data.x_test[:1])  # fails early, naming the sizes, if the stamp does not fit
-    teacher, teacher_acc, _ = load_or_train_teacher(teacher_path, data, teacher_cfg or cfg, model_name, model_config)
+    teacher, teacher_acc = load_or_train_teacher(teacher_path, data, teacher_cfg or cfg, model_name, model_config)
     seed_everything(cfg.seed)
     student = create_model(model_name, data.input_shape, data.num_classes, **(model_config or {}))
     metrics: dict[str, Any] = {"teacher_acc": teacher_acc}

@@ -34,8 +34,8 @@ from protect.checkpoint import ProtectedCheckpoint
 from protect.models import create_model
 from protect.serial import (
     DSNConfig,
-    _ramp,
     grad_reverse,
+    grl_ramp,
     make_gd,
     other_customer_specs,
     split_student,
@@ -43,7 +43,7 @@ from protect.serial import (
     stamp_torch,
     stamped_accuracy,
 )
-from protect.train import TrainConfig, accuracy, train_plain
+from protect.train import TrainConfig, accuracy, seed_everything, train_plain
 from protect.watermark import check_watermark
 from sealnet.data import Dataset
 from sealnet.serial import SerialRecord, StampSpec
@@ -150,7 +150,7 @@ def overwrite_attack(student: nn.Module, spec: StampSpec, x: np.ndarray, y: np.n
         x_neg = torch.cat([stamp_torch(xb[:half], k_old, spec.position, spec.scale), xb[half:]])
         feats = ge(torch.cat([stamp_torch(xb, k_new, spec.position, spec.scale), x_neg]))
         loss = F.cross_entropy(gy(feats[: len(xb)]), yb) + F.cross_entropy(
-            gd(grad_reverse(feats[len(xb) :], dcfg.grl_lambda * _ramp(max(0.0, 2 * i / max(steps, 1) - 1)))), yb)
+            gd(grad_reverse(feats[len(xb) :], dcfg.grl_lambda * grl_ramp(max(0.0, 2 * i / max(steps, 1) - 1)))), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -163,7 +163,7 @@ def overwrite_attack(student: nn.Module, spec: StampSpec, x: np.ndarray, y: np.n
 def _fresh_classifier(model: nn.Module, seed: int) -> nn.Module:
     """Transfer learning: the same network with every fully connected layer re-initialised, convolutions frozen."""
     m = copy.deepcopy(model)
-    torch.manual_seed(seed)
+    seed_everything(seed)
     for mod in m.classifier.modules():
         if isinstance(mod, nn.Linear):
             mod.reset_parameters()
@@ -218,19 +218,21 @@ def dsn_eval(ckpt: ProtectedCheckpoint, data: Dataset, *, teacher: nn.Module | N
     for frac in fractions:
         x, y = _subset(data, frac, seed)
         row: dict[str, Any] = {"fraction": frac, "images": int(len(y)), "steps": steps}
+        seed_everything(seed)  # dropout draws from the global generator
         ft = copy.deepcopy(student)
         row["finetune_curve"] = train_curve(ft, ft.parameters(), x, y, raw_acc, steps=steps, eval_every=eval_every,
                                             seed=seed)
         bar.update(1)
-        torch.manual_seed(seed + 3)
+        seed_everything(seed + 3)
         scratch = create_model(ckpt.model_name, ckpt.input_shape, ckpt.num_classes, **ckpt.model_config)
         row["scratch_curve"] = train_curve(scratch, scratch.parameters(), x, y, raw_acc, steps=steps,
                                            eval_every=eval_every, seed=seed)
         bar.update(1)
-        tl = _fresh_classifier(student, seed + 4)
+        tl = _fresh_classifier(student, seed + 4)  # seeds the global generator
         row["transfer_curve"] = train_curve(tl, [p for p in tl.parameters() if p.requires_grad], x, y, raw_acc,
                                             steps=steps, eval_every=eval_every, seed=seed)
         bar.update(1)
+        seed_everything(seed + 5)
         row["overwrite"] = overwrite_attack(student, spec, x, y, data, steps=steps, seed=seed, dcfg=dcfg)
         bar.update(1)
         for name in ("finetune", "scratch", "transfer"):
@@ -267,7 +269,7 @@ def watermark_eval(ckpt: ProtectedCheckpoint, data: Dataset, *, n_plain: int = 2
                              "match": f.matched, "max_deviation": f.max_deviation})
     r["plain_models"] = []
     for j in tqdm(range(n_plain), desc="plain models", disable=not progress, unit="model"):
-        torch.manual_seed(seed + 1000 + j)
+        seed_everything(seed + 1000 + j)
         plain = create_model(ckpt.model_name, ckpt.input_shape, ckpt.num_classes, **ckpt.model_config)
         train_plain(plain, data, TrainConfig(epochs=plain_epochs, seed=seed + 1000 + j, progress=False))
         f = check_watermark(plain, trigger, serial, tol, min_rate)

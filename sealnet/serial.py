@@ -178,7 +178,7 @@ def stamp(x: np.ndarray, pattern: Any, position: tuple[int, int] = (0, 0), scale
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StampSpec:
     """Everything the trusted module needs to stamp inputs: the pattern, where, and how large."""
 
@@ -225,7 +225,7 @@ def make_trigger(input_shape: tuple[int, int, int], n: int, seed: int, amplitude
     """The trigger set T: n uniform-noise images in [0, amplitude] (float32 NCHW) from a seeded PCG64 stream.
 
     Dim noise: at full intensity every convolution filter fires on it, and fitting T slowed the task's training
-    (measured on MNIST: 57% instead of 72% test accuracy after one epoch)."""
+    (measured on MNIST: 61% instead of 72% test accuracy after one epoch)."""
     if n < 1:
         raise SerialError(f"trigger set size must be >= 1 (got {n})")
     return (np.random.default_rng(seed).random((n, *input_shape), dtype=np.float32) * np.float32(amplitude))
@@ -376,7 +376,7 @@ def write_trigger_file(path: Path, trigger: np.ndarray, claim: dict[str, Any], m
     return path
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TriggerFile:
     trigger: np.ndarray
     claim: dict[str, Any]
