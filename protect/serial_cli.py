@@ -7,6 +7,7 @@ Torch-free at import time (the parser is built on every `sealnet` call); the com
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -108,6 +109,10 @@ def cmd_protect_serial(args: argparse.Namespace) -> int:
         print(f"  student + SN   accuracy {m['student_sn_acc']:.2%}  (customer {record.customer_id!r})")
         print(f"  student raw    accuracy {m['student_raw_acc']:.2%}  (no serial number: what a pirate gets)")
         print(f"  other SNs  max accuracy {m['other_sn_max_acc']:.2%}  ({m['other_sn_n']} other customers' SNs)")
+        from sealnet.serial import license_serial_number
+
+        print(f"  license serial number {license_serial_number(ckpt.secret['commitment'])} (issue the customer's "
+              f"license with --customer {record.customer_id} --serial it; export the student for deployment)")
         return 0
     from protect.watermark import WatermarkConfig, protect_watermark
     from sealnet.serial import DEFAULT_TOLERANCE, trigger_path
@@ -119,7 +124,14 @@ def cmd_protect_serial(args: argparse.Namespace) -> int:
                              baseline=not args.no_baseline, trigger_seed=args.trigger_seed, trigger_out=trig,
                              claim_out=claim)
     m = ckpt.metrics
-    print(f"checkpoint {args.out}, trigger file {trig} (0600: the verification secret), claim {claim}")
+    import torch
+
+    from export.split import INPUT_NAME, export_onnx
+
+    onnx_path = args.out.with_suffix(".onnx")  # the model as distributed; the watermark travels inside it
+    export_onnx(ckpt.build_public_model(), (torch.zeros(1, *ckpt.input_shape),), onnx_path, [INPUT_NAME])
+    print(f"checkpoint {args.out}, ONNX {onnx_path}, trigger file {trig} (0600: the verification secret), "
+          f"claim {claim}")
     if "baseline_acc" in m:
         print(f"  baseline    accuracy {m['baseline_acc']:.2%}  (plain model, same recipe)")
     print(f"  watermarked accuracy {m['watermark_task_acc']:.2%}")
@@ -358,7 +370,9 @@ def add_serial_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plain-models", type=int, default=20, help="plain models checked for watermark false positives")
     p.add_argument("--plain-epochs", type=int, default=2, help="epochs of each plain model")
     p.add_argument("--endpoint", help="KServe v2 endpoint serving the DSN student behind its trusted module: "
-                                      "grpc_acc on raw test images")
+                                      "grpc_acc on raw test images (default: export the checkpoint and serve it "
+                                      "locally for the measurement)")
+    p.add_argument("--no-deploy", action="store_true", help="without --endpoint: leave grpc_acc unmeasured")
     p.add_argument("--model", help="model name at --endpoint")
     p.add_argument("--license-file", type=Path, help="license token for --endpoint")
     p.add_argument("--seed", type=int, default=0)
@@ -378,27 +392,28 @@ def cmd_serial_eval(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset or ref.dataset, args.data_dir, seed=ref.seed)
     dsn_kwargs: dict[str, Any] = {"n_others": args.others, "fractions": args.fractions, "steps": args.attack_steps,
                                   "seed": args.seed}
-    close = None
-    if dsn is not None:
-        if args.teacher:
-            dsn_kwargs["teacher"] = load_checkpoint(args.teacher).build_public_model()
-        if args.owner_key:
-            from sealnet.licenses import load_owner_key
+    with contextlib.ExitStack() as stack:
+        if dsn is not None:
+            if args.teacher:
+                dsn_kwargs["teacher"] = load_checkpoint(args.teacher).build_public_model()
+            if args.owner_key:
+                from sealnet.licenses import load_owner_key
 
-            dsn_kwargs["owner_key"] = load_owner_key(args.owner_key)
-        if args.endpoint:
-            from runtime.client import InferenceClient
+                dsn_kwargs["owner_key"] = load_owner_key(args.owner_key)
+            if args.endpoint:
+                from runtime.client import InferenceClient
 
-            token = args.license_file.read_text().strip() if args.license_file else None
-            client = InferenceClient(args.endpoint, args.model or dsn.secret["serial"]["model_id"])
-            dsn_kwargs["grpc_predict"], close = (lambda x: client.infer(x, token)), client.close
-    try:
+                token = args.license_file.read_text().strip() if args.license_file else None
+                client = InferenceClient(args.endpoint, args.model or dsn.secret["serial"]["model_id"])
+                stack.callback(client.close)
+                dsn_kwargs["grpc_predict"] = lambda x: client.infer(x, token)
+            elif not args.no_deploy:
+                from protect.serial_eval import deployed_predict
+
+                dsn_kwargs["grpc_predict"] = stack.enter_context(deployed_predict(args.dsn, args.data_dir))
         r = run_serial_eval(data, args.out, dsn=dsn, watermark=wm, dsn_kwargs=dsn_kwargs,
                             watermark_kwargs={"n_plain": args.plain_models, "plain_epochs": args.plain_epochs,
                                               "seed": args.seed})
-    finally:
-        if close is not None:
-            close()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(r, indent=2))

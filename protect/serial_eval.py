@@ -15,10 +15,11 @@ trusted module stamps inputs), so the same report runs on a bundle or an endpoin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,21 @@ def watermark_eval(ckpt: ProtectedCheckpoint, data: Dataset, *, n_plain: int = 2
 # -- the report ----------------------------------------------------------------------------------------------------
 def _at(attacks: list[dict[str, Any]], frac: float, key: str) -> float | None:
     return next((row[key] for row in attacks if abs(row["fraction"] - frac) < 1e-9), None)
+
+
+@contextlib.contextmanager
+def deployed_predict(checkpoint: Path, data_dir: Path | None = None) -> Iterator[Predict]:
+    """predict(x) -> logits through the real data path: the DSN checkpoint exported with a fresh key and
+    keystore, the trusted module and the KServe v2 runtime served locally, queried over gRPC with a license
+    carrying the student's customer id and serial number (the module stamps the inputs)."""
+    from protect.checkpoint import load_checkpoint
+    from sealnet.deployment import local_deployment
+    from sealnet.serial import license_serial_number
+
+    secret = load_checkpoint(checkpoint).secret
+    with local_deployment(checkpoint, data_dir=data_dir) as dep:
+        token = dep.license(secret["serial"]["customer_id"], license_serial_number(secret["commitment"]))
+        yield lambda x: dep.predict(x, token)
 
 
 def run_serial_eval(data: Dataset, out_dir: Path, *, dsn: ProtectedCheckpoint | None = None,
