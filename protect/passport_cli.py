@@ -65,6 +65,16 @@ def cmd_protect_passport(args: argparse.Namespace) -> int:
           f"capacity {m['capacity_bits']})")
     if "trigger_acc" in m:
         print(f"  trigger set detected {m['trigger_acc']:.2%} (public branch, black-box)")
+    if args.scheme != "v1":
+        import torch
+
+        from export.split import INPUT_NAME, export_onnx
+        from protect.passport import PublicBranchModel
+
+        onnx_path = args.out.with_suffix(".public.onnx")  # what V2/V3 distribute: no passport needed
+        export_onnx(PublicBranchModel(ckpt.build_public_model()), (torch.zeros(1, *ckpt.input_shape),), onnx_path,
+                    [INPUT_NAME])
+        print(f"  distributed network: {onnx_path} (public gamma/beta; serve it with `sealnet serve --onnx`)")
     return 0
 
 
@@ -93,8 +103,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     ckpt = load_checkpoint(args.checkpoint)
     data = load_dataset(args.dataset or ckpt.dataset, args.data_dir, seed=ckpt.seed)
-    res = verify_checkpoint(args.checkpoint, args.passport or default_passport_path(args.checkpoint), args.signature,
-                            data, eps_f=args.epsilon, trigger_threshold=args.trigger_threshold)
+    trigger_predict, close = None, None
+    if args.onnx or args.endpoint:  # V3: the trigger set goes to the suspect
+        from protect.serial_cli import suspect_predict
+
+        trigger_predict, close = suspect_predict(args, ckpt.model_name)
+    try:
+        res = verify_checkpoint(args.checkpoint, args.passport or default_passport_path(args.checkpoint),
+                                args.signature, data, eps_f=args.epsilon, trigger_threshold=args.trigger_threshold,
+                                trigger_predict=trigger_predict)
+    finally:
+        if close is not None:
+            close()
     print(f"ownership {'VERIFIED' if res.verified else 'NOT verified'}")
     print(f"  signature: {res.signature_bits_matched}/{res.signature_bits} bits match "
           f"(decoded {res.signature_decoded!r})")
@@ -102,7 +122,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         rec = "n/a" if res.recorded_acc is None else f"{res.recorded_acc:.2%}"
         print(f"  fidelity:  accuracy {res.accuracy:.2%} with the passport, recorded {rec}, eps_f {res.eps_f:.0%}")
     if res.trigger_acc is not None:
-        print(f"  trigger:   {res.trigger_acc:.2%} of the trigger set detected (threshold {res.trigger_threshold:.0%})")
+        where = args.endpoint or args.onnx or "the checkpoint's public branch"
+        print(f"  trigger:   {res.trigger_acc:.2%} of the trigger set detected by {where} "
+              f"(threshold {res.trigger_threshold:.0%})")
     for reason in res.reasons:
         print(f"  - {reason}")
     if args.json:

@@ -156,8 +156,10 @@ def verify_ownership(model: nn.Module, passports: dict[str, dict[str, torch.Tens
 
 
 def verify_checkpoint(checkpoint: Path, passport_file: Path, signature: str, data: Dataset,
-                      eps_f: float | None = None, trigger_threshold: float = 0.95) -> VerificationResult:
-    """`sealnet verify`: the checkpoint's public weights + the owner's passport file + the claimed signature."""
+                      eps_f: float | None = None, trigger_threshold: float = 0.95,
+                      trigger_predict: Predict | None = None) -> VerificationResult:
+    """`sealnet verify`: the checkpoint's public weights + the owner's passport file + the claimed signature;
+    V3: the trigger set through `trigger_predict` (a suspect's endpoint), else the checkpoint's public branch."""
     ckpt = load_checkpoint(checkpoint)
     secret = load_passport_file(passport_file)
     model = passport_model(ckpt, secret)
@@ -167,7 +169,8 @@ def verify_checkpoint(checkpoint: Path, passport_file: Path, signature: str, dat
         trigger = (secret["trigger_x"].numpy(), secret["trigger_y"].numpy())
     return verify_ownership(model, secret["passports"], signature, data.x_test, data.y_test, recorded,
                             eps_f=secret.get("eps_f", 0.03) if eps_f is None else eps_f, trigger=trigger,
-                            trigger_threshold=trigger_threshold, recorded_bits=secret["bits"].numpy())
+                            trigger_predict=trigger_predict, trigger_threshold=trigger_threshold,
+                            recorded_bits=secret["bits"].numpy())
 
 
 # -- fast evaluation with explicit gamma/beta ------------------------------------------------------------------------

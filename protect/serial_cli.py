@@ -234,7 +234,8 @@ def cmd_ca_check(args: argparse.Namespace) -> int:
 def add_verify_serial_arguments(p: argparse.ArgumentParser) -> None:
     """Watermark verification options of `sealnet verify`; with --trigger it queries a suspect model (an ONNX
     file or a KServe v2 endpoint) instead of checking passports."""
-    g = p.add_argument_group("serial-number watermark (--trigger with --onnx or --endpoint)")
+    g = p.add_argument_group("black-box checks: serial-number watermark (--trigger with --onnx or --endpoint); "
+                                 "passport V3: --onnx / --endpoint is the suspect the trigger set is sent to")
     g.add_argument("--trigger", type=Path, help="the owner's trigger file (*.trigger.npz from sealnet protect)")
     g.add_argument("--onnx", type=Path, help="suspect model as an ONNX file")
     g.add_argument("--endpoint", help="suspect KServe v2 gRPC endpoint HOST:PORT")
@@ -260,10 +261,10 @@ def cmd_verify_any(args: argparse.Namespace) -> int:
     return cmd_verify_watermark(args)
 
 
-def _query(args: argparse.Namespace, model_id: str) -> Any:
+def suspect_predict(args: argparse.Namespace, model_id: str) -> Any:
     """predict(x) -> logits on the suspect: an ONNX Runtime session or a KServe v2 client."""
     if (args.onnx is None) == (args.endpoint is None):
-        raise SystemExit("sealnet verify --trigger: give exactly one of --onnx FILE or --endpoint HOST:PORT")
+        raise SystemExit("sealnet verify: give exactly one of --onnx FILE or --endpoint HOST:PORT")
     if args.onnx is not None:
         from runtime.onnx_session import ort_session
 
@@ -323,7 +324,7 @@ def cmd_verify_watermark(args: argparse.Namespace) -> int:
     from sealnet.serial import load_trigger_file
 
     model_id = load_trigger_file(args.trigger).claim["record"]["model_id"]
-    predict, close = _query(args, model_id)
+    predict, close = suspect_predict(args, model_id)
     try:
         res = verify_watermark(predict, args.trigger, tolerance=args.tolerance, min_rate=args.min_rate,
                                registry=args.registry, ca_public_key=args.ca_public_key,

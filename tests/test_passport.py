@@ -311,6 +311,7 @@ def _trigger_detected_over_grpc(tmp_path, public, model, ckpt, digits, trigger):
     from export.split import export_onnx
     from runtime.client import InferenceClient
     from runtime.server import serve_unprotected
+    from sealnet.cli import main
 
     export_onnx(public, (torch.zeros(1, *ckpt.input_shape),), tmp_path / "suspect.onnx", ["input"])
     plain = create_model("cnn_plain", ckpt.input_shape, ckpt.num_classes, widths=TINY_WIDTHS["widths"])
@@ -321,10 +322,13 @@ def _trigger_detected_over_grpc(tmp_path, public, model, ckpt, digits, trigger):
         try:
             res = verify_ownership(model, ckpt.secret["passports"], SIGNATURE, trigger=trigger,
                                    trigger_predict=lambda x, c=client: c.infer(x, None))
+            rc = main(["verify", "--checkpoint", str(tmp_path / "p.pt"), "--signature", SIGNATURE, "--endpoint",
+                       f"127.0.0.1:{service.port}", "--model", name])
         finally:
             client.close()
             server.stop(0)
         assert res.trigger_ok is want, (name, res.trigger_acc)
+        assert rc == (0 if want else 1)
 
 
 def test_image_passports_train(tmp_path, digits):
