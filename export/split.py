@@ -37,12 +37,15 @@ class Split:
 
 
 def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
-                opset: int = 17) -> None:
-    """Export with a dynamic batch dimension on `input` (TorchScript exporter: no extra dependencies)."""
+                opset: int = 17, fold: bool = True) -> None:
+    """Export with a dynamic batch dimension on `input` (TorchScript exporter: no extra dependencies).
+
+    `fold=False` keeps every weight under its parameter name (no normalisation folded into convolutions;
+    ONNX Runtime fuses them when it loads the graph, so inference costs the same)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model.eval(), args, str(path), dynamo=False, opset_version=opset,
+            model.eval(), args, str(path), dynamo=False, opset_version=opset, do_constant_folding=fold,
             input_names=input_names, output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
         )
@@ -85,9 +88,8 @@ def _layer_spec(name: str, layer: torch.nn.Module, index: int, arrays: dict[str,
                 passports: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Sealed description of one passport layer: how the trusted module derives its gamma and beta.
 
-    The layer's weight is sealed too (a copy of public weights, not a secret): the ONNX exporter folds the
-    normalisation into the convolution, so public.onnx does not hold W itself, and a sealed copy means a
-    swapped public.onnx cannot steer the derived parameters.
+    The layer's weight is sealed too (a copy of public weights, not a secret): the trusted module then never
+    parses public.onnx, and a swapped public.onnx cannot steer the derived parameters.
     """
     from protect.passport import PassportConv2d
 
@@ -127,7 +129,7 @@ def split_passport(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, ma
     values = {n: t.detach().numpy().astype(np.float32)
               for n, t in zip(names, (t for name in layers for t in params[name]), strict=True)}
     example = (torch.zeros(1, *ckpt.input_shape), *(torch.from_numpy(values[n]) for n in names))
-    export_onnx(wrapper, example, onnx_path, [INPUT_NAME, *names])
+    export_onnx(wrapper, example, onnx_path, [INPUT_NAME, *names], fold=False)  # W readable: `verify --bundle`
 
     # gamma/beta become initializers holding zeros: what ships is a network whose passport layers output 0.
     graph_model = onnx.load(str(onnx_path))

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 SCHEMES = ("v1", "v2", "v3")
 PASSPORT_TYPES = ("random", "fixed", "shuffled")
@@ -84,7 +85,9 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 
     p = sub.add_parser("verify", help="verify model ownership with a passport and a signature")
     p.add_argument("--checkpoint", type=Path, help="protected checkpoint (the suspect's weights)")
-    p.add_argument("--passport", type=Path, help="owner's passport file (default: CHECKPOINT.passport.pt)")
+    p.add_argument("--bundle", type=Path, help="instead: a deployed V1 passport bundle (its public.onnx weights)")
+    p.add_argument("--passport", type=Path, help="owner's passport file (default: CHECKPOINT.passport.pt; "
+                                                 "required with --bundle)")
     p.add_argument("--signature", help="the claimed ASCII signature")
     p.add_argument("--dataset", choices=DATASETS, help="test data for fidelity (default: the checkpoint's)")
     p.add_argument("--data-dir", type=Path)
@@ -101,6 +104,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from protect.passport_train import default_passport_path
     from sealnet.data import load_dataset
 
+    if args.bundle is not None:
+        return _verify_bundle(args)
     ckpt = load_checkpoint(args.checkpoint)
     data = load_dataset(args.dataset or ckpt.dataset, args.data_dir, seed=ckpt.seed)
     trigger_predict, close = None, None
@@ -115,6 +120,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     finally:
         if close is not None:
             close()
+    return _report(args, res)
+
+
+def _verify_bundle(args: argparse.Namespace) -> int:
+    from protect.passport_eval import verify_bundle
+    from sealnet.bundle import load_bundle
+    from sealnet.data import load_dataset
+
+    if args.passport is None:
+        raise ValueError("verify --bundle: pass --passport (the owner's passport file)")
+    checks = load_bundle(args.bundle).manifest.get("checks", {})
+    data = load_dataset(args.dataset or checks.get("dataset", "mnist-embedded"), args.data_dir, seed=0)
+    return _report(args, verify_bundle(args.bundle, args.passport, args.signature, data, eps_f=args.epsilon))
+
+
+def _report(args: argparse.Namespace, res: Any) -> int:
+    """Print a VerificationResult (and --json it); exit status 0 when verified."""
     print(f"ownership {'VERIFIED' if res.verified else 'NOT verified'}")
     print(f"  signature: {res.signature_bits_matched}/{res.signature_bits} bits match "
           f"(decoded {res.signature_decoded!r})")

@@ -173,6 +173,68 @@ def verify_checkpoint(checkpoint: Path, passport_file: Path, signature: str, dat
                             recorded_bits=secret["bits"].numpy())
 
 
+def verify_bundle(bundle_dir: Path, passport_file: Path, signature: str, data: Dataset,
+                  eps_f: float | None = None) -> VerificationResult:
+    """`sealnet verify --bundle`: the passport check against a deployed V1 bundle's public.onnx alone.
+
+    gamma/beta come from the claimed passport and the weights public.onnx carries under their parameter names
+    (the same computation as the trusted module's); sign(gamma) must decode to the signature and public.onnx
+    run with those gamma/beta must reach the recorded accuracy within eps_f."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from enclave_sim.passport_params import derive_params
+    from runtime.onnx_session import session_from_model, with_params
+    from sealnet.bundle import PUBLIC_ONNX, load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    if bundle.manifest.get("method") != "passport":
+        raise ValueError(f"{bundle_dir}: a {bundle.manifest.get('method')!r} bundle, not a passport bundle")
+    secret = load_passport_file(passport_file)
+    if secret["passport_fn"] != "both":
+        raise ValueError(f"verify --bundle needs passport function 'both' (this passport file: "
+                         f"{secret['passport_fn']!r}); use --checkpoint")
+    model = onnx.load(str(bundle.path(PUBLIC_ONNX)))
+    weights = {i.name: i for i in model.graph.initializer}
+    convs = {n.input[1]: n for n in model.graph.node if n.op_type == "Conv"}
+    specs, arrays = [], {}
+    for i, (layer, passports) in enumerate(secret["passports"].items()):
+        name = f"model.{layer}.conv.weight"
+        if name not in weights or name not in convs:
+            raise ValueError(f"{bundle_dir}/{PUBLIC_ONNX} has no convolution weight {name!r} for passport layer "
+                             f"{layer!r} (wrong passport file, or a bundle exported with folded weights)")
+        attrs = {a.name: helper.get_attribute_value(a) for a in convs[name].attribute}
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        specs.append({"layer": layer, "gamma": f"gamma_{i}", "beta": f"beta_{i}", "kind": "conv",
+                      "stride": list(attrs.get("strides", [1, 1])), "padding": pads[:2],
+                      "gamma_from": "passport", "beta_from": "passport"})
+        arrays[f"{layer}/weight"] = numpy_helper.to_array(weights[name])
+        arrays[f"{layer}/gamma"] = passports["gamma"].numpy()
+        arrays[f"{layer}/beta"] = passports["beta"].numpy()
+    params = derive_params({"layers": specs}, arrays)
+    bits = np.concatenate([np.where(params[f"gamma_{i}"] >= 0, 1, -1) for i in range(len(specs))]).astype(np.int8)
+    claimed = signature_to_bits(signature, len(bits))
+    n = len(claimed)
+    matched = int((bits[:n] == claimed).sum())
+    recorded = secret.get("valid_acc")
+    eps = secret.get("eps_f", 0.03) if eps_f is None else eps_f
+    session = session_from_model(with_params(model, params))
+    name_in = session.get_inputs()[0].name
+    accuracy = callable_accuracy(lambda x: session.run(None, {name_in: x})[0], data.x_test, data.y_test)
+    res = VerificationResult(verified=False, signature_claimed=signature, signature_decoded=bits_to_signature(bits[:n]),
+                             signature_match=matched == n, signature_bits_matched=matched, signature_bits=n,
+                             eps_f=eps, recorded_acc=recorded, accuracy=accuracy)
+    if not res.signature_match:
+        res.reasons.append(f"signature mismatch: {n - matched} of {n} bits differ (decoded {res.signature_decoded!r})")
+    if recorded is not None:
+        res.fidelity_ok = abs(accuracy - recorded) <= eps
+        if not res.fidelity_ok:
+            res.reasons.append(f"fidelity: accuracy {accuracy:.2%} with this passport is not within {eps:.0%} of "
+                               f"the recorded {recorded:.2%}")
+    res.verified = bool(res.signature_match and res.fidelity_ok)
+    return res
+
+
 # -- fast evaluation with explicit gamma/beta ------------------------------------------------------------------------
 class Evaluator:
     """Accuracy of the passport branch under many (gamma, beta) settings, with the stem's output cached."""

@@ -252,9 +252,9 @@ def add_verify_serial_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_verify_any(args: argparse.Namespace) -> int:
     if args.trigger is None:
-        if args.checkpoint is None or args.signature is None:
-            raise SystemExit("sealnet verify: give --checkpoint and --signature (passport), or --trigger with "
-                             "--onnx or --endpoint (serial-number watermark)")
+        if (args.checkpoint is None and args.bundle is None) or args.signature is None:
+            raise SystemExit("sealnet verify: give --checkpoint (or --bundle) and --signature (passport), or "
+                             "--trigger with --onnx or --endpoint (serial-number watermark)")
         from protect.passport_cli import cmd_verify
 
         return cmd_verify(args)

@@ -165,3 +165,26 @@ def test_v2_is_not_exported(tmp_path, digits, artefacts):
         build_bundle(tmp_path / "v2.pt", tmp_path / "bundle", owner_key=artefacts["owner_key_path"],
                      keystore=artefacts["keystore"], log=lambda *_: None)
     assert not (tmp_path / "bundle").exists()
+
+
+def test_verify_a_deployed_bundle(passport_bundle, passport_v1, tmp_path):
+    from sealnet.cli import main
+    from tests.conftest import PASSPORT_SIGNATURE
+
+    base = ["verify", "--bundle", str(passport_bundle["bundle"]), "--passport", str(passport_v1["passport_path"]),
+            "--dataset", "digits"]
+    assert main([*base, "--signature", PASSPORT_SIGNATURE, "--json", str(tmp_path / "v.json")]) == 0
+    import json
+
+    res = json.loads((tmp_path / "v.json").read_text())
+    assert res["signature_match"] and res["accuracy"] == pytest.approx(passport_v1["ckpt"].metrics["valid_acc"])
+    assert main([*base, "--signature", "tiny-sih"]) == 1  # one bit off
+    from protect.passport import random_passports
+    from protect.passport_train import load_passport_file, save_passport_file
+
+    secret = load_passport_file(passport_v1["passport_path"])
+    model = passport_v1["ckpt"].build_public_model()
+    secret["passports"] = random_passports(model, torch.Generator().manual_seed(3))
+    fake = save_passport_file(secret, tmp_path / "fake.passport.pt")
+    assert main(["verify", "--bundle", str(passport_bundle["bundle"]), "--passport", str(fake), "--dataset", "digits",
+                 "--signature", PASSPORT_SIGNATURE]) == 1

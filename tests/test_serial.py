@@ -289,7 +289,7 @@ def test_verify_watermark_on_onnx_files_with_the_ca(wm, tmp_path, intruder, caps
     assert main([*base, "--onnx", str(root / "plain.onnx")]) == 1
     assert "answer with the serial vector" in capsys.readouterr().out
     assert main([*base, "--onnx", str(root / "wm.onnx"), "--owner-public-key", str(intruder_pub)]) == 1
-    with pytest.raises(SystemExit, match="--checkpoint and --signature"):
+    with pytest.raises(SystemExit, match=r"--checkpoint \(or --bundle\) and --signature"):
         main(["verify"])
 
 
