@@ -119,7 +119,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         from attacks.demo_target import demo_target
 
         with demo_target(args.workdir, epochs=args.epochs, seed=args.seed) as target:
-            report = run_attacks(target, attacks, budget, args.out)
+            report = run_attacks(target, attacks, budget, args.out, only_applicable=not args.attack)
     else:
         from sealnet.licenses import load_owner_key
 
@@ -135,7 +135,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
             from attacks.protocol import preflight
 
             preflight(target)
-        report = run_attacks(target, attacks, budget, args.out)
+        report = run_attacks(target, attacks, budget, args.out, only_applicable=not args.attack)
     summary = report.summary()
     failed = [f"{r['attack']}/{r['metric']}" for r in summary if r["passed"] is False]
     print(f"\n{sum(r['passed'] is True for r in summary)} PASS, {len(failed)} FAIL"

@@ -55,9 +55,14 @@ def _metric_dict(attack: str, m: Metric) -> dict[str, Any]:
 
 
 def run_attacks(target: Target, attacks: list[AttackSpec], budget: Budget, out_dir: Path,
-                log=print) -> Report:
-    """Run each attack in order; a skipped or failing attack is recorded and the suite goes on."""
+                log=print, only_applicable: bool = False) -> Report:
+    """Run each attack in order; a skipped or failing attack is recorded and the suite goes on.
+
+    `only_applicable` leaves out, silently, the attacks written for other protection methods (a whole suite);
+    otherwise they are reported as skipped (attacks asked for by name)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if only_applicable:
+        attacks = [spec for spec in attacks if spec.applies_to(target.method)]
     report = Report(target.describe(), budget)
     started = time.perf_counter()
     for spec in attacks:
