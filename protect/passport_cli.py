@@ -83,7 +83,8 @@ def cmd_protect_passport(args: argparse.Namespace) -> int:
 def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from sealnet.data import DATASETS
 
-    p = sub.add_parser("verify", help="verify model ownership with a passport and a signature")
+    p = sub.add_parser("verify", help="verify ownership: passport + signature (--checkpoint / --bundle), or a "
+                                      "serial-number watermark (--trigger)")
     p.add_argument("--checkpoint", type=Path, help="protected checkpoint (the suspect's weights)")
     p.add_argument("--bundle", type=Path, help="instead: a deployed V1 passport bundle (its public.onnx weights)")
     p.add_argument("--passport", type=Path, help="owner's passport file (default: CHECKPOINT.passport.pt; "
