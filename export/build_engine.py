@@ -43,6 +43,7 @@ from sealnet.data import load_dataset
 from sealnet.licenses import load_owner_key
 
 PUBLIC_PLAN = "public.plan"
+MIN_MARGIN_OVER_CHANCE = 0.1  # a bundle must be useful to its licensees: authorized accuracy >= chance + 10 pts
 
 
 def tensorrt_available() -> str | None:
@@ -112,6 +113,9 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
         split = SPLITS[ckpt.method](ckpt, data, onnx_path, max_raw_acc, log)
         checks = {**split.checks, "chance_acc": 1.0 / data.num_classes, "max_raw_acc": max_raw_acc,
                   "dataset": data.name, "test_items": int(len(data.y_test))}
+        if checks["authorized_acc"] < checks["chance_acc"] + MIN_MARGIN_OVER_CHANCE:
+            raise ExportError(f"the model reaches only {checks['authorized_acc']:.1%} even with its secret (chance "
+                              f"{checks['chance_acc']:.0%}): training failed; retrain it (another --seed)")
         files = {PUBLIC_ONNX: sha256_file(onnx_path)}
         if tensorrt:
             build_tensorrt_plan(onnx_path, staging / PUBLIC_PLAN, ckpt.input_shape, max_batch, fp16)

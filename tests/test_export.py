@@ -86,6 +86,23 @@ def test_export_refuses_a_public_network_that_works_on_raw_inputs(tmp_path, arte
     assert not list(tmp_path.glob(".sealnet-export-*"))
 
 
+def test_export_refuses_a_model_useless_even_with_its_secret(tmp_path, artefacts):
+    """A collapsed training run (constant outputs) passes the raw-input gate; it must not ship."""
+    from dataclasses import replace
+
+    import torch
+
+    from protect.checkpoint import save_checkpoint
+
+    ckpt = artefacts["checkpoint"]
+    dead = replace(ckpt, public_state={k: torch.zeros_like(v) for k, v in ckpt.public_state.items()})
+    save_checkpoint(dead, tmp_path / "dead.pt")
+    with pytest.raises(ExportError, match="even with its secret"):
+        build_bundle(tmp_path / "dead.pt", tmp_path / "b", owner_key=artefacts["owner_key_path"],
+                     keystore=artefacts["keystore"], log=lambda *_: None)
+    assert not (tmp_path / "b").exists()
+
+
 def test_export_refuses_to_overwrite_without_force(tmp_path, artefacts):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "keep.txt").write_text("x")
