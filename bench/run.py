@@ -59,9 +59,11 @@ def build_fixture(work: Path, epochs: int) -> dict[str, Path]:
                       baseline=False)
     key, _ = write_owner_key(work / "owner.key")
     init_keystore(work / "keystore")
-    # Timing only: a briefly trained network may still work on raw inputs, so the raw-accuracy gate is off.
+    # Timing only: a briefly trained (or untrained, --epochs 0) network may work on raw inputs or not at all,
+    # so both accuracy gates are off.
     build_bundle(work / "protected.pt", work / "bundle", owner_key=key, keystore=KeystoreSpec("embedded",
-                 work / "keystore"), model_id=MODEL_ID, max_raw_acc=1.0, log=lambda *_: None)
+                 work / "keystore"), model_id=MODEL_ID, max_raw_acc=1.0, min_authorized_acc=0.0,
+                 log=lambda *_: None)
     token = issue_license(load_owner_key(key), customer_id="bench", model_id=MODEL_ID, serial_number="B-1",
                           valid_seconds=86400)
     (work / "license").write_text(token + "\n")
