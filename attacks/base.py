@@ -139,6 +139,13 @@ class Target:
 
         return ort_session(self.bundle.path(PUBLIC_ONNX), threads=1)  # small batches; cores may be shared
 
+    @cached_property
+    def public_model(self):
+        """public.onnx as an onnx.ModelProto, parsed once (passport attacks fill in gamma/beta many times)."""
+        import onnx
+
+        return onnx.load(str(self.bundle.path(PUBLIC_ONNX)))
+
     def public_accuracy(self, x: np.ndarray, y: np.ndarray | None = None) -> float:
         """Accuracy of the copied public network (ONNX Runtime, CPU) on `x` against the test labels."""
         from runtime.onnx_session import ort_accuracy
@@ -184,12 +191,9 @@ class Target:
     def accuracy_with_params(self, params: dict[str, np.ndarray], x: np.ndarray | None = None,
                              y: np.ndarray | None = None) -> float:
         """Passport bundles: public.onnx run with these gamma/beta filled in, on raw test images by default."""
-        import onnx
-
         from runtime.onnx_session import ort_accuracy, session_from_model, with_params
 
-        model = with_params(onnx.load(str(self.bundle.path(PUBLIC_ONNX))), params)
-        session = session_from_model(model, threads=1)
+        session = session_from_model(with_params(self.public_model, params), threads=1)
         return ort_accuracy(session, self.data.x_test if x is None else x, self.data.y_test if y is None else y)
 
     def authorized_accuracy(self) -> tuple[float, str]:

@@ -22,11 +22,8 @@ UTILITY_MARGIN = 0.01
 
 
 def _param_shapes(target: Target) -> dict[str, tuple[int, ...]]:
-    import onnx
-
-    model = onnx.load(str(target.bundle.path("public.onnx")))
     names = set(target.bundle.manifest["passport_params"])
-    return {i.name: tuple(i.dims) for i in model.graph.initializer if i.name in names}
+    return {i.name: tuple(i.dims) for i in target.public_model.graph.initializer if i.name in names}
 
 
 @register_attack(

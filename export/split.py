@@ -64,21 +64,33 @@ def _gate(public_acc: float, max_raw_acc: float, what: str) -> None:
                           "it would be useful to a pirate without the trusted module; retrain it")
 
 
-def split_transform(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, max_raw_acc: float,
-                    log: Callable[[str], None]) -> Split:
-    """Anti-piracy transform: public.onnx is the network trained on transformed inputs; the transform is sealed."""
-    model, transform = ckpt.build_public_model(), ckpt.build_transform()
+def _export_public_network(ckpt: ProtectedCheckpoint, data: Dataset, processed: np.ndarray, onnx_path: Path,
+                           max_raw_acc: float, log: Callable[[str], None], processed_label: str, raw_gate: str
+                           ) -> dict[str, Any]:
+    """For methods whose trusted module processes the inputs (transform, DSN stamp): export the checkpoint's
+    public network as is, compare it with torch on `processed` (the test split as the module returns it), and
+    measure and gate its accuracy on raw inputs."""
+    model = ckpt.build_public_model()
     export_onnx(model, (torch.zeros(1, *ckpt.input_shape),), onnx_path, [INPUT_NAME])
     session = ort_session(onnx_path)
     with torch.no_grad():
-        processed = transform(torch.from_numpy(data.x_test)).numpy()
         reference = model(torch.from_numpy(processed[:256])).numpy()
     diff = _check_diff(session.run(None, {INPUT_NAME: processed[:256]})[0], reference)
     checks = {"onnx_max_abs_diff": diff, "public_raw_acc": ort_accuracy(session, data.x_test, data.y_test),
               "authorized_acc": ort_accuracy(session, processed, data.y_test)}
     log(f"public.onnx: max |onnx - torch| = {diff:.2e}; raw-input accuracy {checks['public_raw_acc']:.1%} "
-        f"(authorized {checks['authorized_acc']:.1%})")
-    _gate(checks["public_raw_acc"], max_raw_acc, "on raw inputs")
+        f"({processed_label} {checks['authorized_acc']:.1%})")
+    _gate(checks["public_raw_acc"], max_raw_acc, raw_gate)
+    return checks
+
+
+def split_transform(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, max_raw_acc: float,
+                    log: Callable[[str], None]) -> Split:
+    """Anti-piracy transform: public.onnx is the network trained on transformed inputs; the transform is sealed."""
+    transform = ckpt.build_transform()
+    with torch.no_grad():
+        processed = transform(torch.from_numpy(data.x_test)).numpy()
+    checks = _export_public_network(ckpt, data, processed, onnx_path, max_raw_acc, log, "authorized", "on raw inputs")
     config, arrays = transform_to_arrays(transform, ckpt.input_shape)
     return Split(config, arrays, checks, {"variant": ckpt.secret["variant"]})
 
@@ -175,18 +187,8 @@ def split_dsn(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, max_raw
     from sealnet.serial import StampSpec, license_serial_number
 
     spec = StampSpec.from_secret(ckpt.secret)
-    model = ckpt.build_public_model()
-    export_onnx(model, (torch.zeros(1, *ckpt.input_shape),), onnx_path, [INPUT_NAME])
-    session = ort_session(onnx_path)
-    stamped = spec.apply(data.x_test)
-    with torch.no_grad():
-        reference = model(torch.from_numpy(stamped[:256])).numpy()
-    diff = _check_diff(session.run(None, {INPUT_NAME: stamped[:256]})[0], reference)
-    checks = {"onnx_max_abs_diff": diff, "public_raw_acc": ort_accuracy(session, data.x_test, data.y_test),
-              "authorized_acc": ort_accuracy(session, stamped, data.y_test)}
-    log(f"public.onnx: max |onnx - torch| = {diff:.2e}; raw-input accuracy {checks['public_raw_acc']:.1%} "
-        f"(stamped with the serial number {checks['authorized_acc']:.1%})")
-    _gate(checks["public_raw_acc"], max_raw_acc, "on raw (unstamped) inputs")
+    checks = _export_public_network(ckpt, data, spec.apply(data.x_test), onnx_path, max_raw_acc, log,
+                                    "stamped with the serial number", "on raw (unstamped) inputs")
     serial = ckpt.secret["serial"]
     serial_number = license_serial_number(ckpt.secret["commitment"])
     config = {"method": "dsn", "position": list(spec.position), "scale": spec.scale,

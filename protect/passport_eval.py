@@ -104,6 +104,30 @@ class VerificationResult:
         return asdict(self)
 
 
+def _signature_check(bits: np.ndarray, signature: str, recorded_acc: float | None, eps_f: float) -> VerificationResult:
+    """A result with the signature part filled in: sign(gamma) bits against the claimed string, bit for bit."""
+    claimed = signature_to_bits(signature, len(bits))
+    n = len(claimed)
+    matched = int((bits[:n] == claimed).sum())
+    res = VerificationResult(verified=False, signature_claimed=signature, signature_decoded=bits_to_signature(bits[:n]),
+                             signature_match=matched == n, signature_bits_matched=matched, signature_bits=n,
+                             eps_f=eps_f, recorded_acc=recorded_acc)
+    if not res.signature_match:
+        res.reasons.append(f"signature mismatch: {n - matched} of {n} bits differ (decoded "
+                           f"{res.signature_decoded!r})")
+    return res
+
+
+def _fidelity_check(res: VerificationResult, accuracy: float) -> None:
+    """Record the accuracy with the claimed passport and whether it is within eps_f of the recorded one."""
+    res.accuracy = accuracy
+    if res.recorded_acc is not None:
+        res.fidelity_ok = abs(accuracy - res.recorded_acc) <= res.eps_f
+        if not res.fidelity_ok:
+            res.reasons.append(f"fidelity: accuracy {accuracy:.2%} with this passport is not within "
+                               f"{res.eps_f:.0%} of the recorded {res.recorded_acc:.2%}")
+
+
 def verify_ownership(model: nn.Module, passports: dict[str, dict[str, torch.Tensor]], signature: str,
                      x: np.ndarray | None = None, y: np.ndarray | None = None, recorded_acc: float | None = None,
                      eps_f: float = 0.03, predict: Predict | None = None,
@@ -116,30 +140,18 @@ def verify_ownership(model: nn.Module, passports: dict[str, dict[str, torch.Tens
     trigger_predict: the deployed network as a black box (default: the model's public branch when it has one).
     """
     bits = extract_bits(model, passports)
-    claimed = signature_to_bits(signature, len(bits))
-    n = len(claimed)
-    matched = int((bits[:n] == claimed).sum())
-    res = VerificationResult(verified=False, signature_claimed=signature, signature_decoded=bits_to_signature(bits[:n]),
-                             signature_match=matched == n, signature_bits_matched=matched, signature_bits=n,
-                             eps_f=eps_f, recorded_acc=recorded_acc, trigger_threshold=trigger_threshold)
+    res = _signature_check(bits, signature, recorded_acc, eps_f)
+    res.trigger_threshold = trigger_threshold
     if recorded_bits is not None:
         rb = np.asarray(recorded_bits).reshape(-1)
         res.channel_bits_matched = int((rb == bits[: len(rb)]).sum())
         res.capacity_bits = len(bits)
-    if not res.signature_match:
-        res.reasons.append(f"signature mismatch: {n - matched} of {n} bits differ (decoded "
-                           f"{res.signature_decoded!r})")
     if x is not None and y is not None:
         if predict is None:
             with use_passports(model, passports):
-                res.accuracy = callable_accuracy(model_predict(model, "passport"), x, y)
+                _fidelity_check(res, callable_accuracy(model_predict(model, "passport"), x, y))
         else:
-            res.accuracy = callable_accuracy(predict, x, y)
-        if recorded_acc is not None:
-            res.fidelity_ok = abs(res.accuracy - recorded_acc) <= eps_f
-            if not res.fidelity_ok:
-                res.reasons.append(f"fidelity: accuracy {res.accuracy:.2%} with this passport is not within "
-                                   f"{eps_f:.0%} of the recorded {recorded_acc:.2%}")
+            _fidelity_check(res, callable_accuracy(predict, x, y))
     elif recorded_acc is not None:
         res.reasons.append("fidelity not checked: no test data")
     if trigger is not None:
@@ -213,24 +225,11 @@ def verify_bundle(bundle_dir: Path, passport_file: Path, signature: str, data: D
         arrays[f"{layer}/beta"] = passports["beta"].numpy()
     params = derive_params({"layers": specs}, arrays)
     bits = np.concatenate([np.where(params[f"gamma_{i}"] >= 0, 1, -1) for i in range(len(specs))]).astype(np.int8)
-    claimed = signature_to_bits(signature, len(bits))
-    n = len(claimed)
-    matched = int((bits[:n] == claimed).sum())
-    recorded = secret.get("valid_acc")
-    eps = secret.get("eps_f", 0.03) if eps_f is None else eps_f
+    res = _signature_check(bits, signature, secret.get("valid_acc"), secret.get("eps_f", 0.03) if eps_f is None
+                           else eps_f)
     session = session_from_model(with_params(model, params))
     name_in = session.get_inputs()[0].name
-    accuracy = callable_accuracy(lambda x: session.run(None, {name_in: x})[0], data.x_test, data.y_test)
-    res = VerificationResult(verified=False, signature_claimed=signature, signature_decoded=bits_to_signature(bits[:n]),
-                             signature_match=matched == n, signature_bits_matched=matched, signature_bits=n,
-                             eps_f=eps, recorded_acc=recorded, accuracy=accuracy)
-    if not res.signature_match:
-        res.reasons.append(f"signature mismatch: {n - matched} of {n} bits differ (decoded {res.signature_decoded!r})")
-    if recorded is not None:
-        res.fidelity_ok = abs(accuracy - recorded) <= eps
-        if not res.fidelity_ok:
-            res.reasons.append(f"fidelity: accuracy {accuracy:.2%} with this passport is not within {eps:.0%} of "
-                               f"the recorded {recorded:.2%}")
+    _fidelity_check(res, callable_accuracy(lambda x: session.run(None, {name_in: x})[0], data.x_test, data.y_test))
     res.verified = bool(res.signature_match and res.fidelity_ok)
     return res
 
