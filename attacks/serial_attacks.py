@@ -1,5 +1,6 @@
 """Attacks on Deep Serial Number bundles: the student without its stamp, a pirate who searches the (small)
-stamp space, and an insider who reads the stamp off one stamped input.
+stamp space, a pirate who undoes the stamp's effect inside the network without knowing it, and an insider who
+reads the stamp off one stamped input.
 
 The training-time attacks of the DSN paper (fine-tuning / transfer with 10-40% of the data, pruning, a new
 serial number) need the checkpoint and live in `sealnet serial-eval`.
@@ -11,6 +12,8 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from attacks.base import Budget, Metric, Outcome, Target, pct, progress
 from attacks.plots import histogram
@@ -20,6 +23,7 @@ from sealnet.serial import stamp, stamp_scale
 DSN_MAX = 0.20  # DESIGN.md: DSN without / with another customer's serial number <= 20%
 UTILITY_MARGIN = 0.01
 PATTERN = (3, 3)  # the paper's default, which a pirate who read it assumes
+RECENTER_IMAGES = 400  # unlabelled raw images the pirate runs through the network (10% of the embedded train split)
 
 
 @register_attack(
@@ -78,6 +82,63 @@ def dsn_pattern_search(target: Target, budget: Budget, out: Path) -> Outcome:
                    plots=["dsn_pattern_search.png"],
                    notes=["A 3x3 pattern has 512 values: without a secret position or a larger pattern the "
                           "serial number is found by enumeration in seconds."])
+
+
+def first_dense_layer(model: onnx.ModelProto) -> tuple[onnx.NodeProto, str]:
+    """The first fully connected layer of an exported network: (its Gemm node, the name of its bias)."""
+    initializers = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gemm" and len(node.input) == 3 and node.input[2] in initializers:
+            return node, node.input[2]
+    raise ValueError("public.onnx has no fully connected layer (Gemm with a bias initializer) to re-centre")
+
+
+def recentred(model: onnx.ModelProto, x: np.ndarray) -> tuple[onnx.ModelProto, np.ndarray]:
+    """A copy of `model` whose first fully connected layer gives each unit mean pre-activation 0 over the
+    images `x`, and those pre-activations before the shift (images x units)."""
+    from runtime.onnx_session import session_from_model
+
+    node, bias_name = first_dense_layer(model)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None))
+    session = session_from_model(probe, threads=1)
+    feed_name = session.get_inputs()[0].name
+    pre = np.concatenate([session.run([node.output[0]], {feed_name: x[i : i + 500]})[0]
+                          for i in range(0, len(x), 500)])
+    gemm_beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.name == bias_name:
+            bias = numpy_helper.to_array(init)
+            shifted = bias - (pre.mean(axis=0) / gemm_beta).reshape(bias.shape)
+            init.CopyFrom(numpy_helper.from_array(shifted.astype(bias.dtype), bias_name))
+    return out, pre
+
+
+@register_attack(
+    "dsn-recenter", suite="model", methods=("dsn",),
+    title="Re-centre the hidden layer: undo the stamp without knowing it (no labels, no training)",
+    targets="accuracy after re-centring <= 20%",
+    knowledge=f"A1 pirate: public.onnx and {RECENTER_IMAGES} unlabelled raw images; knows only that a DSN stamp "
+              "is the same pixels on every input. Runs the images through the student and shifts the bias of "
+              "its first fully connected layer so that every unit has mean pre-activation 0 on them.")
+def dsn_recenter(target: Target, budget: Budget, out: Path) -> Outcome:
+    from runtime.onnx_session import ort_accuracy, session_from_model
+
+    x = np.ascontiguousarray(target.data.x_train[:RECENTER_IMAGES], dtype=np.float32)
+    model, pre = recentred(target.public_model, x)
+    acc = ort_accuracy(session_from_model(model, threads=1), target.data.x_test, target.data.y_test)
+    return Outcome([Metric("recentred_acc", acc, "<=", DSN_MAX,
+                           note=f"bias of the first fully connected layer shifted by -mean over {len(x)} "
+                                "unlabelled raw training images; measured on the test split"),
+                    Metric("hidden_units_on_raw", float((pre > 0).mean()),
+                           note="share of (image, unit) pre-activations above 0 before the shift")],
+                   notes=["Expected to FAIL: the stamp covers pixels that are the same on every input, so its "
+                          "whole effect on the first fully connected layer is one constant vector (docs/serial.md, "
+                          "'Why fine-tuning beats training from scratch'); a mean over unlabelled images "
+                          "restores most of it."])
 
 
 @register_attack(

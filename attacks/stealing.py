@@ -71,7 +71,7 @@ def torch_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 
 @register_attack(
-    "model-stealing", suite="model", methods=("transform",), title="Model stealing: fine-tune the public network",
+    "model-stealing", suite="model", methods=("transform", "dsn"), title="Model stealing: fine-tune the public network",
     targets="fine-tuned accuracy <= scratch + 2 pts, per data fraction",
     knowledge="A1 pirate with some labelled data: public.onnx (weights turned back into a trainable network) and "
               "1% / 10% (50% at full budget) of the training images with labels, raw (no trusted module). "

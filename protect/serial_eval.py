@@ -5,7 +5,10 @@ pattern of the same size at the same position (a pirate's exhaustive search); th
 each with 10-40% of the training data: fine-tuning on raw inputs vs the same network trained from scratch
 (learning curves for both), transfer learning (new fully connected layers on the frozen convolutions), L1
 global pruning 10-40% (accuracy with / without SN), overwriting with a new SN (the attacker knows the scheme and
-the old SN; CE on the new SN since the teacher is secret, SN-embedding loss on inputs with the old SN).
+the old SN; CE on the new SN since the teacher is secret, SN-embedding loss on inputs with the old SN). Ours:
+re-centring (the first fully connected layer's bias shifted so each unit has mean pre-activation 0 on the
+subset's images, labels unused, no training) and `stamp_effect`, how constant the stamp's effect on that layer
+is across images, which explains why fine-tuning beats training from scratch (docs/serial.md).
 Watermark (a `--method watermark` checkpoint): query(T) == i, task accuracy vs the plain baseline, L1 global
 pruning 10-90%, and false positives: N plain models trained with other seeds, none may answer T with i.
 
@@ -161,6 +164,43 @@ def overwrite_attack(student: nn.Module, spec: StampSpec, x: np.ndarray, y: np.n
             "raw_acc": stamped_accuracy(m, data.x_test, data.y_test, None)}
 
 
+def first_linear_preactivations(model: nn.Module, x: np.ndarray) -> tuple[nn.Linear, torch.Tensor]:
+    """The model's first fully connected layer and its outputs (pre-activations) on `x`, in eval mode."""
+    layer = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+    if layer is None:
+        raise ValueError(f"{type(model).__name__} has no fully connected layer")
+    captured: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.from_numpy(np.ascontiguousarray(x)))
+    finally:
+        handle.remove()
+    return layer, captured[0]
+
+
+def recentred(model: nn.Module, x: np.ndarray) -> nn.Module:
+    """A copy whose first fully connected layer has mean pre-activation 0 per unit over the unlabelled `x`
+    (the torch twin of the attack suite's dsn-recenter)."""
+    m = copy.deepcopy(model)
+    layer, pre = first_linear_preactivations(m, x)
+    with torch.no_grad():
+        layer.bias -= pre.mean(0)
+    return m
+
+
+def stamp_effect(model: nn.Module, spec: StampSpec, x: np.ndarray) -> dict[str, Any]:
+    """How the stamp changes the first fully connected layer: per unit, the mean change over `x` and how much
+    that change varies between images. A change that is the same for every image is a bias in disguise."""
+    _, raw = first_linear_preactivations(model, x)
+    _, sn = first_linear_preactivations(model, spec.apply(x))
+    delta = sn - raw
+    return {"images": int(len(x)), "units": int(delta.shape[1]),
+            "mean_abs_shift": float(delta.mean(0).abs().mean()), "mean_per_image_std": float(delta.std(0).mean()),
+            "units_on_raw": float((raw > 0).float().mean()), "units_on_sn": float((sn > 0).float().mean())}
+
+
 def _fresh_classifier(model: nn.Module, seed: int) -> nn.Module:
     """Transfer learning: the same network with every fully connected layer re-initialised, convolutions frozen."""
     m = copy.deepcopy(model)
@@ -209,6 +249,7 @@ def dsn_eval(ckpt: ProtectedCheckpoint, data: Dataset, *, teacher: nn.Module | N
     r["other_sn_hamming"] = [int((s.pattern != spec.pattern).sum()) for s in others]
     r["other_sn_max_acc"] = max(r["other_sn_accs"]) if others else None
     r["exhaustive"] = exhaustive_patterns(student, spec, xte[:exhaustive_images], yte[:exhaustive_images])
+    r["stamp_effect"] = stamp_effect(student, spec, _subset(data, fractions[0] if fractions else 0.1, seed)[0])
     r["pruning"] = []
     for rate in tqdm(prune_rates, desc="dsn pruning", disable=not progress, unit="rate"):
         m = l1_pruned(student, rate)
@@ -218,7 +259,8 @@ def dsn_eval(ckpt: ProtectedCheckpoint, data: Dataset, *, teacher: nn.Module | N
     bar = tqdm(total=4 * len(fractions), desc="dsn attacks", disable=not progress, unit="run")
     for frac in fractions:
         x, y = _subset(data, frac, seed)
-        row: dict[str, Any] = {"fraction": frac, "images": int(len(y)), "steps": steps}
+        row: dict[str, Any] = {"fraction": frac, "images": int(len(y)), "steps": steps,
+                               "recenter_acc": raw_acc(recentred(student, x))}
         seed_everything(seed)  # dropout draws from the global generator
         ft = copy.deepcopy(student)
         row["finetune_curve"] = train_curve(ft, ft.parameters(), x, y, raw_acc, steps=steps, eval_every=eval_every,
@@ -320,7 +362,7 @@ def run_serial_eval(data: Dataset, out_dir: Path, *, dsn: ProtectedCheckpoint | 
         "student_raw_acc": d and d["student_raw_acc"], "other_sn_max_acc": d and d["other_sn_max_acc"],
         "grpc_acc": d and d["grpc_acc"],
         "finetune10_acc": _at(attacks, 0.1, "finetune_acc"), "scratch10_acc": _at(attacks, 0.1, "scratch_acc"),
-        "transfer10_acc": _at(attacks, 0.1, "transfer_acc"),
+        "transfer10_acc": _at(attacks, 0.1, "transfer_acc"), "recenter10_acc": _at(attacks, 0.1, "recenter_acc"),
         "watermark_match": w and w["watermark_match"], "watermark_task_acc": w and w["watermark_task_acc"],
         "watermark_baseline_acc": w and w["baseline_acc"], "plain_false_positives": w and w["plain_false_positives"],
         "dsn": d, "watermark": w,
@@ -355,16 +397,23 @@ def markdown_report(r: dict[str, Any]) -> str:
                          f"({ex['images']} images): best wrong pattern | {_pct(ex['best_other_acc'])} "
                          f"({ex['others_above_50']} wrong patterns > 50%, {ex['others_above_20']} > 20%; "
                          f"true SN found: {ex['best_is_true']}) |")
+        se = d["stamp_effect"]
+        lines += ["", f"Stamp's effect on the first fully connected layer ({se['units']} units, {se['images']} "
+                  f"images): mean |shift| {se['mean_abs_shift']:.3f}, varying between images by "
+                  f"{se['mean_per_image_std']:.3f} (std); units on: raw {_pct(se['units_on_raw'])}, with SN "
+                  f"{_pct(se['units_on_sn'])}."]
         lines += ["", "### Attacks (test accuracy on raw inputs unless noted)", "",
                   "| data | images | fine-tuning | from scratch | transfer (new FC, frozen conv) | "
-                  "overwrite: new SN / old SN / raw |", "|---|---|---|---|---|---|"]
+                  "re-centring (no labels, no training) | overwrite: new SN / old SN / raw |",
+                  "|---|---|---|---|---|---|---|"]
         for row in d["attacks"]:
             o = row["overwrite"]
             lines.append(f"| {row['fraction']:.0%} | {row['images']} | {_pct(row['finetune_acc'])} | "
-                         f"{_pct(row['scratch_acc'])} | {_pct(row['transfer_acc'])} | {_pct(o['new_sn_acc'])} / "
-                         f"{_pct(o['old_sn_acc'])} / {_pct(o['raw_acc'])} |")
+                         f"{_pct(row['scratch_acc'])} | {_pct(row['transfer_acc'])} | {_pct(row['recenter_acc'])} | "
+                         f"{_pct(o['new_sn_acc'])} / {_pct(o['old_sn_acc'])} / {_pct(o['raw_acc'])} |")
         if d["attacks"]:
-            lines += ["", f"Each attack: {d['attacks'][0]['steps']} Adam steps (lr 1e-3, batch 64) on the subset."]
+            lines += ["", f"Each training attack: {d['attacks'][0]['steps']} Adam steps (lr 1e-3, batch 64) on "
+                      "the subset; re-centring uses the subset's images without labels."]
         lines += ["", "### L1 global pruning", "", "| rate | with SN | raw |", "|---|---|---|"]
         lines += [f"| {row['rate']:.0%} | {_pct(row['sn_acc'])} | {_pct(row['raw_acc'])} |" for row in d["pruning"]]
         lines.append("")
@@ -405,7 +454,7 @@ def write_plots(r: dict[str, Any], out_dir: Path) -> list[Path]:
         axes[0].set_title("DSN")
         fr = [100 * row["fraction"] for row in d["attacks"]]
         for key, label in (("finetune_acc", "fine-tuning"), ("scratch_acc", "from scratch"),
-                           ("transfer_acc", "transfer (new FC)")):
+                           ("transfer_acc", "transfer (new FC)"), ("recenter_acc", "re-centring (no labels)")):
             axes[1].plot(fr, [100 * row[key] for row in d["attacks"]], "o-", label=label)
         axes[1].plot(fr, [100 * row["overwrite"]["new_sn_acc"] for row in d["attacks"]], "s--",
                      label="overwrite (new SN)")

@@ -42,7 +42,7 @@ def test_registry_has_passport_and_dsn_attacks():
     assert [a.name for a in select("model") if a.applies_to("passport")] == [
         "passport-utility", "passport-direct-piracy", "passport-random-params", "passport-insider-params"]
     assert [a.name for a in select("model") if a.applies_to("dsn")] == [
-        "dsn-utility", "dsn-direct-piracy", "dsn-pattern-search", "dsn-stamp-copy"]
+        "dsn-utility", "dsn-direct-piracy", "dsn-pattern-search", "dsn-recenter", "dsn-stamp-copy", "model-stealing"]
 
 
 def test_passport_attacks(served, passport_bundle, passport_v1, tmp_path):
@@ -72,3 +72,5 @@ def test_dsn_attacks(served, dsn_student, tmp_path):
     search = get_attack("dsn-pattern-search").run(target, BUDGET, tmp_path)
     assert _metrics(search)["candidates"].value == 4 * 512
     assert _metrics(search)["best_candidate_acc"].value > raw.value
+    recentred = _metrics(get_attack("dsn-recenter").run(target, BUDGET, tmp_path))
+    assert recentred["recentred_acc"].value > raw.value + 0.3  # no stamp, no labels: the documented weakness

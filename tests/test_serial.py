@@ -315,12 +315,16 @@ def test_serial_eval_report(dsn, wm, digits, dsn_owner, tmp_path):
                             watermark_kwargs={"n_plain": 2, "plain_epochs": 1, "prune_rates": (0.1, 0.9),
                                               "progress": False})
     for key in ("teacher_acc", "student_sn_acc", "student_raw_acc", "other_sn_max_acc", "grpc_acc",
-                "watermark_match", "watermark_task_acc", "plain_false_positives", "finetune10_acc", "scratch10_acc"):
+                "watermark_match", "watermark_task_acc", "plain_false_positives", "finetune10_acc", "scratch10_acc",
+                "recenter10_acc"):
         assert r[key] is not None, key
     assert r["grpc_acc"] == pytest.approx(r["student_sn_acc"], abs=0.002)
     assert r["watermark_match"] is True and r["plain_false_positives"] == 0
     assert r["dsn"]["exhaustive"]["patterns"] == 512 and r["dsn"]["exhaustive"]["true_acc"] > 0.8
     assert len(r["dsn"]["attacks"][0]["finetune_curve"]) == 3
+    effect = r["dsn"]["stamp_effect"]  # the stamp acts as (almost) one constant shift of the hidden layer
+    assert effect["mean_per_image_std"] < 0.5 * effect["mean_abs_shift"], effect
+    assert r["recenter10_acc"] > r["student_raw_acc"] + 0.3  # ...which unlabelled raw images undo
     assert json.loads((tmp_path / "serial_eval.json").read_text())["scratch10_acc"] == r["scratch10_acc"]
     for name in ("serial_eval.md", "serial_eval.png", "serial_curves.png"):
         assert (tmp_path / name).stat().st_size > 0
