@@ -23,7 +23,8 @@ from sealnet.serial import stamp, stamp_scale
 DSN_MAX = 0.20  # DESIGN.md: DSN without / with another customer's serial number <= 20%
 UTILITY_MARGIN = 0.01
 PATTERN = (3, 3)  # the paper's default, which a pirate who read it assumes
-RECENTER_IMAGES = 400  # unlabelled raw images the pirate runs through the network (10% of the embedded train split)
+RECENTER_IMAGES = (10, 400)  # unlabelled raw images the pirate runs through the network (400: 10% of the embedded
+#                               train split)
 
 
 @register_attack(
@@ -121,24 +122,27 @@ def recentred(model: onnx.ModelProto, x: np.ndarray) -> tuple[onnx.ModelProto, n
     "dsn-recenter", suite="model", methods=("dsn",),
     title="Re-centre the hidden layer: undo the stamp without knowing it (no labels, no training)",
     targets="accuracy after re-centring <= 20%",
-    knowledge=f"A1 pirate: public.onnx and {RECENTER_IMAGES} unlabelled raw images; knows only that a DSN stamp "
-              "is the same pixels on every input. Runs the images through the student and shifts the bias of "
-              "its first fully connected layer so that every unit has mean pre-activation 0 on them.")
+    knowledge=f"A1 pirate: public.onnx and {RECENTER_IMAGES[-1]} unlabelled raw images; knows only that a DSN "
+              "stamp is the same pixels on every input. Runs the images through the student and shifts the bias "
+              "of its first fully connected layer so that every unit has mean pre-activation 0 on them; also with "
+              f"only the first {RECENTER_IMAGES[0]} images.")
 def dsn_recenter(target: Target, budget: Budget, out: Path) -> Outcome:
     from runtime.onnx_session import ort_accuracy, session_from_model
 
-    x = np.ascontiguousarray(target.data.x_train[:RECENTER_IMAGES], dtype=np.float32)
-    model, pre = recentred(target.public_model, x)
-    acc = ort_accuracy(session_from_model(model, threads=1), target.data.x_test, target.data.y_test)
-    return Outcome([Metric("recentred_acc", acc, "<=", DSN_MAX,
-                           note=f"bias of the first fully connected layer shifted by -mean over {len(x)} "
-                                "unlabelled raw training images; measured on the test split"),
-                    Metric("hidden_units_on_raw", float((pre > 0).mean()),
-                           note="share of (image, unit) pre-activations above 0 before the shift")],
-                   notes=["Expected to FAIL: the stamp covers pixels that are the same on every input, so its "
-                          "whole effect on the first fully connected layer is one constant vector (docs/serial.md, "
-                          "'Why fine-tuning beats training from scratch'); a mean over unlabelled images "
-                          "restores most of it."])
+    metrics, pre = [], None
+    for n in RECENTER_IMAGES:
+        x = np.ascontiguousarray(target.data.x_train[:n], dtype=np.float32)
+        model, pre = recentred(target.public_model, x)
+        acc = ort_accuracy(session_from_model(model, threads=1), target.data.x_test, target.data.y_test)
+        metrics.append(Metric(f"recentred_acc@{len(x)}", acc, "<=", DSN_MAX,
+                              note=f"bias of the first fully connected layer shifted by -mean over {len(x)} "
+                                   "unlabelled raw training images; measured on the test split"))
+    metrics.append(Metric("hidden_units_on_raw", float((pre > 0).mean()),
+                          note="share of (image, unit) pre-activations above 0 before the shift"))
+    return Outcome(metrics, notes=[
+        "Expected to FAIL: the stamp covers pixels that are the same on every input, so its whole effect on the "
+        "first fully connected layer is (almost) one constant vector (docs/serial.md, 'Why fine-tuning beats "
+        "training from scratch'); a mean over unlabelled images restores most of it."])
 
 
 @register_attack(
