@@ -23,8 +23,10 @@ model, and the stamp parameters in its secret part (sealnet.serial.StampSpec.fro
 from __future__ import annotations
 
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,12 @@ from sealnet.serial import (
 )
 
 TEACHER_METHOD = "dsn-teacher"
+COLLAPSE_MARGIN = 0.10  # a student this close to chance on stamped training images has collapsed (export's floor)
+COLLAPSE_CHECK_IMAGES = 1000
+
+
+class DSNTrainingError(RuntimeError):
+    """Every attempt at training the student collapsed; the message names the seeds and what to change."""
 
 
 @dataclass(frozen=True)
@@ -249,13 +257,41 @@ def load_or_train_teacher(path: Path | None, data: Dataset, cfg: TrainConfig, mo
     return teacher, acc
 
 
+def train_student_checked(teacher: nn.Module, spec: StampSpec, data: Dataset, cfg: TrainConfig, dcfg: DSNConfig,
+                          model_name: str, model_config: dict[str, Any] | None, attempts: int,
+                          metrics: dict[str, Any], log: Callable[[str], None]) -> tuple[nn.Module, TrainConfig]:
+    """train_student with a collapse check on stamped training images; (student, the config that worked).
+    Raises DSNTrainingError, naming the seeds tried, when every attempt collapses."""
+    floor = 1.0 / data.num_classes + COLLAPSE_MARGIN
+    x, y = data.x_train[:COLLAPSE_CHECK_IMAGES], data.y_train[:COLLAPSE_CHECK_IMAGES]
+    tried = []
+    for attempt in range(max(1, attempts)):
+        run = replace(cfg, seed=cfg.seed + attempt)
+        seed_everything(run.seed)
+        student = create_model(model_name, data.input_shape, data.num_classes, **(model_config or {}))
+        metrics["student_epoch_s"] = train_student(student, teacher, spec, data, run, dcfg)
+        train_acc = stamped_accuracy(student, x, y, spec)
+        tried.append(f"seed {run.seed}: {train_acc:.1%}")
+        if train_acc >= floor:
+            metrics["student_attempts"] = attempt + 1
+            return student, run
+        log(f"dsn student with seed {run.seed} collapsed: {train_acc:.1%} on stamped training images (chance "
+            f"{1 / data.num_classes:.0%})" + ("; training again with the next seed" if attempt + 1 < attempts else ""))
+    raise DSNTrainingError(f"DSN student training collapsed in all {len(tried)} attempts ({'; '.join(tried)}); "
+                       f"try another --seed or a smaller --lr (the teacher is kept and reused)")
+
+
 def protect_dsn(data: Dataset, out: Path, cfg: TrainConfig, owner_key: Ed25519PrivateKey, record: SerialRecord, *,
                 dcfg: DSNConfig | None = None, teacher_path: Path | None = None,
                 teacher_cfg: TrainConfig | None = None, pattern_size: tuple[int, int] = (3, 3),
                 position: tuple[int, int] = (0, 0), model_name: str = "simple_cnn",
                 model_config: dict[str, Any] | None = None, other_customers: int = 20,
-                claim_out: Path | None = None) -> ProtectedCheckpoint:
+                claim_out: Path | None = None, attempts: int = 3,
+                log: Callable[[str], None] | None = None) -> ProtectedCheckpoint:
     """Teacher (loaded from `teacher_path` or trained), one customer's student, its checkpoint and claim.
+
+    A student that collapses (near chance even with its SN; seen once in MNIST runs) is trained again with
+    the next seed, up to `attempts` times; the checkpoint records the seed that worked.
 
     Metrics: teacher_acc; student_sn_acc (stamped with the customer's SN), student_raw_acc (raw inputs),
     other_sn_max_acc / other_sn_mean_acc (the SNs of `other_customers` other customers of the same model)."""
@@ -264,10 +300,9 @@ def protect_dsn(data: Dataset, out: Path, cfg: TrainConfig, owner_key: Ed25519Pr
     spec = StampSpec(derive_pattern(signature, pattern_size), position, stamp_scale(data.input_shape))
     spec.apply(data.x_test[:1])  # fails early, naming the sizes, if the stamp does not fit
     teacher, teacher_acc = load_or_train_teacher(teacher_path, data, teacher_cfg or cfg, model_name, model_config)
-    seed_everything(cfg.seed)
-    student = create_model(model_name, data.input_shape, data.num_classes, **(model_config or {}))
     metrics: dict[str, Any] = {"teacher_acc": teacher_acc}
-    metrics["student_epoch_s"] = train_student(student, teacher, spec, data, cfg, dcfg)
+    student, cfg = train_student_checked(teacher, spec, data, cfg, dcfg, model_name, model_config, attempts,
+                                         metrics, log or (lambda msg: print(msg, file=sys.stderr)))
     metrics["student_sn_acc"] = stamped_accuracy(student, data.x_test, data.y_test, spec)
     metrics["student_raw_acc"] = stamped_accuracy(student, data.x_test, data.y_test, None)
     if other_customers:

@@ -94,19 +94,24 @@ def cmd_protect_serial(args: argparse.Namespace) -> int:
     config = {"hidden": args.hidden}
     claim = args.serial_out or serial_path(args.out)
     if args.method == "dsn":
-        from protect.serial import DSNConfig, protect_dsn
+        from protect.serial import DSNConfig, DSNTrainingError, protect_dsn
 
         teacher = args.teacher or args.out.with_name(args.out.stem + ".teacher.pt")
         dcfg = DSNConfig(temperature=args.temperature, grl_lambda=args.grl_lambda, wrong_fraction=args.wrong_fraction,
                          uniform_weight=args.uniform_weight)
         student_cfg = TrainConfig(epochs=args.student_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-        ckpt = protect_dsn(data, args.out, student_cfg, owner_key, record, dcfg=dcfg, teacher_path=teacher,
-                           teacher_cfg=cfg, pattern_size=args.pattern_size, position=args.position,
-                           model_config=config, claim_out=claim)
+        try:
+            ckpt = protect_dsn(data, args.out, student_cfg, owner_key, record, dcfg=dcfg, teacher_path=teacher,
+                               teacher_cfg=cfg, pattern_size=args.pattern_size, position=args.position,
+                               model_config=config, claim_out=claim)
+        except DSNTrainingError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         m = ckpt.metrics
         print(f"checkpoint {args.out} (mode 0600: it holds the serial number), teacher {teacher}, claim {claim}")
         print(f"  teacher        accuracy {m['teacher_acc']:.2%}")
-        print(f"  student + SN   accuracy {m['student_sn_acc']:.2%}  (customer {record.customer_id!r})")
+        print(f"  student + SN   accuracy {m['student_sn_acc']:.2%}  (customer {record.customer_id!r}, seed "
+              f"{ckpt.seed}{', attempt ' + str(m['student_attempts']) if m['student_attempts'] > 1 else ''})")
         print(f"  student raw    accuracy {m['student_raw_acc']:.2%}  (no serial number: what a pirate gets)")
         print(f"  other SNs  max accuracy {m['other_sn_max_acc']:.2%}  ({m['other_sn_n']} other customers' SNs)")
         from sealnet.serial import license_serial_number

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protect.checkpoint import load_checkpoint
 from protect.models import create_model
-from protect.serial import protect_dsn, stamp_torch, wrong_patterns
+from protect.serial import DSNTrainingError, protect_dsn, stamp_torch, wrong_patterns
 from protect.serial_eval import deployed_predict, run_serial_eval
 from protect.train import TrainConfig, accuracy, train_plain
 from protect.watermark import WatermarkConfig, check_watermark, protect_watermark
@@ -261,6 +261,22 @@ def test_dsn_student_works_only_with_its_serial_number(dsn, digits, dsn_owner):
     assert claim["commitment"] == ckpt.secret["commitment"] and "pattern" not in claim
     assert stat.S_IMODE(os.stat(dsn["teacher"]).st_mode) == 0o600
     assert load_checkpoint(dsn["teacher"]).metrics["teacher_acc"] == m["teacher_acc"]
+
+
+def test_a_collapsed_student_is_retrained_then_refused(dsn, digits, owner, tmp_path, capsys):
+    """A learning rate far too high kills every hidden unit: each attempt is logged, then a clear error names the
+    seeds; no checkpoint is written. The CLI turns it into exit code 2 without a traceback."""
+    logged = []
+    with pytest.raises(DSNTrainingError, match=r"all 2 attempts \(seed 0: .*; seed 1: .*\); try another --seed"):
+        protect_dsn(digits, tmp_path / "s.pt", TrainConfig(epochs=1, lr=5.0, progress=False), owner, RECORD,
+                    teacher_path=dsn["teacher"], model_config=TINY, attempts=2, log=logged.append)
+    assert len(logged) == 2 and "seed 0 collapsed" in logged[0] and "next seed" in logged[0]
+    assert not (tmp_path / "s.pt").exists()
+    key, _ = _write_keys(tmp_path / "keys", owner)
+    assert main(["protect", "--method", "dsn", "--dataset", "digits", "--owner-key", str(key), "--company", "c",
+                 "--model-id", "m", "--customer", "x", "--teacher", str(dsn["teacher"]), "--student-epochs", "1",
+                 "--lr", "5", "--out", str(tmp_path / "cli.pt")]) == 2
+    assert "error: DSN student training collapsed in all 3 attempts" in capsys.readouterr().err
 
 
 # -- the watermark and verification --------------------------------------------------------------------------------
