@@ -28,6 +28,7 @@ from enclave_sim.payload import pack
 from export import ExportError, add_arguments
 from export.split import INPUT_NAME, OUTPUT_NAME, SPLITS
 from protect.checkpoint import ProtectedCheckpoint, load_checkpoint
+from protect.train import MIN_MARGIN_OVER_CHANCE
 from sealnet.bundle import (
     EXPECTED_MEASUREMENTS,
     FORMAT,
@@ -43,7 +44,6 @@ from sealnet.data import load_dataset
 from sealnet.licenses import load_owner_key
 
 PUBLIC_PLAN = "public.plan"
-MIN_MARGIN_OVER_CHANCE = 0.1  # a bundle must be useful to its licensees: authorized accuracy >= chance + 10 pts
 
 
 def tensorrt_available() -> str | None:

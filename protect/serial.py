@@ -38,7 +38,15 @@ from torch import nn
 
 from protect.checkpoint import ProtectedCheckpoint, load_checkpoint, save_checkpoint
 from protect.models import create_model
-from protect.train import TrainConfig, _batches, _epochs, accuracy, seed_everything, train_plain
+from protect.train import (
+    MIN_MARGIN_OVER_CHANCE,
+    TrainConfig,
+    _batches,
+    _epochs,
+    accuracy,
+    seed_everything,
+    train_plain,
+)
 from sealnet.data import Dataset
 from sealnet.serial import (
     SerialRecord,
@@ -53,7 +61,6 @@ from sealnet.serial import (
 )
 
 TEACHER_METHOD = "dsn-teacher"
-COLLAPSE_MARGIN = 0.10  # a student this close to chance on stamped training images has collapsed (export's floor)
 COLLAPSE_CHECK_IMAGES = 1000
 
 
@@ -262,7 +269,7 @@ def train_student_checked(teacher: nn.Module, spec: StampSpec, data: Dataset, cf
                           metrics: dict[str, Any], log: Callable[[str], None]) -> tuple[nn.Module, TrainConfig]:
     """train_student with a collapse check on stamped training images; (student, the config that worked).
     Raises DSNTrainingError, naming the seeds tried, when every attempt collapses."""
-    floor = 1.0 / data.num_classes + COLLAPSE_MARGIN
+    floor = 1.0 / data.num_classes + MIN_MARGIN_OVER_CHANCE  # below it the student has collapsed
     x, y = data.x_train[:COLLAPSE_CHECK_IMAGES], data.y_train[:COLLAPSE_CHECK_IMAGES]
     tried = []
     for attempt in range(max(1, attempts)):

@@ -23,6 +23,9 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+MIN_MARGIN_OVER_CHANCE = 0.1  # a protected model must be useful to its licensees: accuracy >= chance + 10 pts
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 8

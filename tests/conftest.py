@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,37 @@ def bundle_copy(tmp_path, artefacts):
     dst = tmp_path / "bundle"
     shutil.copytree(artefacts["bundle"], dst)
     return dst
+
+
+@contextlib.contextmanager
+def serving(bundle: Path, keystore, sock_dir: Path) -> Iterator[dict]:
+    """The trusted module on a Unix socket in `sock_dir` and the runtime on loopback TCP for `bundle`, with a
+    stock tritonclient; everything is stopped on exit."""
+    import tritonclient.grpc as triton
+
+    from enclave_sim import service as enclave_service
+    from runtime import server as runtime_server
+
+    enclave_addr = f"unix:{sock_dir / 'enclave.sock'}"
+    enclave, module = enclave_service.serve(bundle, enclave_addr, keystore)
+    server, service = runtime_server.serve(bundle, "127.0.0.1:0", enclave_addr)
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{service.port}")
+    try:
+        yield {"client": client, "enclave": enclave, "module": module, "enclave_addr": enclave_addr,
+               "socket": sock_dir / "enclave.sock", "service": service}
+    finally:
+        client.close()
+        server.stop(0)
+        enclave.stop(0)
+
+
+def kserve_infer(client, model_id: str, x, token: str | None, name: str = "input", datatype: str = "FP32"):
+    """One KServe v2 request through tritonclient, with the license header when a token is given."""
+    import tritonclient.grpc as triton
+
+    inp = triton.InferInput(name, list(x.shape), datatype)
+    inp.set_data_from_numpy(x)
+    return client.infer(model_id, [inp], headers={"sealnet-license": token} if token else None)
 
 
 @pytest.fixture

@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from enclave_sim import service as enclave_service
 from sealnet.licenses import issue_license
 from sealnet.serial import StampSpec
 from tests.conftest import DSN_MODEL_ID as MODEL_ID
+from tests.conftest import kserve_infer, serving
 
 
 @pytest.fixture(scope="module")
@@ -22,22 +21,12 @@ def dsn(dsn_student):
 
 @pytest.fixture
 def stack(dsn, artefacts, short_tmp):
-    from runtime import server as runtime_server
-
-    enclave_addr = f"unix:{short_tmp / 'enclave.sock'}"
-    enclave, _ = enclave_service.serve(dsn["bundle"], enclave_addr, artefacts["keystore"])
-    server, service = runtime_server.serve(dsn["bundle"], "127.0.0.1:0", enclave_addr)
-    client = triton.InferenceServerClient(url=f"127.0.0.1:{service.port}")
-    yield client
-    client.close()
-    server.stop(0)
-    enclave.stop(0)
+    with serving(dsn["bundle"], artefacts["keystore"], short_tmp) as services:
+        yield services["client"]
 
 
 def _infer(client, x: np.ndarray, token: str) -> np.ndarray:
-    inp = triton.InferInput("input", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    return client.infer(MODEL_ID, [inp], headers={"sealnet-license": token}).as_numpy("logits")
+    return kserve_infer(client, MODEL_ID, x, token).as_numpy("logits")
 
 
 def _license(artefacts, customer_id: str, serial_number: str) -> str:

@@ -8,7 +8,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import tritonclient.grpc as triton
 from onnx import numpy_helper
 from tritonclient.utils import InferenceServerException
 
@@ -21,20 +20,13 @@ from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import PUBLIC_ONNX
 from sealnet.licenses import issue_license
 from tests.conftest import PASSPORT_MODEL_ID as MODEL_ID
+from tests.conftest import kserve_infer, serving
 
 
 @pytest.fixture
 def stack(passport_bundle, artefacts, short_tmp):
-    from runtime import server as runtime_server
-
-    enclave_addr = f"unix:{short_tmp / 'enclave.sock'}"
-    enclave, module = enclave_service.serve(passport_bundle["bundle"], enclave_addr, artefacts["keystore"])
-    server, service = runtime_server.serve(passport_bundle["bundle"], "127.0.0.1:0", enclave_addr)
-    client = triton.InferenceServerClient(url=f"127.0.0.1:{service.port}")
-    yield {"client": client, "enclave": enclave, "module": module, "enclave_addr": enclave_addr}
-    client.close()
-    server.stop(0)
-    enclave.stop(0)
+    with serving(passport_bundle["bundle"], artefacts["keystore"], short_tmp) as services:
+        yield services
 
 
 def _license(artefacts, model_id: str = MODEL_ID) -> str:
@@ -43,10 +35,7 @@ def _license(artefacts, model_id: str = MODEL_ID) -> str:
 
 
 def _infer(client, x: np.ndarray, token: str | None) -> np.ndarray:
-    inp = triton.InferInput("input", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    headers = {"sealnet-license": token} if token else None
-    return client.infer(MODEL_ID, [inp], headers=headers).as_numpy("logits")
+    return kserve_infer(client, MODEL_ID, x, token).as_numpy("logits")
 
 
 def test_export_ships_zero_gamma_beta_and_records_the_checks(passport_bundle, passport_v1):

@@ -11,31 +11,22 @@ import grpc
 import numpy as np
 import pytest
 import torch
-import tritonclient.grpc as triton
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from tritonclient.utils import InferenceServerException
 
-from enclave_sim import service as enclave_service
 from enclave_sim.keystore import EMBEDDED_QUOTE_CONTEXT
 from runtime import server as runtime_server
 from runtime.enclave_client import EnclaveClient
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.licenses import issue_license
-from tests.conftest import MODEL_ID
+from tests.conftest import MODEL_ID, kserve_infer, serving
 
 
 @pytest.fixture
 def stack(artefacts, short_tmp):
     """Trusted module + runtime, torn down after the test."""
-    enclave_addr = f"unix:{short_tmp / 'enclave.sock'}"
-    enclave, module = enclave_service.serve(artefacts["bundle"], enclave_addr, artefacts["keystore"])
-    server, service = runtime_server.serve(artefacts["bundle"], "127.0.0.1:0", enclave_addr)
-    client = triton.InferenceServerClient(url=f"127.0.0.1:{service.port}")
-    yield {"client": client, "enclave": enclave, "module": module, "enclave_addr": enclave_addr,
-           "socket": short_tmp / "enclave.sock", "service": service}
-    client.close()
-    server.stop(0)
-    enclave.stop(0)
+    with serving(artefacts["bundle"], artefacts["keystore"], short_tmp) as services:
+        yield services
 
 
 def _license(artefacts, **kw) -> str:
@@ -44,10 +35,7 @@ def _license(artefacts, **kw) -> str:
 
 
 def _infer(client, x: np.ndarray, token: str | None, name: str = "input", datatype: str = "FP32"):
-    inp = triton.InferInput(name, list(x.shape), datatype)
-    inp.set_data_from_numpy(x)
-    headers = {"sealnet-license": token} if token else None
-    return client.infer(MODEL_ID, [inp], headers=headers)
+    return kserve_infer(client, MODEL_ID, x, token, name, datatype)
 
 
 def test_tritonclient_gets_the_authorized_accuracy(stack, artefacts, digits):
