@@ -6,7 +6,7 @@ from pathlib import Path
 
 from protect.checkpoint import ProtectedCheckpoint, save_checkpoint
 from protect.models import create_model
-from protect.train import TrainConfig, accuracy, seed_everything, train_plain, train_transform
+from protect.train import TrainConfig, accuracy, seed_everything, train_new_model, train_transform
 from protect.transform import create_transform
 from sealnet.data import Dataset
 
@@ -16,9 +16,7 @@ def protect_transform(data: Dataset, variant: str, out: Path, cfg: TrainConfig, 
     """Train the anti-piracy transform + network; metrics: baseline / authorized / raw accuracy on the test split."""
     metrics: dict[str, float] = {}
     if baseline:
-        seed_everything(cfg.seed)
-        plain = create_model(model_name, data.input_shape, data.num_classes, **(model_config or {}))
-        metrics["baseline_epoch_s"] = train_plain(plain, data, cfg)
+        plain, metrics["baseline_epoch_s"] = train_new_model(data, cfg, model_name, model_config)
         metrics["baseline_acc"] = accuracy(plain, data.x_test, data.y_test)
     seed_everything(cfg.seed)
     model = create_model(model_name, data.input_shape, data.num_classes, **(model_config or {}))

@@ -45,7 +45,7 @@ from protect.train import (
     _epochs,
     accuracy,
     seed_everything,
-    train_plain,
+    train_new_model,
 )
 from sealnet.data import Dataset
 from sealnet.serial import (
@@ -151,14 +151,6 @@ def wrong_patterns(pattern: torch.Tensor, n: int, near_fraction: float, gen: tor
 
 
 # -- training ----------------------------------------------------------------------------------------------------
-def train_teacher(data: Dataset, cfg: TrainConfig, model_name: str = "simple_cnn",
-                  model_config: dict[str, Any] | None = None) -> tuple[nn.Module, float]:
-    """The private teacher: ordinary CE training. Returns (model, seconds per epoch)."""
-    seed_everything(cfg.seed)
-    teacher = create_model(model_name, data.input_shape, data.num_classes, **(model_config or {}))
-    return teacher, train_plain(teacher, data, cfg, label="dsn teacher")
-
-
 def grl_ramp(progress: float) -> float:
     """DANN's schedule 2 / (1 + exp(-10 p)) - 1: from 0 to ~1 over the first half of training."""
     return 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
@@ -253,7 +245,7 @@ def load_or_train_teacher(path: Path | None, data: Dataset, cfg: TrainConfig, mo
             raise ValueError(f"{path}: teacher was trained on {ckpt.dataset!r}, not {data.name!r}")
         teacher = ckpt.build_public_model()
         return teacher, accuracy(teacher, data.x_test, data.y_test)
-    teacher, epoch_s = train_teacher(data, cfg, model_name, model_config)
+    teacher, epoch_s = train_new_model(data, cfg, model_name, model_config, label="dsn teacher")
     acc = accuracy(teacher, data.x_test, data.y_test)
     if path is not None:
         save_checkpoint(ProtectedCheckpoint(

@@ -47,7 +47,7 @@ from protect.serial import (
     stamp_torch,
     stamped_accuracy,
 )
-from protect.train import TrainConfig, accuracy, seed_everything, train_plain
+from protect.train import TrainConfig, accuracy, seed_everything, train_new_model
 from protect.watermark import check_watermark
 from sealnet.data import Dataset
 from sealnet.serial import SerialRecord, StampSpec
@@ -312,9 +312,8 @@ def watermark_eval(ckpt: ProtectedCheckpoint, data: Dataset, *, n_plain: int = 2
                              "match": f.matched, "max_deviation": f.max_deviation})
     r["plain_models"] = []
     for j in tqdm(range(n_plain), desc="plain models", disable=not progress, unit="model"):
-        seed_everything(seed + 1000 + j)
-        plain = create_model(ckpt.model_name, ckpt.input_shape, ckpt.num_classes, **ckpt.model_config)
-        train_plain(plain, data, TrainConfig(epochs=plain_epochs, seed=seed + 1000 + j, progress=False))
+        plain, _ = train_new_model(data, TrainConfig(epochs=plain_epochs, seed=seed + 1000 + j, progress=False),
+                                   ckpt.model_name, ckpt.model_config)
         f = check_watermark(plain, trigger, serial, tol, min_rate)
         r["plain_models"].append({"seed": seed + 1000 + j, "acc": accuracy(plain, data.x_test, data.y_test),
                                   "sn_rate": f.rate, "match": f.matched,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from protect.models import create_model
 from sealnet.data import Dataset
 
 
@@ -92,6 +93,15 @@ def train_plain(model: nn.Module, data: Dataset, cfg: TrainConfig, *, optimizer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return (time.perf_counter() - start) / max(cfg.epochs, 1)
+
+
+def train_new_model(data: Dataset, cfg: TrainConfig, model_name: str, model_config: dict[str, Any] | None = None, *,
+                    label: str = "baseline") -> tuple[nn.Module, float]:
+    """A registered model initialised from seed cfg.seed and trained by `train_plain`: (model, seconds per epoch).
+    The unprotected baseline each method reports, and the DSN teacher."""
+    seed_everything(cfg.seed)
+    model = create_model(model_name, data.input_shape, data.num_classes, **(model_config or {}))
+    return model, train_plain(model, data, cfg, label=label)
 
 
 def transform_loss(model: nn.Module, transform: nn.Module, xr: torch.Tensor, y: torch.Tensor,

@@ -24,7 +24,7 @@ from torch import nn
 
 from protect.checkpoint import ProtectedCheckpoint, save_checkpoint
 from protect.models import create_model
-from protect.train import TrainConfig, _batches, _epochs, accuracy, seed_everything, train_plain
+from protect.train import TrainConfig, _batches, _epochs, accuracy, seed_everything, train_new_model
 from sealnet.data import Dataset
 from sealnet.serial import (
     DEFAULT_TOLERANCE,
@@ -132,9 +132,7 @@ def protect_watermark(data: Dataset, out: Path, cfg: TrainConfig, owner_key: Ed2
     trigger = make_trigger(data.input_shape, wcfg.trigger_size, seed)
     metrics: dict[str, Any] = {}
     if baseline:
-        seed_everything(cfg.seed)
-        plain = create_model(model_name, data.input_shape, data.num_classes, **(model_config or {}))
-        metrics["baseline_epoch_s"] = train_plain(plain, data, cfg)
+        plain, metrics["baseline_epoch_s"] = train_new_model(data, cfg, model_name, model_config)
         metrics["baseline_acc"] = accuracy(plain, data.x_test, data.y_test)
         metrics["baseline_watermark_rate"] = check_watermark(plain, trigger, serial, wcfg.tolerance).rate
     seed_everything(cfg.seed)

@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from sealnet.licenses import key_id, public_raw
+from sealnet.licenses import key_id, public_raw, read_private_key, write_key_pair
 from sealnet.serial import canonical_json, verify_claim
 
 REGISTRY_FORMAT = "sealnet-ca-registry/1"
@@ -32,13 +32,6 @@ class CAError(ValueError):
 
 
 # -- keys -----------------------------------------------------------------------------------------------------
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(path, 0o600)
-
-
 def init_ca(directory: Path, *, force: bool = False) -> tuple[Path, Path, Path]:
     """Create DIR/ca.key (Ed25519, PKCS#8 PEM, 0600), DIR/ca.pub and an empty signed DIR/registry.json."""
     directory = Path(directory)
@@ -47,10 +40,7 @@ def init_ca(directory: Path, *, force: bool = False) -> tuple[Path, Path, Path]:
         raise FileExistsError(f"{key_path} exists; refusing to overwrite a CA key (pass --force to replace it)")
     directory.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
-    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    pub_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
+    write_key_pair(key, key_path, pub_path)
     _write_registry(reg_path, _sign({"format": REGISTRY_FORMAT, "ca_key_id": key_id(key.public_key()),
                                      "entries": []}, key))
     return key_path, pub_path, reg_path
@@ -62,13 +52,7 @@ def load_ca_key(path: Path) -> Ed25519PrivateKey:
         path = path / CA_KEY
     if not path.is_file():
         raise FileNotFoundError(f"CA key {path} not found; `sealnet ca init --out DIR` creates one")
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise CAError(f"{path}: not an unencrypted PEM private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise CAError(f"{path}: CA keys are Ed25519; this is a {type(key).__name__}")
-    return key
+    return read_private_key(path, "CA", CAError)
 
 
 def load_ca_public_key(path: Path) -> Ed25519PublicKey:

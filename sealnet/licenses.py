@@ -71,26 +71,36 @@ def write_owner_key(path: Path, *, overwrite: bool = False) -> tuple[Path, Path]
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; refusing to overwrite an owner key (pass --force to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    os.chmod(path, 0o600)
-    pub_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                       serialization.PublicFormat.SubjectPublicKeyInfo))
+    write_key_pair(Ed25519PrivateKey.generate(), path, pub_path)
     return path, pub_path
 
 
-def load_owner_key(path: Path) -> Ed25519PrivateKey:
+def write_key_pair(key: Ed25519PrivateKey, path: Path, pub_path: Path) -> None:
+    """`key` at `path` (PKCS#8 PEM, mode 0600 from the moment it exists) and its public key at `pub_path` (PEM).
+    Owner and CA keys are both written this way."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    os.chmod(path, 0o600)
+    Path(pub_path).write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def read_private_key(path: Path, role: str, error: type[Exception]) -> Ed25519PrivateKey:
+    """The Ed25519 key in the unencrypted PEM file `path`; anything else raises `error` naming the file and what
+    `role` keys must be."""
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
-        raise LicenseError(f"{path}: not an unencrypted PEM private key ({exc})") from None
+        raise error(f"{path}: not an unencrypted PEM private key ({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise LicenseError(f"{path}: owner keys are Ed25519; this is a {type(key).__name__}")
+        raise error(f"{path}: {role} keys are Ed25519; this is a {type(key).__name__}")
     return key
+
+
+def load_owner_key(path: Path) -> Ed25519PrivateKey:
+    return read_private_key(path, "owner", LicenseError)
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:

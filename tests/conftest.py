@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from enclave_sim.keystore import KeystoreSpec, init_keystore
@@ -17,7 +16,7 @@ from export.build_engine import build_bundle
 from protect.pipeline import protect_transform
 from protect.train import TrainConfig
 from sealnet.data import digits_tiny
-from sealnet.licenses import load_owner_key
+from sealnet.licenses import load_owner_key, write_key_pair
 
 TINY = {"hidden": 128}
 TINY_TRAIN = TrainConfig(epochs=10, batch_size=64, lr=2e-3, seed=0, progress=False)
@@ -27,16 +26,6 @@ MODEL_ID = "digits-generator"
 # A fixed owner key keeps the session reproducible: DSN stamps are derived from the owner's signature, and how
 # much of a tiny 8x8 student the stamp-agnostic attacks recover varies from stamp to stamp.
 OWNER_KEY = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"sealnet tests: session owner key").digest())
-
-
-def write_test_owner_key(path: Path) -> tuple[Path, Path]:
-    """OWNER_KEY at `path` (PKCS#8 PEM, as `sealnet license keygen` writes it) and its public key at `path`.pub."""
-    path.write_bytes(OWNER_KEY.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption()))
-    pub = path.with_name(path.name + ".pub")
-    pub.write_bytes(OWNER_KEY.public_key().public_bytes(serialization.Encoding.PEM,
-                                                        serialization.PublicFormat.SubjectPublicKeyInfo))
-    return path, pub
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +38,8 @@ def artefacts(tmp_path_factory, digits):
     """Checkpoint, owner key, keystore and bundle of a tiny Generator-protected CNN."""
     root = tmp_path_factory.mktemp("artefacts")
     ckpt = protect_transform(digits, "generator", root / "protected.pt", TINY_TRAIN, model_config=TINY)
-    key_path, pub_path = write_test_owner_key(root / "owner.key")
+    key_path, pub_path = root / "owner.key", root / "owner.key.pub"
+    write_key_pair(OWNER_KEY, key_path, pub_path)
     init_keystore(root / "keystore")
     manifest = build_bundle(
         root / "protected.pt",
