@@ -22,11 +22,13 @@ TRUSTED_CODE: tuple[str, ...] = (
     "enclave_sim/tpm.py",
     "enclave_sim/transform_graph.py",
     "enclave_sim/passport_params.py",
+    "enclave_sim/sealed_head.py",
     "enclave_sim/service.py",
     "sealnet/licenses.py",
     "sealnet/serial.py",
     "sealnet/bundle.py",
     "sealnet/rpc.py",
+    "sealnet/outputs.py",
 )
 
 

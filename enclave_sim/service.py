@@ -28,6 +28,7 @@ from enclave_sim.measure import Measurement, measurement_chain
 from enclave_sim.passport_params import derive_params
 from enclave_sim.payload import unpack
 from enclave_sim.policy import AccessPolicy, AuditLog, PolicyConfig, PolicyRefusal, Revocations
+from enclave_sim.sealed_head import SealedHead
 from enclave_sim.transform_graph import transform_session
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import SECRETS, Bundle, core_digest, load_bundle
@@ -81,6 +82,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         self._stamp = None
         self._required: tuple[str, str] | None = None  # DSN: (customer_id, serial_number) a license must carry
         self._params: dict[str, np.ndarray] | None = None
+        self._head: SealedHead | None = None
         if self.method == "transform":
             self._transform = transform_session(config, arrays)
         elif self.method == "dsn":
@@ -89,6 +91,10 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
             self._required = (config["customer_id"], config["serial_number"])
         elif self.method == "passport":
             self._params = derive_params(config, arrays)
+        elif self.method == "sealed-head":
+            self._head = SealedHead(config, arrays)
+            if bundle.manifest.get("outputs") != self._head.outputs():
+                raise ValueError(f"bundle manifest outputs do not match the sealed output policy {self._head.policy}")
         else:
             raise ValueError(f"bundle method {self.method!r} is not served by this module")
         for array in arrays.values():
@@ -108,6 +114,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         them; ONNX Runtime's own copy is freed here (best effort: the allocator does not scrub memory)."""
         self._transform = None
         self._stamp = None
+        self._head = None
         if self._params is not None:
             for array in self._params.values():
                 array.fill(0)
@@ -171,7 +178,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         if self._transform is None and self._stamp is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"method: this module serves a {self.method} bundle; "
                           "Preprocess is for transform and DSN bundles (passport bundles use PassportParams)")
-        batch = self._tensor(request.input, context)
+        batch = self._tensor(request.input, self._input_shape, "input", context)
         self._charge(request.session_id, session, len(batch), "preprocess", context)
         if self._stamp is not None:
             out = self._stamp.apply(batch)
@@ -195,6 +202,21 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         return enclave_pb2.PassportParamsResponse(params=[
             enclave_pb2.NamedTensor(name=name, tensor=enclave_pb2.Tensor(shape=list(v.shape), data=v.tobytes()))
             for name, v in self._params.items()])
+
+    def Classify(self, request, context):
+        session = self._session(request.session_id, context)
+        if self._head is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"method: this module serves a {self.method} bundle; "
+                          "Classify is for sealed-head bundles")
+        features = self._tensor(request.features, (self._head.num_features,), "features", context)
+        self._charge(request.session_id, session, len(features), "classify", context)
+        answer = self._head.answer(features)
+        self.audit.write("classify", client=session.client, license_id=session.license.license_id, decision="ok",
+                         items=len(features))
+        return enclave_pb2.ClassifyResponse(outputs=[
+            enclave_pb2.NamedTensor(name=name, tensor=enclave_pb2.Tensor(
+                shape=list(value.shape), data=value.tobytes(), datatype="INT64" if value.dtype.kind == "i" else "FP32"))
+            for name, value in answer.items()])
 
     # -- checks ------------------------------------------------------------------------------------------
     def _charge(self, session_id: str, session: _Session, items: int, event: str, context) -> None:
@@ -226,22 +248,33 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "session_id: unknown or expired; open a new session")
         return session
 
-    def _tensor(self, tensor, context) -> np.ndarray:
+    def _tensor(self, tensor, item_shape: tuple[int, ...], field: str, context) -> np.ndarray:
+        """A float32 batch [N, *item_shape] from a request Tensor; INVALID_ARGUMENT naming `field` otherwise.
+        The rank is checked before the shape is converted, so a huge shape costs nothing."""
+        if len(tensor.shape) != 1 + len(item_shape) or tuple(tensor.shape[1:]) != item_shape:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.shape: expected [N, "
+                          f"{', '.join(map(str, item_shape))}], got {_clip(list(tensor.shape))}")
+        if tensor.datatype not in ("", "FP32"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.datatype: expected FP32, got "
+                          f"{_clip(tensor.datatype)}")
         shape = tuple(tensor.shape)
-        if len(shape) != 1 + len(self._input_shape) or shape[1:] != self._input_shape:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"input.shape: expected [N, {', '.join(map(str, self._input_shape))}], got {list(shape)}")
         if not 1 <= shape[0] <= self._max_batch:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input.shape: batch must be 1..{self._max_batch}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.shape: batch must be 1..{self._max_batch}")
         expected = int(np.prod(shape)) * 4
         if len(tensor.data) != expected:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"input.data: {len(tensor.data)} bytes for shape {list(shape)}, expected {expected} "
+                          f"{field}.data: {len(tensor.data)} bytes for shape {list(shape)}, expected {expected} "
                           "(float32)")
         batch = np.frombuffer(tensor.data, dtype="<f4").reshape(shape)
         if not np.isfinite(batch).all():
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input.data: contains NaN or infinity")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.data: contains NaN or infinity")
         return batch
+
+
+def _clip(value: object, limit: int = 120) -> str:
+    """A client-supplied value as it may appear in an error message: repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def describe_measurements(measurements: list[Measurement]) -> str:

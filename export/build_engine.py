@@ -26,7 +26,7 @@ from enclave_sim.keystore import KeystoreSpec, keystore_spec
 from enclave_sim.measure import measurement_chain
 from enclave_sim.payload import pack
 from export import ExportError, add_arguments
-from export.split import INPUT_NAME, OUTPUT_NAME, SPLITS
+from export.split import INPUT_NAME, SPLITS
 from protect.checkpoint import ProtectedCheckpoint, load_checkpoint
 from protect.train import MIN_MARGIN_OVER_CHANCE
 from sealnet.bundle import (
@@ -42,6 +42,7 @@ from sealnet.bundle import (
 )
 from sealnet.data import load_dataset
 from sealnet.licenses import load_owner_key
+from sealnet.outputs import logits_outputs
 
 PUBLIC_PLAN = "public.plan"
 
@@ -134,7 +135,7 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
             "created_at": int(time.time()),
             "owner_public_key": owner_key_field(signer),
             "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": tensor_shape},
-            "output": {"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, ckpt.num_classes]},
+            "outputs": split.outputs or logits_outputs(ckpt.num_classes),
             "max_batch": max_batch,
             "files": files,
             "checks": checks,

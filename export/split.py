@@ -34,6 +34,7 @@ class Split:
     arrays: dict[str, np.ndarray]  # sealed: the secret tensors
     checks: dict[str, Any]  # recorded in the manifest
     manifest: dict[str, Any] = field(default_factory=dict)  # method-specific manifest fields
+    outputs: list[dict[str, Any]] | None = None  # the endpoint's output tensors; None: the network's logits
 
 
 def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],

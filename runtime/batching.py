@@ -3,8 +3,8 @@ ONNX Runtime run, as Triton's dynamic batcher does. Small concurrent requests ar
 spends its time per call; merging them amortises the trusted-module hop and the network launch.
 
 Requests queue on the server's event loop; `workers` loops each take what is queued (up to `max_batch`
-items), hand the merged batch to a worker thread (the trusted-module call and ONNX Runtime release the GIL),
-and resolve each request's future with its slice of the result.
+items), hand the merged batch to the pipeline in a worker thread (the trusted-module call and ONNX Runtime
+release the GIL), and resolve each request's future with its own outputs or error.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 
-from runtime.enclave_client import EnclaveError
+from runtime.errors import InternalError
+from runtime.pipeline import Outcome, Outputs, Request
 
 
 @dataclass(frozen=True)
@@ -35,73 +35,25 @@ DEFAULT_BATCHING = BatchingConfig()
 
 @dataclass
 class _Pending:
-    token: str
-    client: str
-    batch: np.ndarray
+    request: Request
     future: asyncio.Future
-
-
-Outcome = tuple[np.ndarray | None, EnclaveError | None]
-
-
-def process_group(preprocess: Callable[[str, str, np.ndarray], np.ndarray], run: Callable[[np.ndarray], np.ndarray],
-                  requests: list[tuple[str, str, np.ndarray]]) -> list[Outcome]:
-    """Serve (token, client, batch) requests together: one preprocess call per license, one network run.
-
-    Runs in a worker thread. A refused license fails only its own requests.
-    """
-    outcomes: list[Outcome] = [(None, None)] * len(requests)
-    by_license: dict[str, list[int]] = {}
-    for i, (token, _, _) in enumerate(requests):
-        by_license.setdefault(token, []).append(i)
-    served: list[tuple[int, np.ndarray]] = []
-    for token, members in by_license.items():
-        parts = [requests[i][2] for i in members]
-        raw = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        try:
-            processed = preprocess(token, requests[members[0]][1], raw)
-        except EnclaveError as exc:
-            for i in members:
-                outcomes[i] = (None, exc)
-            continue
-        offset = 0
-        for i, part in zip(members, parts, strict=True):
-            served.append((i, processed[offset : offset + len(part)]))
-            offset += len(part)
-    if not served:
-        return outcomes
-    try:
-        inputs = served[0][1] if len(served) == 1 else np.concatenate([x for _, x in served])
-        logits = run(inputs)
-    except Exception as exc:  # the network failed: every request of this run gets INTERNAL, nothing else
-        error = EnclaveError(grpc.StatusCode.INTERNAL, f"inference failed: {type(exc).__name__}")
-        for i, _ in served:
-            outcomes[i] = (None, error)
-        return outcomes
-    offset = 0
-    for i, x in served:
-        outcomes[i] = (logits[offset : offset + len(x)], None)
-        offset += len(x)
-    return outcomes
 
 
 class DynamicBatcher:
     """Create inside the server's event loop; `await submit(...)` from request handlers."""
 
-    def __init__(self, preprocess: Callable[[str, str, np.ndarray], np.ndarray],
-                 run: Callable[[np.ndarray], np.ndarray], config: BatchingConfig = DEFAULT_BATCHING):
-        self._preprocess = preprocess
-        self._run = run
+    def __init__(self, serve: Callable[[list[Request]], list[Outcome]], config: BatchingConfig = DEFAULT_BATCHING):
+        self._serve = serve
         self.config = config
         self._queue: deque[_Pending] = deque()
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="batch")
         self._tasks = [asyncio.get_running_loop().create_task(self._loop()) for _ in range(config.workers)]
 
-    async def submit(self, token: str, client: str, batch: np.ndarray) -> np.ndarray:
-        """This request's logits once its merged batch has run; raises the trusted module's EnclaveError."""
+    async def submit(self, token: str, client: str, batch: np.ndarray) -> Outputs:
+        """This request's output tensors once its merged batch has run; raises its ServingError."""
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(token, client, batch, future))
+        self._queue.append(_Pending(Request(token, client, batch), future))
         self._wake.set()
         return await future
 
@@ -114,10 +66,10 @@ class DynamicBatcher:
     def _take(self) -> list[_Pending]:
         group: list[_Pending] = []
         items = 0
-        while self._queue and (not group or items + len(self._queue[0].batch) <= self.config.max_batch):
+        while self._queue and (not group or items + len(self._queue[0].request.batch) <= self.config.max_batch):
             pending = self._queue.popleft()
             group.append(pending)
-            items += len(pending.batch)
+            items += len(pending.request.batch)
         return group
 
     async def _loop(self) -> None:
@@ -127,14 +79,16 @@ class DynamicBatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self.config.max_queue_delay_ms > 0 and sum(len(p.batch) for p in self._queue) < self.config.max_batch:
+            queued = sum(len(p.request.batch) for p in self._queue)
+            if self.config.max_queue_delay_ms > 0 and queued < self.config.max_batch:
                 await asyncio.sleep(self.config.max_queue_delay_ms / 1000)
-            group = self._take()
+            group = [p for p in self._take() if not p.future.done()]  # callers gone: never reach the module
             if not group:
                 continue
-            requests = [(p.token, p.client, p.batch) for p in group]
-            outcomes = await loop.run_in_executor(self._executor, process_group, self._preprocess, self._run,
-                                                  requests)
+            try:
+                outcomes = await loop.run_in_executor(self._executor, self._serve, [p.request for p in group])
+            except Exception as exc:  # the pipeline returns its errors; this is a last resort that keeps the loop
+                outcomes = [(None, InternalError(f"inference failed: {type(exc).__name__}"))] * len(group)
             for pending, (result, error) in zip(group, outcomes, strict=True):
                 if pending.future.done():  # the caller went away (deadline, cancellation)
                     continue

@@ -10,6 +10,7 @@ import numpy as np
 from runtime.enclave_client import channel_target
 from runtime.server import LICENSE_METADATA, MAX_MESSAGE_BYTES
 from sealnet._grpc import inference_pb2, inference_pb2_grpc
+from sealnet.outputs import predicted_labels
 
 
 class InferenceClient:
@@ -36,12 +37,25 @@ class InferenceClient:
             time.sleep(0.2)
         raise TimeoutError("server not ready (is the trusted module running?)")
 
-    def infer(self, batch: np.ndarray, license_token: str | None, input_name: str = "input") -> np.ndarray:
+    def infer_outputs(self, batch: np.ndarray, license_token: str | None,
+                      input_name: str = "input") -> dict[str, np.ndarray]:
+        """Every output tensor of the answer, by name (logits; or label / classes+probs of a sealed head)."""
         batch = np.ascontiguousarray(batch, dtype="<f4")
         req = inference_pb2.ModelInferRequest(model_name=self.model)
         req.inputs.add(name=input_name, datatype="FP32", shape=list(batch.shape))
         req.raw_input_contents.append(batch.tobytes())
         metadata = [(LICENSE_METADATA, license_token)] if license_token else None
         resp = self._stub.ModelInfer(req, timeout=self.timeout, metadata=metadata)
-        out = resp.outputs[0]
-        return np.frombuffer(resp.raw_output_contents[0], dtype="<f4").reshape(tuple(out.shape))
+        return {out.name: np.frombuffer(raw, dtype=_DTYPES[out.datatype]).reshape(tuple(out.shape))
+                for out, raw in zip(resp.outputs, resp.raw_output_contents, strict=True)}
+
+    def infer(self, batch: np.ndarray, license_token: str | None, input_name: str = "input") -> np.ndarray:
+        """The first output tensor (the logits, for every method but a sealed head under a label/top-k policy)."""
+        return next(iter(self.infer_outputs(batch, license_token, input_name).values()))
+
+    def predict_labels(self, batch: np.ndarray, license_token: str | None) -> np.ndarray:
+        """Predicted classes [N], whatever the bundle's outputs are."""
+        return predicted_labels(self.infer_outputs(batch, license_token))
+
+
+_DTYPES = {"FP32": "<f4", "INT64": "<i8"}

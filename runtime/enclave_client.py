@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from runtime.errors import AttestationFailed, EnclaveError
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 
 log = logging.getLogger("sealnet.runtime")
@@ -25,21 +26,6 @@ log = logging.getLogger("sealnet.runtime")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CLIENT_METADATA = "sealnet-client"
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
-
-
-class EnclaveError(Exception):
-    """The trusted module refused or could not answer; `code` is the gRPC status to pass on."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-class AttestationFailed(EnclaveError):
-    """The module answered but is not the one the bundle expects (UNAVAILABLE to clients: fail closed)."""
-
-    def __init__(self, message: str):
-        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
 
 
 def channel_target(address: str) -> str:
@@ -171,3 +157,36 @@ class EnclaveClient:
                 raise EnclaveError(grpc.StatusCode.INTERNAL, f"trusted module returned a malformed {named.name}")
             params[named.name] = value.reshape(tuple(named.tensor.shape))
         return params
+
+    def classify(self, license_token: str, features: np.ndarray, outputs: list[dict[str, Any]],
+                 client: str = "") -> dict[str, np.ndarray]:
+        """Sealed-head bundles: the answer for a batch of backbone features, as the module's output policy
+        shapes it; checked against the manifest's `outputs` (names, datatypes, trailing dims)."""
+        features = np.ascontiguousarray(features, dtype="<f4")
+        tensor = enclave_pb2.Tensor(shape=list(features.shape), data=features.tobytes())
+        reply = self._with_session(license_token, client, lambda sid: self._call(
+            self._stub.Classify, enclave_pb2.ClassifyRequest(session_id=sid, features=tensor)))
+        if [named.name for named in reply.outputs] != [spec["name"] for spec in outputs]:
+            raise EnclaveError(grpc.StatusCode.INTERNAL, "trusted module returned outputs that do not match this "
+                               "bundle's manifest")
+        answer = {}
+        for named, spec in zip(reply.outputs, outputs, strict=True):
+            value = decode_tensor(named.tensor, spec["datatype"])
+            if value is None or value.shape != (len(features), *spec["shape"][1:]):
+                raise EnclaveError(grpc.StatusCode.INTERNAL, f"trusted module returned a malformed {spec['name']}")
+            answer[spec["name"]] = value
+        return answer
+
+
+_DTYPES = {"FP32": "<f4", "INT64": "<i8"}
+
+
+def decode_tensor(tensor: enclave_pb2.Tensor, datatype: str) -> np.ndarray | None:
+    """The array a module Tensor holds, or None when its datatype, size or shape is inconsistent."""
+    if (tensor.datatype or "FP32") != datatype:
+        return None
+    dtype = np.dtype(_DTYPES[datatype])
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape) or len(tensor.data) != int(np.prod(shape)) * dtype.itemsize:
+        return None
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)

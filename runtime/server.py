@@ -1,7 +1,8 @@
-"""KServe v2 gRPC endpoint (proto/inference.proto): raw inputs -> trusted module -> public.onnx -> logits.
+"""KServe v2 gRPC endpoint (proto/inference.proto): the protocol adapter in front of runtime/pipeline.py.
 
-Passport bundles (scheme V1) ask the trusted module for the passport layers' gamma/beta instead, once per
-batch, and run public.onnx with them filled in (the session is rebuilt in memory when they change).
+This module parses and checks requests, hands them to the dynamic batcher and the pipeline (which calls the
+trusted module before or after the public network, by method), and turns answers and errors into v2 responses
+and gRPC statuses.
 
 The license travels as gRPC request metadata under the key `sealnet-license` (tritonclient:
 `client.infer(..., headers={"sealnet-license": token})`). Every answer passes through the trusted module:
@@ -13,7 +14,6 @@ run in worker threads behind the dynamic batcher.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import threading
 import time
@@ -28,8 +28,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import sealnet
 from runtime.batching import DEFAULT_BATCHING, BatchingConfig, DynamicBatcher
-from runtime.enclave_client import AttestationFailed, EnclaveClient, EnclaveError
-from runtime.onnx_session import ort_session, session_from_model, with_params
+from runtime.enclave_client import EnclaveClient
+from runtime.errors import AttestationFailed, EnclaveError, RequestError, ServingError
+from runtime.pipeline import Pipeline
 from sealnet._grpc import inference_pb2, inference_pb2_grpc
 from sealnet.bundle import EXPECTED_MEASUREMENTS, PUBLIC_ONNX, Bundle, load_bundle
 from sealnet.rpc import add_servicer
@@ -39,14 +40,6 @@ log = logging.getLogger("sealnet.runtime")
 LICENSE_METADATA = "sealnet-license"
 MODEL_VERSION = "1"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-class RequestError(Exception):
-    """A request refused before any work: `code` and a message naming the field."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
@@ -59,21 +52,12 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self.bundle = bundle
         self.enclave = enclave
         self.model_id = bundle.model_id
-        spec = bundle.manifest
-        self.input_name = spec["input"]["name"]
-        self.output_name = spec["output"]["name"]
-        self.item_shape = tuple(spec["input"]["shape"][1:])
-        self.num_outputs = spec["output"]["shape"][1]
-        self.max_batch = int(spec.get("max_batch", 1024))
-        self.method = spec["method"]
-        self._ort_threads, self._providers = ort_threads, providers or ["auto"]
-        self.session = ort_session(bundle.path(PUBLIC_ONNX), threads=ort_threads, providers=self._providers)
-        if self.method == "passport":
-            self._public_model = onnx.load(str(bundle.path(PUBLIC_ONNX)))
-            self._param_names = list(spec["passport_params"])
-            self._params_digest = b""  # the shipped (zero) gamma/beta: what the bypass serves
-            self._session_lock = threading.Lock()
-        self.batcher = DynamicBatcher(self._preprocess, self._run, batching or BatchingConfig(max_batch=1))
+        self.pipeline = Pipeline(bundle, enclave, ort_threads=ort_threads, providers=providers)
+        self.input_name = self.pipeline.input_name
+        self.item_shape = self.pipeline.item_shape
+        self.outputs = self.pipeline.outputs
+        self.max_batch = self.pipeline.max_batch
+        self.batcher = DynamicBatcher(self.pipeline.serve, batching or BatchingConfig(max_batch=1))
         self._ready_cache = (0.0, False)
         self.port = 0  # set by serve(): the bound TCP port (useful with HOST:0)
 
@@ -120,7 +104,8 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return meta(
             name=self.model_id, versions=[MODEL_VERSION], platform="onnxruntime_onnx",
             inputs=[meta.TensorMetadata(name=self.input_name, datatype="FP32", shape=[-1, *self.item_shape])],
-            outputs=[meta.TensorMetadata(name=self.output_name, datatype="FP32", shape=[-1, self.num_outputs])],
+            outputs=[meta.TensorMetadata(name=o["name"], datatype=o["datatype"], shape=o["shape"])
+                     for o in self.outputs],
         )
 
     # -- inference ---------------------------------------------------------------------------------------
@@ -135,45 +120,22 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
                 raise RequestError(grpc.StatusCode.UNAUTHENTICATED, f"metadata '{LICENSE_METADATA}': missing; "
                                    "send your license token as request metadata")
             batch = self._input(request)
+            names = [o["name"] for o in self.outputs]
             for out in request.outputs:
-                if out.name != self.output_name:
+                if out.name not in names:
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"outputs.name: unknown output "
-                                       f"{out.name!r}; this model has {self.output_name!r}")
-            logits = await self.batcher.submit(token, client_identity(context), batch)
-        except (RequestError, EnclaveError) as exc:
+                                       f"{out.name!r}; this model has {', '.join(map(repr, names))}")
+            answer = await self.batcher.submit(token, client_identity(context), batch)
+        except ServingError as exc:
             await context.abort(exc.code, str(exc))
         resp = inference_pb2.ModelInferResponse(model_name=self.model_id, model_version=MODEL_VERSION, id=request.id)
-        resp.outputs.add(name=self.output_name, datatype="FP32", shape=list(logits.shape))
-        resp.raw_output_contents.append(logits.tobytes())
+        wanted = {out.name for out in request.outputs} or set(names)
+        for spec in self.outputs:
+            if spec["name"] in wanted:
+                value = answer[spec["name"]]
+                resp.outputs.add(name=spec["name"], datatype=spec["datatype"], shape=list(value.shape))
+                resp.raw_output_contents.append(value.tobytes())
         return resp
-
-    def _preprocess(self, token: str, client: str, batch: np.ndarray) -> np.ndarray:
-        if self.enclave is None:
-            return batch
-        if self.method == "passport":
-            self._use_params(self.enclave.passport_params(token, len(batch), client=client))
-            return batch
-        return self.enclave.preprocess(token, batch, client=client)
-
-    def _use_params(self, params: dict[str, np.ndarray]) -> None:
-        """Make sure the session runs with these gamma/beta (the same on every call unless the module changed)."""
-        if sorted(params) != sorted(self._param_names):
-            raise EnclaveError(grpc.StatusCode.INTERNAL, "trusted module returned passport parameters that do not "
-                               "match this bundle")
-        digest = hashlib.sha256(b"".join(params[n].tobytes() for n in self._param_names)).digest()
-        with self._session_lock:
-            if digest == self._params_digest:
-                return
-            try:
-                model = with_params(self._public_model, params)
-            except ValueError as exc:
-                raise EnclaveError(grpc.StatusCode.INTERNAL,
-                                   f"passport parameters do not fit public.onnx: {exc}") from None
-            self.session = session_from_model(model, threads=self._ort_threads, providers=self._providers)
-            self._params_digest = digest
-
-    def _run(self, processed: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: processed})[0].astype("<f4", copy=False)
 
     async def aclose(self) -> None:
         await self.batcher.close()
@@ -340,7 +302,8 @@ def unprotected_bundle(onnx_path: Path, model_id: str, max_batch: int = 1024) ->
 
     manifest = {"model_id": model_id, "method": "unprotected", "max_batch": max_batch,
                 "input": {"name": inputs[0].name, "datatype": "FP32", "shape": [-1, *dims(inputs[0])[1:]]},
-                "output": {"name": graph.output[0].name, "datatype": "FP32", "shape": [-1, *dims(graph.output[0])[1:]]},
+                "outputs": [{"name": graph.output[0].name, "datatype": "FP32",
+                             "shape": [-1, *dims(graph.output[0])[1:]]}],
                 "files": {}}
     return _OnnxOnly(onnx_path.parent, manifest, onnx_path)
 

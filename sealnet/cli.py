@@ -220,7 +220,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         x, y = data.x_test[: args.count], data.y_test[: args.count]
     client = InferenceClient(args.server, args.model)
     try:
-        preds = np.concatenate([client.infer(x[i : i + args.batch_size], _read_license(args)).argmax(1)
+        preds = np.concatenate([client.predict_labels(x[i : i + args.batch_size], _read_license(args))
                                 for i in range(0, len(x), args.batch_size)])
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)

@@ -38,7 +38,7 @@ def _query(
 ) -> tuple[np.ndarray | None, str]:
     """Predictions and 'OK', or (None, gRPC status name) when the server refuses."""
     try:
-        preds = [client.infer(x[i : i + batch], token).argmax(1) for i in range(0, len(x), batch)]
+        preds = [client.predict_labels(x[i : i + batch], token) for i in range(0, len(x), batch)]
     except grpc.RpcError as exc:
         return None, f"{exc.code().name}"
     return np.concatenate(preds), "OK"

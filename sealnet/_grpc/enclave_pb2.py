@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _PRIVATE_POOL.AddSerializedFile(b'\n\renclave.proto\x12\x0fsealnet.enclave\"\x0f\n\rHealthRequest\"C\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\"\x1e\n\rAttestRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\xa6\x01\n\x0e\x41ttestResponse\x12\x32\n\x0cmeasurements\x18\x01 \x03(\x0b\x32\x1c.sealnet.enclave.Measurement\x12\r\n\x05\x63hain\x18\x02 \x01(\x0c\x12\x1e\n\x16\x61ttestation_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x0e\n\x06\x66ormat\x18\x05 \x01(\t\x12\x0e\n\x06quoted\x18\x06 \x01(\x0c\"+\n\x0bMeasurement\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"%\n\x12OpenSessionRequest\x12\x0f\n\x07license\x18\x01 \x01(\t\"R\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\"%\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"O\n\x11PreprocessRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.sealnet.enclave.Tensor\"=\n\x12PreprocessResponse\x12\'\n\x06output\x18\x01 \x01(\x0b\x32\x17.sealnet.enclave.Tensor\":\n\x15PassportParamsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05items\x18\x02 \x01(\x03\"D\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.sealnet.enclave.Tensor\"F\n\x16PassportParamsResponse\x12,\n\x06params\x18\x01 \x03(\x0b\x32\x1c.sealnet.enclave.NamedTensor2\xc3\x03\n\rTrustedModule\x12K\n\x06Health\x12\x1e.sealnet.enclave.HealthRequest\x1a\x1f.sealnet.enclave.HealthResponse\"\x00\x12K\n\x06\x41ttest\x12\x1e.sealnet.enclave.AttestRequest\x1a\x1f.sealnet.enclave.AttestResponse\"\x00\x12Z\n\x0bOpenSession\x12#.sealnet.enclave.OpenSessionRequest\x1a$.sealnet.enclave.OpenSessionResponse\"\x00\x12W\n\nPreprocess\x12\".sealnet.enclave.PreprocessRequest\x1a#.sealnet.enclave.PreprocessResponse\"\x00\x12\x63\n\x0ePassportParams\x12&.sealnet.enclave.PassportParamsRequest\x1a\'.sealnet.enclave.PassportParamsResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _PRIVATE_POOL.AddSerializedFile(b'\n\renclave.proto\x12\x0fsealnet.enclave\"\x0f\n\rHealthRequest\"C\n\x0eHealthResponse\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\"\x1e\n\rAttestRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\xa6\x01\n\x0e\x41ttestResponse\x12\x32\n\x0cmeasurements\x18\x01 \x03(\x0b\x32\x1c.sealnet.enclave.Measurement\x12\r\n\x05\x63hain\x18\x02 \x01(\x0c\x12\x1e\n\x16\x61ttestation_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x0e\n\x06\x66ormat\x18\x05 \x01(\t\x12\x0e\n\x06quoted\x18\x06 \x01(\x0c\"+\n\x0bMeasurement\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"%\n\x12OpenSessionRequest\x12\x0f\n\x07license\x18\x01 \x01(\t\"R\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nexpires_at\x18\x02 \x01(\x03\x12\x13\n\x0b\x63ustomer_id\x18\x03 \x01(\t\"7\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x10\n\x08\x64\x61tatype\x18\x03 \x01(\t\"O\n\x11PreprocessRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12&\n\x05input\x18\x02 \x01(\x0b\x32\x17.sealnet.enclave.Tensor\"=\n\x12PreprocessResponse\x12\'\n\x06output\x18\x01 \x01(\x0b\x32\x17.sealnet.enclave.Tensor\":\n\x15PassportParamsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05items\x18\x02 \x01(\x03\"D\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x17.sealnet.enclave.Tensor\"F\n\x16PassportParamsResponse\x12,\n\x06params\x18\x01 \x03(\x0b\x32\x1c.sealnet.enclave.NamedTensor\"P\n\x0f\x43lassifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12)\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x17.sealnet.enclave.Tensor\"A\n\x10\x43lassifyResponse\x12-\n\x07outputs\x18\x01 \x03(\x0b\x32\x1c.sealnet.enclave.NamedTensor2\x96\x04\n\rTrustedModule\x12K\n\x06Health\x12\x1e.sealnet.enclave.HealthRequest\x1a\x1f.sealnet.enclave.HealthResponse\"\x00\x12K\n\x06\x41ttest\x12\x1e.sealnet.enclave.AttestRequest\x1a\x1f.sealnet.enclave.AttestResponse\"\x00\x12Z\n\x0bOpenSession\x12#.sealnet.enclave.OpenSessionRequest\x1a$.sealnet.enclave.OpenSessionResponse\"\x00\x12W\n\nPreprocess\x12\".sealnet.enclave.PreprocessRequest\x1a#.sealnet.enclave.PreprocessResponse\"\x00\x12\x63\n\x0ePassportParams\x12&.sealnet.enclave.PassportParamsRequest\x1a\'.sealnet.enclave.PassportParamsResponse\"\x00\x12Q\n\x08\x43lassify\x12 .sealnet.enclave.ClassifyRequest\x1a!.sealnet.enclave.ClassifyResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,17 +47,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENSESSIONRESPONSE']._serialized_start=405
   _globals['_OPENSESSIONRESPONSE']._serialized_end=487
   _globals['_TENSOR']._serialized_start=489
-  _globals['_TENSOR']._serialized_end=526
-  _globals['_PREPROCESSREQUEST']._serialized_start=528
-  _globals['_PREPROCESSREQUEST']._serialized_end=607
-  _globals['_PREPROCESSRESPONSE']._serialized_start=609
-  _globals['_PREPROCESSRESPONSE']._serialized_end=670
-  _globals['_PASSPORTPARAMSREQUEST']._serialized_start=672
-  _globals['_PASSPORTPARAMSREQUEST']._serialized_end=730
-  _globals['_NAMEDTENSOR']._serialized_start=732
-  _globals['_NAMEDTENSOR']._serialized_end=800
-  _globals['_PASSPORTPARAMSRESPONSE']._serialized_start=802
-  _globals['_PASSPORTPARAMSRESPONSE']._serialized_end=872
-  _globals['_TRUSTEDMODULE']._serialized_start=875
-  _globals['_TRUSTEDMODULE']._serialized_end=1326
+  _globals['_TENSOR']._serialized_end=544
+  _globals['_PREPROCESSREQUEST']._serialized_start=546
+  _globals['_PREPROCESSREQUEST']._serialized_end=625
+  _globals['_PREPROCESSRESPONSE']._serialized_start=627
+  _globals['_PREPROCESSRESPONSE']._serialized_end=688
+  _globals['_PASSPORTPARAMSREQUEST']._serialized_start=690
+  _globals['_PASSPORTPARAMSREQUEST']._serialized_end=748
+  _globals['_NAMEDTENSOR']._serialized_start=750
+  _globals['_NAMEDTENSOR']._serialized_end=818
+  _globals['_PASSPORTPARAMSRESPONSE']._serialized_start=820
+  _globals['_PASSPORTPARAMSRESPONSE']._serialized_end=890
+  _globals['_CLASSIFYREQUEST']._serialized_start=892
+  _globals['_CLASSIFYREQUEST']._serialized_end=972
+  _globals['_CLASSIFYRESPONSE']._serialized_start=974
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1039
+  _globals['_TRUSTEDMODULE']._serialized_start=1042
+  _globals['_TRUSTEDMODULE']._serialized_end=1576
 # @@protoc_insertion_point(module_scope)

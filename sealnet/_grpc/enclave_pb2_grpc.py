@@ -59,6 +59,11 @@ class TrustedModuleStub:
                 request_serializer=enclave__pb2.PassportParamsRequest.SerializeToString,
                 response_deserializer=enclave__pb2.PassportParamsResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/sealnet.enclave.TrustedModule/Classify',
+                request_serializer=enclave__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=enclave__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
 
 
 class TrustedModuleServicer:
@@ -100,6 +105,15 @@ class TrustedModuleServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """Sealed-head bundles: the public backbone's features of a batch in, the answer out, shaped by the bundle's
+        output policy (label, top-k or logits). The head's weights and its raw logits never leave the module
+        unless the policy is `logits`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrustedModuleServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +141,11 @@ def add_TrustedModuleServicer_to_server(servicer, server):
                     servicer.PassportParams,
                     request_deserializer=enclave__pb2.PassportParamsRequest.FromString,
                     response_serializer=enclave__pb2.PassportParamsResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=enclave__pb2.ClassifyRequest.FromString,
+                    response_serializer=enclave__pb2.ClassifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +283,33 @@ class TrustedModule:
             '/sealnet.enclave.TrustedModule/PassportParams',
             enclave__pb2.PassportParamsRequest.SerializeToString,
             enclave__pb2.PassportParamsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealnet.enclave.TrustedModule/Classify',
+            enclave__pb2.ClassifyRequest.SerializeToString,
+            enclave__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
