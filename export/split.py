@@ -220,9 +220,14 @@ def _published_weights_check(onnx_path: Path, state: dict[str, torch.Tensor], di
     for name, tensor in state.items():
         if name.endswith("num_batches_tracked"):
             continue
-        if name not in shipped:
-            raise ExportError(f"public.onnx does not hold the backbone weight {name!r} under its name")
-        rebuilt[name] = torch.from_numpy(np.array(shipped[name], dtype=tensor.numpy().dtype, copy=True))
+        value = shipped.get(name)
+        if value is None:  # the exporter keeps one copy of equal tensors (e.g. fresh BatchNorm ones) under one name
+            value = next((shipped[other] for other in state if other in shipped
+                          and shipped[other].shape == tuple(tensor.shape)
+                          and np.array_equal(shipped[other], tensor.numpy())), None)
+        if value is None:
+            raise ExportError(f"public.onnx does not hold the backbone weight {name!r}")
+        rebuilt[name] = torch.from_numpy(np.array(value, dtype=tensor.numpy().dtype, copy=True))
     if backbone_digest(rebuilt) != digest:
         raise ExportError("public.onnx weights differ from the published backbone's (sha256 mismatch); not exporting")
     extra = sorted(n for n, a in shipped.items() if n not in state and a.dtype.kind == "f" and a.size > 1)
