@@ -50,9 +50,9 @@ def _axes(node_attrs: dict, inputs: list, index: int):
 def _run(op: str, inputs: list, attrs: dict):
     x = inputs[0] if inputs else None
     if op == "Conv":
-        return F.conv2d(x, inputs[1], inputs[2] if len(inputs) > 2 else None, stride=tuple(attrs.get("strides", (1, 1))),
-                        padding=_pads(attrs), dilation=tuple(attrs.get("dilations", (1, 1))),
-                        groups=attrs.get("group", 1))
+        bias = inputs[2] if len(inputs) > 2 else None
+        return F.conv2d(x, inputs[1], bias, stride=tuple(attrs.get("strides", (1, 1))), padding=_pads(attrs),
+                        dilation=tuple(attrs.get("dilations", (1, 1))), groups=attrs.get("group", 1))
     if op in ("Relu", "Sigmoid", "Tanh"):
         return {"Relu": F.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh}[op](x)
     if op == "MaxPool":
@@ -76,7 +76,8 @@ def _run(op: str, inputs: list, attrs: dict):
     if op in ("Add", "Sub", "Mul", "Div"):
         return {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}[op](x, inputs[1])
     if op == "BatchNormalization":
-        return F.batch_norm(x, inputs[3], inputs[4], inputs[1], inputs[2], training=False,
+        # running statistics are never trained (the exporter may alias them with an equal weight tensor)
+        return F.batch_norm(x, inputs[3].detach(), inputs[4].detach(), inputs[1], inputs[2], training=False,
                             eps=attrs.get("epsilon", 1e-5))
     if op == "Concat":
         return torch.cat(inputs, dim=attrs["axis"])
