@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protect.passport_cli import PASSPORT_FNS, PASSPORT_TYPES, SCHEMES
+from protect import PASSPORT_FNS, PASSPORT_TYPES, SCHEMES
 
 PassportFn = Literal["gamma", "beta", "both"]
 NORMS = ("bn", "gn")

@@ -34,11 +34,11 @@ def cmd_protect(args: argparse.Namespace) -> int:
     from sealnet.data import load_dataset
 
     if args.method == "passport":
-        from protect.passport_cli import cmd_protect_passport
+        from sealnet.passport_cli import cmd_protect_passport
 
         return cmd_protect_passport(args)
     if args.method in ("dsn", "watermark"):
-        from protect.serial_cli import cmd_protect_serial
+        from sealnet.serial_cli import cmd_protect_serial
 
         return cmd_protect_serial(args)
     if args.method != "transform":
@@ -233,6 +233,20 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """`sealnet verify`: a passport check, or with --trigger a serial-number watermark check."""
+    if args.trigger is None:
+        if (args.checkpoint is None and args.bundle is None) or args.signature is None:
+            raise SystemExit("sealnet verify: give --checkpoint (or --bundle) and --signature (passport), or "
+                             "--trigger with --onnx or --endpoint (serial-number watermark)")
+        from sealnet.passport_cli import cmd_verify as cmd_verify_passport
+
+        return cmd_verify_passport(args)
+    from sealnet.serial_cli import cmd_verify_watermark
+
+    return cmd_verify_watermark(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sealnet.demo import run_demo
 
@@ -264,10 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip training the unprotected baseline")
     p.add_argument("--out", type=Path, default=Path("protected.pt"))
     p.set_defaults(func=cmd_protect)
-    from protect.passport_cli import add_passport_eval_parser, add_protect_passport_arguments, add_verify_parser
+    from sealnet.passport_cli import add_passport_eval_parser, add_protect_passport_arguments, add_verify_parser
 
     add_protect_passport_arguments(p)
-    from protect.serial_cli import (
+    from sealnet.serial_cli import (
         add_ca_parser,
         add_protect_serial_arguments,
         add_serial_eval_parser,
@@ -378,10 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tpm: seal to a software TPM (swtpm) started for the demo")
     p.set_defaults(func=cmd_demo)
 
-    from attacks.cli import add_attack_parser
+    from sealnet.attack_cli import add_attack_parser
 
     add_attack_parser(sub)
-    add_verify_serial_arguments(add_verify_parser(sub))
+    p = add_verify_parser(sub)
+    add_verify_serial_arguments(p)
+    p.set_defaults(func=cmd_verify)
     add_passport_eval_parser(sub)
     add_ca_parser(sub)
     add_serial_eval_parser(sub)

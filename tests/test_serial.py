@@ -13,10 +13,10 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from evaluate.serial_eval import deployed_predict, run_serial_eval
 from protect.checkpoint import load_checkpoint
 from protect.models import create_model
 from protect.serial import DSNTrainingError, protect_dsn, stamp_torch, wrong_patterns
-from protect.serial_eval import deployed_predict, run_serial_eval
 from protect.train import TrainConfig, accuracy, train_plain
 from protect.watermark import WatermarkConfig, check_watermark, protect_watermark
 from sealnet.ca import CAError, endorse, find_endorsement, init_ca, load_ca_key, load_ca_public_key, load_registry

@@ -334,8 +334,8 @@ def deployed_predict(checkpoint: Path, data_dir: Path | None = None) -> Iterator
     """predict(x) -> logits through the real data path: the DSN checkpoint exported with a fresh key and
     keystore, the trusted module and the KServe v2 runtime served locally, queried over gRPC with a license
     carrying the student's customer id and serial number (the module stamps the inputs)."""
+    from evaluate.deployment import local_deployment
     from protect.checkpoint import load_checkpoint
-    from sealnet.deployment import local_deployment
     from sealnet.serial import license_serial_number
 
     secret = load_checkpoint(checkpoint).secret
