@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from attacks.base import Target
-from enclave_sim.keystore import KeystoreSpec, init_keystore
+from enclave_sim.keystore import init_keystore
+from enclave_sim.keystore_spec import KeystoreSpec
 from export.build_engine import build_bundle
 from protect.pipeline import protect_transform
 from protect.train import TrainConfig

@@ -40,6 +40,7 @@ from attacks.wire import (
 )
 from sealnet._grpc import enclave_pb2, inference_pb2
 from sealnet.licenses import LicenseError, issue_license, verify_license
+from sealnet.rpc import LICENSE_METADATA
 
 MAX_FAILURES = 10  # DESIGN.md: lockout after 10 bad licenses a minute per client (the module's default)
 CALLER_CEILING = 100  # the module's default per-direct-caller ceiling (10 x the threshold)
@@ -170,7 +171,7 @@ def _runtime_cases(target: Target) -> list[tuple[str, str, bytes, Any, set]]:
     out_req.outputs.add(name="not-an-output")
     cases = [
         ("no license", infer, req(), None, {S.UNAUTHENTICATED}),
-        ("empty license", infer, req(), [("sealnet-license", "")], {S.UNAUTHENTICATED}),
+        ("empty license", infer, req(), [(LICENSE_METADATA, "")], {S.UNAUTHENTICATED}),
         ("unknown model", infer, infer_request("no-such-model", x).SerializeToString(), lic, {S.NOT_FOUND}),
         ("unknown version", infer, _with(infer_request(model, x), model_version="7"), lic, {S.NOT_FOUND}),
         ("empty body", infer, b"", lic, {S.NOT_FOUND}),

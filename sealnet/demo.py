@@ -17,7 +17,8 @@ import grpc
 import numpy as np
 
 from attacks.direct_piracy import direct_piracy_accuracy
-from enclave_sim.keystore import KeystoreSpec, init_keystore
+from enclave_sim.keystore import init_keystore
+from enclave_sim.keystore_spec import KeystoreSpec
 from export.build_engine import build_bundle
 from protect.pipeline import protect_transform
 from protect.train import TrainConfig
