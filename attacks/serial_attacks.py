@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from attacks.base import Budget, Metric, Outcome, Target, pct, progress
 from attacks.plots import histogram
 from attacks.registry import register_attack
-from sealnet.serial import stamp, stamp_scale
+from sealnet.stamp import stamp, stamp_scale
 
 DSN_MAX = 0.20  # DESIGN.md: DSN without / with another customer's serial number <= 20%
 UTILITY_MARGIN = 0.01

@@ -34,7 +34,7 @@ from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import SECRETS, Bundle, core_digest, load_bundle
 from sealnet.licenses import License, LicenseError, verify_license
 from sealnet.rpc import CLIENT_METADATA, MAX_MESSAGE_BYTES, add_servicer
-from sealnet.serial import StampSpec, as_pattern
+from sealnet.stamp import StampSpec, as_pattern
 
 log = logging.getLogger("sealnet.enclave")
 

@@ -50,7 +50,8 @@ from protect.serial import (
 from protect.train import TrainConfig, accuracy, seed_everything, train_new_model
 from protect.watermark import check_watermark
 from sealnet.data import Dataset
-from sealnet.serial import SerialRecord, StampSpec
+from sealnet.serial import SerialRecord
+from sealnet.stamp import StampSpec
 
 Predict = Callable[[np.ndarray], np.ndarray]
 FRACTIONS = (0.1, 0.2, 0.3, 0.4)

@@ -36,8 +36,6 @@ def cmd_protect(args: argparse.Namespace) -> int:
         from sealnet.serial_cli import cmd_protect_serial
 
         return cmd_protect_serial(args)
-    if args.method != "transform":
-        raise SystemExit(f"--method {args.method}: not available yet (available: transform)")
     data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       alpha=args.alpha, beta=args.beta, gamma=args.gamma)

@@ -25,9 +25,8 @@ from protect.train import TrainConfig
 from runtime.client import InferenceClient
 from sealnet.data import mnist_embedded
 from sealnet.licenses import issue_license, load_owner_key, write_owner_key
+from sealnet.processes import DEMO_MODEL_ID as MODEL_ID
 from sealnet.processes import free_port, sealnet_command, start_logged, stop_all
-
-MODEL_ID = "mnist-cnn-generator"
 
 
 def _step(text: str) -> None:

@@ -24,7 +24,6 @@ from sealnet.cli import main
 from sealnet.serial import (
     SerialError,
     SerialRecord,
-    StampSpec,
     _claim_payload,
     derive_pattern,
     derive_serial_vector,
@@ -36,11 +35,10 @@ from sealnet.serial import (
     match_serial,
     serial_path,
     sign_record,
-    stamp,
-    stamp_scale,
     trigger_path,
     verify_claim,
 )
+from sealnet.stamp import StampSpec, stamp, stamp_scale
 
 TINY = {"hidden": 128}
 DSN_TRAIN = TrainConfig(epochs=30, batch_size=64, lr=2e-3, seed=0, progress=False)
