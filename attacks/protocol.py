@@ -42,7 +42,7 @@ from sealnet._grpc import enclave_pb2, inference_pb2
 from sealnet.licenses import LicenseError, issue_license, verify_license
 from sealnet.rpc import LICENSE_METADATA
 
-MAX_FAILURES = 10  # DESIGN.md: lockout after 10 bad licenses a minute per client (the module's default)
+MAX_FAILURES = 10  # docs/security.md target: lockout after 10 bad licenses a minute per client (the module's default)
 CALLER_CEILING = 100  # the module's default per-direct-caller ceiling (10 x the threshold)
 OVERSIZED = 65 << 20  # just over both servers' 64 MiB message limit
 S = grpc.StatusCode
@@ -562,7 +562,7 @@ def brute_force(target: Target, budget: Budget, out: Path) -> Outcome:
                                   label).code, 3 * MAX_FAILURES)
             details["enclave"] = statuses
             metrics.append(Metric("enclave.failures_before_lockout", before, "<=", MAX_FAILURES, unit="count",
-                                  note="DESIGN.md: lockout after 10 bad licenses a minute per client"))
+                                  note="target: lockout after 10 bad licenses a minute per client"))
             if target.license:
                 good = wire.call(method(ENCLAVE_SERVICE, "OpenSession"),
                                  enclave_pb2.OpenSessionRequest(license=target.license).SerializeToString(), label)

@@ -21,10 +21,12 @@ import functools
 import hashlib
 import importlib.machinery
 import importlib.metadata
+import os
 import platform
 import re
 import site
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sealnet.evidence import Measurement, chain_of
@@ -191,8 +193,10 @@ def _measure_distributions(third_party: tuple[str, ...]) -> tuple[Measurement, .
             seen.add(name)
             todo.extend(_requirements(dists[name]))
             todo.extend(sorted(_package_init_imports(dists[name], owner)))
-    return tuple(Measurement(f"dist:{name}=={dists[name].version}", _file_digests(dists[name]).digest())
-                 for name in sorted(seen))
+    names = sorted(seen)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # sha256 releases the GIL
+        digests = list(pool.map(lambda name: _file_digests(dists[name]).digest(), names))
+    return tuple(Measurement(f"dist:{name}=={dists[name].version}", d) for name, d in zip(names, digests, strict=True))
 
 
 def measure_distributions(root: Path = _ROOT) -> list[Measurement]:
