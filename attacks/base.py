@@ -1,6 +1,6 @@
 """The one interface every attack shares: a target, a budget, and measured results judged against thresholds.
 
-An attack states the attacker's knowledge it assumes (A1 pirate, A2 insider, A3 licensee of DESIGN.md) and
+An attack states the attacker's knowledge it assumes (A1 pirate, A2 insider, A3 licensee of docs/security.md) and
 returns metrics; each metric carries its threshold and PASS/FAIL, or is an observation (no target, passed
 None). Nothing here ever holds a license token in a field that gets printed or written: tokens are bearer
 credentials, so they live in `repr=False` fields and never reach a result.

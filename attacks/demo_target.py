@@ -15,14 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from attacks.base import Target
-from enclave_sim.keystore import KeystoreSpec, init_keystore
+from enclave_sim.keystore import init_keystore
+from enclave_sim.keystore_spec import KeystoreSpec
 from export.build_engine import build_bundle
 from protect.pipeline import protect_transform
 from protect.train import TrainConfig
 from runtime.client import InferenceClient
 from sealnet.data import mnist_embedded
-from sealnet.demo import MODEL_ID
 from sealnet.licenses import issue_license, load_owner_key, write_owner_key
+from sealnet.processes import DEMO_MODEL_ID as MODEL_ID
 from sealnet.processes import free_port, sealnet_command, start_logged, stop_all
 
 REVOKED_SERIAL = "SN-REVOKED"

@@ -40,8 +40,9 @@ from attacks.wire import (
 )
 from sealnet._grpc import enclave_pb2, inference_pb2
 from sealnet.licenses import LicenseError, issue_license, verify_license
+from sealnet.rpc import LICENSE_METADATA
 
-MAX_FAILURES = 10  # DESIGN.md: lockout after 10 bad licenses a minute per client (the module's default)
+MAX_FAILURES = 10  # docs/security.md target: lockout after 10 bad licenses a minute per client (the module's default)
 CALLER_CEILING = 100  # the module's default per-direct-caller ceiling (10 x the threshold)
 OVERSIZED = 65 << 20  # just over both servers' 64 MiB message limit
 S = grpc.StatusCode
@@ -170,7 +171,7 @@ def _runtime_cases(target: Target) -> list[tuple[str, str, bytes, Any, set]]:
     out_req.outputs.add(name="not-an-output")
     cases = [
         ("no license", infer, req(), None, {S.UNAUTHENTICATED}),
-        ("empty license", infer, req(), [("sealnet-license", "")], {S.UNAUTHENTICATED}),
+        ("empty license", infer, req(), [(LICENSE_METADATA, "")], {S.UNAUTHENTICATED}),
         ("unknown model", infer, infer_request("no-such-model", x).SerializeToString(), lic, {S.NOT_FOUND}),
         ("unknown version", infer, _with(infer_request(model, x), model_version="7"), lic, {S.NOT_FOUND}),
         ("empty body", infer, b"", lic, {S.NOT_FOUND}),
@@ -561,7 +562,7 @@ def brute_force(target: Target, budget: Budget, out: Path) -> Outcome:
                                   label).code, 3 * MAX_FAILURES)
             details["enclave"] = statuses
             metrics.append(Metric("enclave.failures_before_lockout", before, "<=", MAX_FAILURES, unit="count",
-                                  note="DESIGN.md: lockout after 10 bad licenses a minute per client"))
+                                  note="target: lockout after 10 bad licenses a minute per client"))
             if target.license:
                 good = wire.call(method(ENCLAVE_SERVICE, "OpenSession"),
                                  enclave_pb2.OpenSessionRequest(license=target.license).SerializeToString(), label)

@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from runtime.enclave_client import CLIENT_METADATA, channel_target, client_credentials
-from runtime.server import LICENSE_METADATA
+from runtime.enclave_client import channel_target, client_credentials
 from sealnet._grpc import enclave_pb2, inference_pb2
+from sealnet.rpc import CLIENT_METADATA, LICENSE_METADATA
 
 RUNTIME_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ENCLAVE_SERVICE = enclave_pb2.DESCRIPTOR.services_by_name["TrustedModule"].full_name

@@ -23,8 +23,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from enclave_sim.keystore import Keystore, KeystoreSpec
-from enclave_sim.measure import Measurement, measurement_chain
+from enclave_sim.keystore import Keystore
+from enclave_sim.keystore_spec import KeystoreSpec
+from enclave_sim.measure import measurement_chain
 from enclave_sim.passport_params import derive_params
 from enclave_sim.payload import unpack
 from enclave_sim.policy import AccessPolicy, AuditLog, PolicyConfig, PolicyRefusal, Revocations
@@ -33,14 +34,12 @@ from enclave_sim.transform_graph import transform_session
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import SECRETS, Bundle, core_digest, load_bundle
 from sealnet.licenses import License, LicenseError, verify_license
-from sealnet.rpc import add_servicer
-from sealnet.serial import StampSpec, as_pattern
+from sealnet.rpc import CLIENT_METADATA, MAX_MESSAGE_BYTES, add_servicer
+from sealnet.stamp import StampSpec, as_pattern
 
 log = logging.getLogger("sealnet.enclave")
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SESSION_SECONDS = 900
-CLIENT_METADATA = "sealnet-client"  # the end client's identity, forwarded by the runtime
 
 
 @dataclass
@@ -275,10 +274,6 @@ def _clip(value: object, limit: int = 120) -> str:
     """A client-supplied value as it may appear in an error message: repr, cut to `limit` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def describe_measurements(measurements: list[Measurement]) -> str:
-    return "\n".join(f"{m.sha256.hex()}  {m.name}" for m in measurements)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from enclave_sim.keystore import add_keystore_arguments
+from enclave_sim.keystore_spec import add_keystore_arguments
 
 
 class ExportError(Exception):

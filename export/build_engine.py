@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from enclave_sim.keystore import KeystoreSpec, keystore_spec
+from enclave_sim.keystore_spec import KeystoreSpec, keystore_spec
 from enclave_sim.measure import measurement_chain
 from enclave_sim.payload import pack
 from export import ExportError, add_arguments

@@ -187,7 +187,8 @@ def split_dsn(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, max_raw
               log: Callable[[str], None]) -> Split:
     """DSN: public.onnx is one customer's student; the sealed part is its stamp (pattern, position, scale) and
     the serial number and customer id a license must carry for the trusted module to stamp inputs."""
-    from sealnet.serial import StampSpec, license_serial_number
+    from sealnet.serial import license_serial_number
+    from sealnet.stamp import StampSpec
 
     spec = StampSpec.from_secret(ckpt.secret)
     checks = _export_public_network(ckpt, data, spec.apply(data.x_test), onnx_path, max_raw_acc, log,

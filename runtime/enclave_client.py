@@ -20,11 +20,10 @@ import numpy as np
 
 from runtime.errors import AttestationFailed, EnclaveError
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
+from sealnet.rpc import CLIENT_METADATA, MAX_MESSAGE_BYTES
 
 log = logging.getLogger("sealnet.runtime")
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-CLIENT_METADATA = "sealnet-client"
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 

@@ -33,13 +33,11 @@ from runtime.errors import AttestationFailed, EnclaveError, RequestError, Servin
 from runtime.pipeline import Pipeline
 from sealnet._grpc import inference_pb2, inference_pb2_grpc
 from sealnet.bundle import EXPECTED_MEASUREMENTS, PUBLIC_ONNX, Bundle, load_bundle
-from sealnet.rpc import add_servicer
+from sealnet.rpc import LICENSE_METADATA, MAX_MESSAGE_BYTES, add_servicer
 
 log = logging.getLogger("sealnet.runtime")
 
-LICENSE_METADATA = "sealnet-license"
 MODEL_VERSION = "1"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
@@ -326,13 +324,3 @@ def serve_unprotected(onnx_path: Path, model_id: str, address: str, *, ort_threa
     server.service.port = server.port
     return server, server.service
 
-
-def wait_forever(server, stop: threading.Event | None = None) -> None:
-    """Serve until `stop` is set, Ctrl-C, or the server ends; then stop it with a short grace period."""
-    try:
-        while not (stop and stop.is_set()):
-            if not server.wait_for_termination(timeout=0.5):  # False: the server has terminated
-                break
-    except KeyboardInterrupt:
-        pass
-    server.stop(grace=2).wait()

@@ -19,6 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from sealnet.canonical import canonical_json
+
 TOKEN_PREFIX = "sn1"
 _SIGNING_CONTEXT = b"sealnet-license-v1\x00"
 MAX_TOKEN_CHARS = 4096
@@ -125,7 +127,7 @@ def issue_license(owner_key: Ed25519PrivateKey, *, customer_id: str, model_id: s
         serial_number=serial_number, issued_at=now, not_before=start, expires_at=start + int(valid_seconds),
         owner_key_id=key_id(owner_key.public_key()),
     )
-    payload = json.dumps(asdict(lic), sort_keys=True, separators=(",", ":")).encode()
+    payload = canonical_json(asdict(lic))
     signature = owner_key.sign(_SIGNING_CONTEXT + payload)
     return f"{TOKEN_PREFIX}.{_b64e(payload)}.{_b64e(signature)}"
 

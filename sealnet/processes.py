@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+DEMO_MODEL_ID = "mnist-cnn-generator"  # the bundle `sealnet demo` and `sealnet attack --demo` build
+
 
 def free_port() -> int:
     """A TCP port free on loopback right now (the caller binds it soon after)."""

@@ -213,7 +213,8 @@ def test_runtime_refuses_to_start_when_a_measurement_differs(enclave_factory, ar
 
 def test_runtime_refuses_a_module_with_another_keystore(artefacts, tmp_path, short_tmp):
     """A trusted module over another keystore cannot even unseal; one that fakes answers fails attestation."""
-    from enclave_sim.keystore import KeystoreSpec, init_keystore
+    from enclave_sim.keystore import init_keystore
+    from enclave_sim.keystore_spec import KeystoreSpec
 
     init_keystore(tmp_path / "other")
     with pytest.raises(Exception, match="unseal refused"):

@@ -26,8 +26,8 @@ from protect.checkpoint import load_checkpoint, save_checkpoint
 from protect.heads import flops
 from protect.models import create_model
 from protect.sealed_head import SealedHeadConfig, SealedHeadTrainingError, protect_sealed_head
-from protect.sealed_head_cli import BACKBONES as CLI_BACKBONES
 from protect.train import TrainConfig, train_new_model
+from sealnet.sealed_head_cli import BACKBONES as CLI_BACKBONES
 
 TINY_BACKBONE = {"widths": [16, 32], "tap_grid": [2, 2]}  # 1x8x8 digits: stage maps 4x4 and 2x2
 HEAD = SealedHeadConfig(hidden=(64,), epochs=30, batch_size=64, lr=3e-3, max_flops_ratio=10.0, attempts=1)

@@ -15,7 +15,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from enclave_sim.keystore import KeystoreSpec, init_keystore
+from enclave_sim.keystore import init_keystore
+from enclave_sim.keystore_spec import KeystoreSpec
 from export.build_engine import build_bundle
 from runtime.client import InferenceClient
 from runtime.onnx_session import ort_accuracy, ort_session
