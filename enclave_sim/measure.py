@@ -32,6 +32,9 @@ TRUSTED_CODE: tuple[str, ...] = (
 )
 
 
+MANIFEST_MEASUREMENT = "bundle:manifest"  # the name the manifest's core digest is measured under
+
+
 @dataclass(frozen=True)
 class Measurement:
     name: str
@@ -62,5 +65,5 @@ def chain_of(measurements: list[Measurement]) -> bytes:
 
 def measurement_chain(manifest_digest: bytes, root: Path = _ROOT) -> tuple[list[Measurement], bytes]:
     """All measurements (code first, then the manifest) and the resulting chain value."""
-    items = measure_code(root) + [Measurement("bundle:manifest", manifest_digest)]
+    items = measure_code(root) + [Measurement(MANIFEST_MEASUREMENT, manifest_digest)]
     return items, chain_of(items)

@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from enclave_sim.keystore import EMBEDDED_QUOTE_CONTEXT, Evidence, KeystoreError
-from enclave_sim.measure import Measurement, chain_of
+from enclave_sim.measure import MANIFEST_MEASUREMENT, Measurement, chain_of
 from sealnet._grpc import enclave_pb2
 
 EXPECTED_FILE = "expected-measurements.json"
@@ -36,6 +36,18 @@ def load_expected(path: Path) -> dict[str, Any]:
         if key not in expected:
             raise AttestationError(f"{path}: field {key!r} missing")
     return expected
+
+
+def check_manifest_measured(expected: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Refuse unless the manifest the runtime serves is the one the trusted module measures: attestation checks
+    the module against `expected`, so this binds the runtime's own manifest (its owner key, public network and
+    input spec) to the module's. A manifest re-signed by another key has another digest and is refused."""
+    from sealnet.bundle import core_digest
+
+    want = {m["name"]: m["sha256"] for m in expected["measurements"]}.get(MANIFEST_MEASUREMENT)
+    if want != core_digest(manifest).hex():
+        raise AttestationError("refusing to serve: this bundle's manifest is not the one the trusted module was "
+                               "sealed to (re-signed or edited; compare its owner key with the owner's)")
 
 
 def _verify_signature(resp: enclave_pb2.AttestResponse, nonce: bytes) -> None:

@@ -132,11 +132,13 @@ def cmd_enclave(args: argparse.Namespace) -> int:
 
     options = EnclaveOptions(
         state_dir=args.state_dir or default_state_dir(), revocations=args.revocations, audit_log=args.audit_log,
-        tls_dir=args.tls_dir, workers=args.workers,
+        tls_dir=args.tls_dir, workers=args.workers, forwarders=tuple(args.forwarder),
+        audit_max_bytes=int(args.audit_max_mb * (1 << 20)), audit_keep=args.audit_keep,
         policy=PolicyConfig(max_failures=args.max_failures, window_s=args.lockout_window,
                             quota_items=args.quota_items, quota_window_s=args.quota_window),
     )
     server, module = serve(args.bundle, args.listen, keystore_spec(args), options)
+    signal.signal(signal.SIGHUP, lambda *_: module.audit.reopen())  # after logrotate renamed the audit log
     print(f"trusted module serving {module.model_id} on {args.listen} ({module.keystore_backend} keystore, "
           f"chain {module.chain.hex()[:16]}...)", flush=True)
     try:
@@ -176,9 +178,24 @@ def cmd_attest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from enclave_sim.policy import AuditChainError, verify_audit_chain
+
+    try:
+        summary = verify_audit_chain(args.logs)
+    except AuditChainError as exc:
+        print(f"audit chain BROKEN: {exc}", file=sys.stderr)
+        return 2
+    start = "from the first record" if summary.from_genesis else "continuing an earlier file not given"
+    print(f"audit chain intact: {summary.records} records in {len(args.logs)} file(s), {start}; head "
+          f"{summary.head} (keep it elsewhere: a rewrite of the tail after it would change it)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.batching import BatchingConfig
     from runtime.server import serve, wait_forever
+    from sealnet.licenses import load_public_key
 
     if args.onnx:
         from runtime.server import serve_unprotected
@@ -194,13 +211,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.bundle:
         raise ValueError("serve: --bundle is required (or --onnx for an unprotected model)")
     batching = None if args.no_batching else BatchingConfig(args.max_batch_size, args.max_queue_delay_ms,
-                                                            args.batch_workers)
+                                                            args.batch_workers, args.max_queued_items)
     enclave = None if args.benchmark_bypass_trusted_module else args.enclave
     server, service = serve(args.bundle, args.listen, enclave, ort_threads=args.ort_threads,
                             enclave_tls=args.enclave_tls, expected_measurements=args.expected_measurements,
                             attest_timeout=args.attest_timeout, batching=batching,
-                            providers=["auto"] if args.providers == "auto" else None)
-    providers = ",".join(service.session.get_providers())
+                            providers=["auto"] if args.providers == "auto" else None,
+                            owner_public_key=load_public_key(args.owner_public_key) if args.owner_public_key else None)
+    providers = ",".join(service.pipeline.session.get_providers())
     print(f"KServe v2 endpoint for {service.model_id} on {args.listen} (trusted module {enclave}, {providers})",
           flush=True)
     wait_forever(server, _stop_on_signals())
@@ -310,13 +328,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-dir", type=Path, help="mTLS certificates (sealnet certs); required for TCP")
     p.add_argument("--state-dir", type=Path, help="lockout and quota state (default ~/.local/state/sealnet/enclave)")
     p.add_argument("--revocations", type=Path, help="file of revoked license ids / serial numbers, one per line")
-    p.add_argument("--audit-log", type=Path, help="append JSON-lines audit records here")
-    p.add_argument("--max-failures", type=int, default=10, help="failed license checks per client per window")
+    p.add_argument("--audit-log", type=Path, help="append hash-chained JSON-lines audit records here (SIGHUP "
+                                                  "reopens it after an external rotation)")
+    p.add_argument("--audit-max-mb", type=float, default=64.0, help="rotate the audit log past this size (0: never)")
+    p.add_argument("--audit-keep", type=int, default=10, help="rotated audit files kept (LOG.1 .. LOG.N)")
+    p.add_argument("--forwarder", action="append", default=["runtime"],
+                   help="another mTLS certificate name (besides runtime) trusted to name its end clients for the "
+                        "lockout (repeatable; Unix-socket callers always are)")
+    p.add_argument("--max-failures", type=int, default=10,
+                   help="failed license checks per client, and per license, per window")
     p.add_argument("--lockout-window", type=float, default=60.0, help="lockout window in seconds")
     p.add_argument("--quota-items", type=int, default=0, help="items per license per quota window (0: unlimited)")
     p.add_argument("--quota-window", type=float, default=3600.0, help="quota window in seconds")
     p.add_argument("--workers", type=int, default=4, help="gRPC worker threads")
     p.set_defaults(func=cmd_enclave)
+
+    audit = sub.add_parser("audit", help="the trusted module's audit log").add_subparsers(dest="audit_cmd",
+                                                                                          required=True)
+    p = audit.add_parser("verify", help="check the hash chain of audit logs (exit 2 naming the first broken line)")
+    p.add_argument("logs", type=Path, nargs="+", help="oldest first, e.g. audit.jsonl.2 audit.jsonl.1 audit.jsonl")
+    p.set_defaults(func=cmd_audit_verify)
 
     p = sub.add_parser("certs", help="create a private CA and mTLS certificates for the services")
     p.add_argument("directory", type=Path)
@@ -348,6 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-delay-ms", type=float, default=0.0,
                    help="dynamic batching: longest wait for company (0: merge only what is already queued)")
     p.add_argument("--batch-workers", type=int, default=2, help="dynamic batching: merged batches in flight")
+    p.add_argument("--max-queued-items", type=int, default=8192,
+                   help="backpressure: items waiting at most; more is refused with RESOURCE_EXHAUSTED")
+    p.add_argument("--owner-public-key", type=Path,
+                   help="the owner's public key (from the owner, kept outside the bundle): refuse a bundle signed "
+                        "by any other key")
     p.add_argument("--no-batching", action="store_true", help="serve each request on its own")
     p.add_argument("--providers", choices=["auto", "cpu"], default="auto",
                    help="auto: TensorRT / CUDA execution providers when present, else CPU")

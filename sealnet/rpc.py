@@ -1,5 +1,6 @@
 """Register generated gRPC servicers so that unparseable request bytes get INVALID_ARGUMENT naming the
-message, instead of gRPC's INTERNAL / UNKNOWN with a parser exception's text."""
+message, instead of gRPC's INTERNAL / UNKNOWN with a parser exception's text; and `clip`, the one way a
+client-supplied string is echoed in an error message."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ from typing import Any
 import grpc
 
 _UNPARSEABLE = object()
+ECHO_LIMIT = 256  # characters of a client-supplied string an error message may repeat
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """A client-supplied string as an error message may show it: its repr, cut to `limit` characters (status
+    messages travel as metadata; stock clients fail on more than 16 KiB of it)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 class _Capture:
