@@ -29,7 +29,7 @@ from runtime.attestation import AttestationError
 from runtime.batching import BatchingConfig, DynamicBatcher
 from runtime.errors import ServingError
 from runtime.pipeline import Request
-from sealnet._grpc import enclave_pb2, enclave_pb2_grpc, inference_pb2
+from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import MANIFEST, BundleError, owner_key_field, sign_manifest
 from sealnet.licenses import LicenseError, issue_license, verify_license
 from tests.conftest import MODEL_ID, OWNER_KEY, kserve_infer
@@ -234,25 +234,8 @@ def test_a_token_has_one_spelling(artefacts):
 
 
 # -- the endpoint ---------------------------------------------------------------------------------------------
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _huge_shape_request(model: str, dims: int) -> bytes:
-    """A ModelInferRequest whose one input has `dims` dimensions of 1, written directly as bytes."""
-    tensor = inference_pb2.ModelInferRequest.InferInputTensor(name="input", datatype="FP32").SerializeToString()
-    tensor += b"\x1a" + _varint(dims) + b"\x01" * dims  # field 3, packed int64
-    return (inference_pb2.ModelInferRequest(model_name=model).SerializeToString()
-            + b"\x2a" + _varint(len(tensor)) + tensor)  # field 5: inputs
-
-
 def test_huge_requests_are_refused_fast_and_do_not_delay_licensed_clients(artefacts, short_tmp):
-    from attacks.wire import Wire, license_md, method
+    from attacks.wire import Wire, huge_shape_request, license_md, method
 
     token = _license(artefacts)
     infer = method("inference.GRPCInferenceService", "ModelInfer")
@@ -263,12 +246,12 @@ def test_huge_requests_are_refused_fast_and_do_not_delay_licensed_clients(artefa
         client = triton.InferenceServerClient(f"127.0.0.1:{s.port}")
         try:
             # the largest request the server accepts, all of it shape: refused by rank, in microseconds of work
-            biggest = _huge_shape_request(MODEL_ID, limit - 200)
+            biggest = huge_shape_request(MODEL_ID, limit - 200)
             started = time.monotonic()
             reply = wire.call(infer, biggest, license_md(token))
             assert reply.code == S.INVALID_ARGUMENT and "dimensions" in reply.details, reply
             assert len(reply.details) < 300 and time.monotonic() - started < 0.5
-            hostile = _huge_shape_request(MODEL_ID, 60_000_000)
+            hostile = huge_shape_request(MODEL_ID, 60_000_000)
             kserve_infer(client, MODEL_ID, X, token)  # warm: session open, connections up
             latencies: list[float] = []
             codes: list[grpc.StatusCode] = []

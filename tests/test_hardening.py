@@ -83,7 +83,8 @@ def test_eleventh_bad_license_in_a_minute_is_locked_out_per_client(enclave_facto
     assert _code(lambda: _open(addr, _license(artefacts), client="ipv4:10.0.0.1")) == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
     assert _open(addr, _license(artefacts), client="ipv4:10.0.0.2").session_id
-    # counters persist across a restart of the trusted module
+    # counters persist across a restart of the trusted module, even a crash: the state is written within a second
+    time.sleep(1.1)
     server.stop(0).wait()
     addr2, _, _ = enclave_factory(name="e2.sock", state_dir=tmp_path / "state")
     assert _code(lambda: _open(addr2, _license(artefacts), client="ipv4:10.0.0.1")) == \
