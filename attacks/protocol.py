@@ -41,7 +41,7 @@ from attacks.wire import (
     preprocess_request,
     session_id_of,
 )
-from runtime.server import REQUEST_SLACK_BYTES
+from runtime.server import max_request_bytes
 from sealnet._grpc import enclave_pb2, inference_pb2
 from sealnet.licenses import LicenseError, issue_license, verify_license
 
@@ -175,7 +175,7 @@ def _runtime_cases(target: Target) -> list[tuple[str, str, bytes, Any, set]]:
     out_req.outputs.add(name="not-an-output")
     both = infer_request(model, x)
     both.inputs[0].contents.fp32_contents.extend(x.ravel().tolist())
-    largest = max_batch * int(np.prod(item)) * 4 + REQUEST_SLACK_BYTES  # what the runtime lets through
+    largest = max_request_bytes(max_batch, item)  # what the runtime lets through
     cases = [
         ("no license", infer, req(), None, {S.UNAUTHENTICATED}),
         ("empty license", infer, req(), [("sealnet-license", "")], {S.UNAUTHENTICATED}),

@@ -66,11 +66,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     @property
     def max_request_bytes(self) -> int:
-        """The largest request gRPC lets through: a full batch of FP32 items plus slack. Anything larger is
-        refused (RESOURCE_EXHAUSTED) before it is parsed, so one huge request cannot hold up the event loop."""
-        if any(d <= 0 for d in self.item_shape):  # a bare ONNX model with dynamic dimensions
-            return MAX_MESSAGE_BYTES
-        return self.max_batch * int(np.prod(self.item_shape)) * 4 + REQUEST_SLACK_BYTES
+        return max_request_bytes(self.max_batch, self.item_shape)
 
     # -- health and metadata -----------------------------------------------------------------------------
     def enclave_ready(self) -> bool:
@@ -202,6 +198,16 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         if not np.isfinite(batch).all():
             raise RequestError(bad, "inputs[0]: contains NaN or infinity")
         return batch
+
+
+def max_request_bytes(max_batch: int, item_shape: tuple[int, ...]) -> int:
+    """The largest request gRPC lets through: twice a full batch of FP32 items (fp32_contents may arrive
+    unpacked, 5 bytes a value; a batch a little too large still gets INVALID_ARGUMENT naming the batch size) plus
+    slack. Anything larger is refused (RESOURCE_EXHAUSTED) before it is parsed, so one huge request cannot hold
+    up the event loop."""
+    if any(d <= 0 for d in item_shape):  # a bare ONNX model with dynamic dimensions
+        return MAX_MESSAGE_BYTES
+    return 2 * max_batch * int(np.prod(item_shape)) * 4 + REQUEST_SLACK_BYTES
 
 
 def client_identity(context) -> str:

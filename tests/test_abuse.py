@@ -420,6 +420,35 @@ def test_audit_log_rotates_and_its_hash_chain_detects_deleted_and_edited_records
     assert main(args) == 2 and f"{files[0]}:2:" in capsys.readouterr().err  # edited line 1: line 2 breaks
 
 
+def test_enclave_command_reopens_its_audit_log_on_sighup(artefacts, short_tmp, tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    from sealnet.cli import main
+
+    log, sock = tmp_path / "audit.jsonl", short_tmp / "h.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "sealnet", "enclave", "--bundle", str(artefacts["bundle"]),
+                             "--keystore-dir", str(artefacts["keystore"].directory), "--listen", f"unix:{sock}",
+                             "--state-dir", str(tmp_path / "state"), "--audit-log", str(log)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "trusted module serving" in proc.stdout.readline()
+        _open(f"unix:{sock}", _license(artefacts), client="before")
+        log.rename(tmp_path / "audit.jsonl.1")  # what logrotate does, then it signals the module
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not log.exists() and time.monotonic() < deadline:
+            _open(f"unix:{sock}", _license(artefacts), client="after")
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait()
+    assert proc.returncode == 0 and log.exists()
+    assert main(["audit", "verify", str(tmp_path / "audit.jsonl.1"), str(log)]) == 0
+    assert "from the first record" in capsys.readouterr().out
+
+
 # -- the runtime serves what the module measured ---------------------------------------------------------------
 def test_serve_refuses_a_manifest_resigned_by_another_key(artefacts, short_tmp, tmp_path):
     """The module runs the owner's bundle; the runtime is given a copy whose manifest someone re-signed with
