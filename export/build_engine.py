@@ -91,7 +91,8 @@ def default_model_id(ckpt: ProtectedCheckpoint) -> str:
 def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: KeystoreSpec,
                  model_id: str | None = None, data_dir: Path | None = None, max_raw_acc: float = 0.2,
                  max_batch: int = 1024, tensorrt: bool = False, fp16: bool = False, force: bool = False,
-                 min_authorized_acc: float | None = None, log=print) -> dict[str, Any]:
+                 min_authorized_acc: float | None = None, output_policy: str | None = None,
+                 log=print) -> dict[str, Any]:
     """Write a bundle directory and return its manifest. Nothing is left behind on failure.
 
     `min_authorized_acc` (default: chance + 10 pts) is the floor for the accuracy *with* the secret; only
@@ -105,6 +106,10 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
     ckpt = load_checkpoint(checkpoint)
     if ckpt.method not in SPLITS:
         raise ExportError(f"checkpoint method {ckpt.method!r} is not exportable (supported: {', '.join(SPLITS)})")
+    if output_policy is not None:
+        if ckpt.method != "sealed-head":
+            raise ExportError(f"--output-policy applies to sealed-head bundles; this checkpoint is {ckpt.method!r}")
+        ckpt.secret["output_policy"] = output_policy
     signer = load_owner_key(owner_key)
     data = load_dataset(ckpt.dataset, data_dir, seed=0)
     if data.input_shape != ckpt.input_shape:
@@ -168,7 +173,8 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
 def run(args: argparse.Namespace) -> int:
     manifest = build_bundle(args.checkpoint, args.out_dir, owner_key=args.owner_key, keystore=keystore_spec(args),
                             model_id=args.model_id, data_dir=args.data_dir, max_raw_acc=args.max_raw_acc,
-                            max_batch=args.max_batch, tensorrt=args.tensorrt, fp16=args.fp16, force=args.force)
+                            max_batch=args.max_batch, tensorrt=args.tensorrt, fp16=args.fp16, force=args.force,
+                            output_policy=args.output_policy)
     print(f"bundle {args.out_dir}: model {manifest['model_id']}, files {', '.join(manifest['files'])}, "
           f"{SECRETS} sealed, manifest signed")
     return 0

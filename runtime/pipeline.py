@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,58 +69,9 @@ class Pipeline:
     def serve(self, requests: list[Request]) -> list[Outcome]:
         """Answer every request; a failure (refused license, module down, a crash in this code) fails only the
         requests it concerns and is returned, never raised."""
-        outcomes: list[Outcome] = [(None, None)] * len(requests)
-        try:
-            if self.module_last:
-                self._serve_module_last(requests, outcomes)
-            else:
-                self._serve_module_first(requests, outcomes)
-        except Exception as exc:  # a bug or a library failure: fail what is still open, keep the worker alive
-            log.exception("pipeline failure on a batch of %d requests", len(requests))
-            error = InternalError(f"inference failed: {type(exc).__name__}")
-            outcomes[:] = [(res, err) if (res is not None or err is not None) else (None, error)
-                           for res, err in outcomes]
-        return outcomes
-
-    # -- the two orders ------------------------------------------------------------------------------------
-    def _serve_module_first(self, requests: list[Request], outcomes: list[Outcome]) -> None:
-        served: list[tuple[int, np.ndarray]] = []
-        for members in _by_license(requests).values():
-            first = requests[members[0]]
-            try:
-                processed = self._before(first.token, first.client, _concat([requests[i].batch for i in members]))
-            except Exception as exc:
-                _fail(outcomes, members, exc)
-                continue
-            served.extend(zip(members, _split(processed, [len(requests[i].batch) for i in members]), strict=True))
-        if not served:
-            return
-        try:
-            logits = self.run_network(_concat([x for _, x in served]))
-        except Exception as exc:
-            _fail(outcomes, [i for i, _ in served], exc)
-            return
-        for (i, _), part in zip(served, _split(logits, [len(x) for _, x in served]), strict=True):
-            outcomes[i] = ({self.outputs[0]["name"]: part}, None)
-
-    def _serve_module_last(self, requests: list[Request], outcomes: list[Outcome]) -> None:
-        try:
-            features = self.run_network(_concat([r.batch for r in requests]))
-        except Exception as exc:
-            _fail(outcomes, range(len(requests)), exc)
-            return
-        per_request = _split(features, [len(r.batch) for r in requests])
-        for members in _by_license(requests).values():
-            first = requests[members[0]]
-            try:
-                answer = self._after(first.token, first.client, _concat([per_request[i] for i in members]))
-            except Exception as exc:
-                _fail(outcomes, members, exc)
-                continue
-            sizes = [len(requests[i].batch) for i in members]
-            parts = {name: _split(value, sizes) for name, value in answer.items()}
-            for j, i in enumerate(members):
-                outcomes[i] = ({name: split[j] for name, split in parts.items()}, None)
+        if self.module_last:
+            return serve_module_last(requests, self.run_network, self._after)
+        return serve_module_first(requests, self._before, self.run_network, self.outputs[0]["name"])
 
     # -- the trusted module's part -----------------------------------------------------------------------------
     def _before(self, token: str, client: str, batch: np.ndarray) -> np.ndarray:
@@ -159,6 +111,70 @@ class Pipeline:
 
 
 _NUMPY = {"FP32": np.float32, "INT64": np.int64}
+Module = Callable[[str, str, np.ndarray], Any]  # (license token, client, batch) -> the module's answer
+Network = Callable[[np.ndarray], np.ndarray]
+
+
+def _guarded(serve):
+    """Run a serving order so that no exception escapes: what is still open when one does fails INTERNAL."""
+    def run(requests: list[Request], *args) -> list[Outcome]:
+        outcomes: list[Outcome] = [(None, None)] * len(requests)
+        try:
+            serve(requests, outcomes, *args)
+        except Exception as exc:  # a bug or a library failure: fail what is still open, keep the worker alive
+            log.exception("pipeline failure on a batch of %d requests", len(requests))
+            error = InternalError(f"inference failed: {type(exc).__name__}")
+            outcomes[:] = [(res, err) if (res is not None or err is not None) else (None, error)
+                           for res, err in outcomes]
+        return outcomes
+
+    return run
+
+
+@_guarded
+def serve_module_first(requests: list[Request], outcomes: list[Outcome], before: Module, network: Network,
+                       output_name: str) -> None:
+    """Transform / stamp / passport order: one `before` call per license, then one network run for all."""
+    served: list[tuple[int, np.ndarray]] = []
+    for members in _by_license(requests).values():
+        first = requests[members[0]]
+        try:
+            processed = before(first.token, first.client, _concat([requests[i].batch for i in members]))
+        except Exception as exc:
+            _fail(outcomes, members, exc)
+            continue
+        served.extend(zip(members, _split(processed, [len(requests[i].batch) for i in members]), strict=True))
+    if not served:
+        return
+    try:
+        logits = network(_concat([x for _, x in served]))
+    except Exception as exc:
+        _fail(outcomes, [i for i, _ in served], exc)
+        return
+    for (i, _), part in zip(served, _split(logits, [len(x) for _, x in served]), strict=True):
+        outcomes[i] = ({output_name: part}, None)
+
+
+@_guarded
+def serve_module_last(requests: list[Request], outcomes: list[Outcome], network: Network, after: Module) -> None:
+    """Sealed-head order: one network run for all, then one `after` call per license on its features."""
+    try:
+        features = network(_concat([r.batch for r in requests]))
+    except Exception as exc:
+        _fail(outcomes, range(len(requests)), exc)
+        return
+    per_request = _split(features, [len(r.batch) for r in requests])
+    for members in _by_license(requests).values():
+        first = requests[members[0]]
+        try:
+            answer = after(first.token, first.client, _concat([per_request[i] for i in members]))
+        except Exception as exc:
+            _fail(outcomes, members, exc)
+            continue
+        sizes = [len(requests[i].batch) for i in members]
+        parts = {name: _split(value, sizes) for name, value in answer.items()}
+        for j, i in enumerate(members):
+            outcomes[i] = ({name: split[j] for name, split in parts.items()}, None)
 
 
 def _by_license(requests: list[Request]) -> dict[tuple[str, str], list[int]]:

@@ -41,6 +41,10 @@ def cmd_protect(args: argparse.Namespace) -> int:
         from protect.serial_cli import cmd_protect_serial
 
         return cmd_protect_serial(args)
+    if args.method == "sealed-head":
+        from protect.sealed_head_cli import cmd_protect_sealed_head
+
+        return cmd_protect_sealed_head(args)
     if args.method != "transform":
         raise SystemExit(f"--method {args.method}: not available yet (available: transform)")
     data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
@@ -268,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("protect", help="train a protected model and write a checkpoint")
-    p.add_argument("--method", default="transform", choices=["transform", "passport", "dsn", "watermark"])
+    p.add_argument("--method", default="transform",
+                   choices=["transform", "passport", "dsn", "watermark", "sealed-head"])
     p.add_argument("--variant", default="generator", choices=VARIANTS)
     p.add_argument("--dataset", default="mnist-embedded", choices=DATASETS)
     p.add_argument("--data-dir", type=Path, help="directory with MNIST/Fashion IDX files or CIFAR-10 batches")
@@ -293,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_protect_serial_arguments(p)
+    from protect.sealed_head_cli import add_backbone_parser, add_protect_sealed_head_arguments
+
+    add_protect_sealed_head_arguments(p)
 
     p = sub.add_parser("export", help="build a bundle: public ONNX, sealed secrets, signed manifest")
     add_export_arguments(p)
@@ -421,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_passport_eval_parser(sub)
     add_ca_parser(sub)
     add_serial_eval_parser(sub)
+    add_backbone_parser(sub)
     return parser
 
 

@@ -7,14 +7,16 @@ import threading
 
 import grpc
 import numpy as np
+import pytest
 import torch
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from enclave_sim import service as enclave_service
 from runtime import server as runtime_server
-from runtime.batching import BatchingConfig, DynamicBatcher, process_group
-from runtime.enclave_client import EnclaveError
+from runtime.batching import BatchingConfig, DynamicBatcher
+from runtime.errors import EnclaveError, ServingError
+from runtime.pipeline import Request, serve_module_first, serve_module_last
 from sealnet.licenses import issue_license
 from tests.conftest import MODEL_ID
 
@@ -27,6 +29,8 @@ def _fake_module():
         calls.append((token, len(raw)))
         if token == "bad":
             raise EnclaveError(grpc.StatusCode.PERMISSION_DENIED, "license: bad")
+        if token == "crash":
+            raise RuntimeError("a library failed")
         return raw * 2
 
     def run(x):
@@ -36,34 +40,85 @@ def _fake_module():
     return preprocess, run, calls, runs
 
 
-def test_merged_group_is_one_call_per_license_and_one_run():
+def _requests(tokens: list[str], n: int = 9) -> list[Request]:
+    return [Request(tokens[i % len(tokens)], f"c{i}", np.full((1 + i % 2, 1, 2, 2), float(i), np.float32))
+            for i in range(n)]
+
+
+def test_module_first_is_one_call_per_license_and_one_run():
     preprocess, run, calls, runs = _fake_module()
-    requests = [(["lic0", "lic1", "bad"][i % 3], f"c{i}", np.full((1 + i % 2, 1, 2, 2), float(i), np.float32))
-                for i in range(9)]
-    outcomes = process_group(preprocess, run, requests)
-    assert sorted(t for t, _ in calls) == ["bad", "lic0", "lic1"] and runs == [sum(1 + i % 2 for i in range(9)
-                                                                                  if i % 3 != 2)]
-    for (token, _, x), (out, err) in zip(requests, outcomes, strict=True):
-        if token == "bad":
+    requests = _requests(["lic0", "lic1", "bad"])
+    outcomes = serve_module_first(requests, preprocess, run, "logits")
+    assert sorted(t for t, _ in calls) == ["bad", "lic0", "lic1"]
+    assert runs == [sum(len(r.batch) for r in requests if r.token != "bad")]
+    for r, (out, err) in zip(requests, outcomes, strict=True):
+        if r.token == "bad":
             assert out is None and err.code == grpc.StatusCode.PERMISSION_DENIED
         else:
-            assert err is None and np.array_equal(out, x.reshape(len(x), -1)[:, :3] * 2 + 1)
+            assert err is None and np.array_equal(out["logits"], r.batch.reshape(len(r.batch), -1)[:, :3] * 2 + 1)
 
 
-def test_batcher_merges_concurrent_submissions():
+def test_module_last_runs_the_network_once_then_the_module_per_license():
+    calls: list[tuple[str, int]] = []
+    runs: list[int] = []
+
+    def backbone(x):
+        runs.append(len(x))
+        return x.reshape(len(x), -1)[:, :3] * 3
+
+    def head(token, client, features):
+        calls.append((token, len(features)))
+        if token == "bad":
+            raise EnclaveError(grpc.StatusCode.PERMISSION_DENIED, "license: bad")
+        return {"label": features[:, :1].astype(np.int64) + 1}
+
+    requests = _requests(["lic0", "bad", "lic1"])
+    outcomes = serve_module_last(requests, backbone, head)
+    assert runs == [sum(len(r.batch) for r in requests)]
+    assert sorted(t for t, _ in calls) == ["bad", "lic0", "lic1"]
+    for r, (out, err) in zip(requests, outcomes, strict=True):
+        if r.token == "bad":
+            assert out is None and err.code == grpc.StatusCode.PERMISSION_DENIED
+        else:
+            want = r.batch.reshape(len(r.batch), -1)[:, :1].astype(np.int64) * 3 + 1
+            assert err is None and np.array_equal(out["label"], want)
+
+
+def test_an_unexpected_error_fails_only_its_license_group():
+    preprocess, run, _, _ = _fake_module()
+    requests = _requests(["crash", "lic0"], n=4)
+    outcomes = serve_module_first(requests, preprocess, run, "logits")
+    for r, (out, err) in zip(requests, outcomes, strict=True):
+        if r.token == "crash":
+            assert out is None and err.code == grpc.StatusCode.INTERNAL and "RuntimeError" in str(err)
+            assert "a library failed" not in str(err)  # internal details stay in the server log
+        else:
+            assert err is None and out["logits"].shape == (len(r.batch), 3)
+
+
+def test_batcher_merges_concurrent_submissions_and_survives_worker_errors():
     preprocess, run, calls, runs = _fake_module()
 
+    def serve(requests):
+        return serve_module_first(requests, preprocess, run, "logits")
+
     async def main():
-        batcher = DynamicBatcher(preprocess, run, BatchingConfig(max_batch=64, max_queue_delay_ms=20, workers=1))
+        batcher = DynamicBatcher(serve, BatchingConfig(max_batch=64, max_queue_delay_ms=20, workers=1))
         xs = [np.full((1, 1, 2, 2), float(i), np.float32) for i in range(12)]
         outs = await asyncio.gather(*(batcher.submit("lic", f"c{i}", x) for i, x in enumerate(xs)))
+        # more failing batches than workers: the worker loop must keep serving
+        for _ in range(3):
+            with pytest.raises(ServingError):
+                await batcher.submit("crash", "c", xs[0])
+        after = await batcher.submit("lic", "c", xs[1])
         await batcher.close()
-        return xs, outs
+        return xs, outs, after
 
-    xs, outs = asyncio.run(main())
+    xs, outs, after = asyncio.run(main())
     for x, out in zip(xs, outs, strict=True):
-        assert np.array_equal(out, x.reshape(1, -1)[:, :3] * 2 + 1)
-    assert len(runs) < 12 and sum(runs) == 12
+        assert np.array_equal(out["logits"], x.reshape(1, -1)[:, :3] * 2 + 1)
+    assert np.array_equal(after["logits"], xs[1].reshape(1, -1)[:, :3] * 2 + 1)
+    assert len(runs) < 15 and sum(runs) == 13
 
 
 def test_concurrent_clients_through_the_batching_runtime(artefacts, digits, short_tmp):
