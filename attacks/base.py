@@ -107,7 +107,6 @@ class Target:
     enclave_tls: Path | None = None
     data_dir: Path | None = None
     seed: int = 0
-    allow_disruptive: bool = False
     license: str | None = field(default=None, repr=False)
     owner_key: Any = field(default=None, repr=False)  # Ed25519PrivateKey
     revoked_license: str | None = field(default=None, repr=False)
@@ -216,7 +215,7 @@ class Target:
         return {"bundle": str(self.bundle_dir), "model_id": manifest.get("model_id"), "method": self.method,
                 "variant": self.variant, "endpoint": self.endpoint, "enclave": self.enclave,
                 "license": "given" if self.license else "none", "owner_key": "given" if self.owner_key else "none",
-                "disruptive_attacks": bool(self.allow_disruptive or self.kill_enclave)}
+                "disruptive_attacks": bool(self.kill_enclave)}
 
 
 @contextlib.contextmanager

@@ -78,7 +78,7 @@ def demo_target(workdir: Path, *, epochs: int = 8, seed: int = 0, log=print) -> 
             raise RuntimeError(f"demo services did not become ready; see {workdir / 'logs'}") from None
         finally:
             client.close()
-        yield Target(workdir / "bundle", endpoint=endpoint, enclave=enclave_addr, seed=seed, allow_disruptive=True,
+        yield Target(workdir / "bundle", endpoint=endpoint, enclave=enclave_addr, seed=seed,
                      license=valid, owner_key=owner_key, revoked_license=revoked, kill_enclave=kill_enclave,
                      alive=lambda: {"enclave": enclave_proc.poll() is None, "runtime": runtime_proc.poll() is None})
     finally:

@@ -131,6 +131,24 @@ def infer_request(model: str, x: np.ndarray, *, name: str = "input", datatype: s
     return req
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def huge_shape_request(model: str, dims: int) -> bytes:
+    """A ModelInferRequest whose one input has `dims` dimensions of 1, written as bytes (building 60 million
+    dimensions through protobuf would take the tester's memory and minutes; the bytes take a second)."""
+    tensor = inference_pb2.ModelInferRequest.InferInputTensor(name="input", datatype="FP32").SerializeToString()
+    tensor += b"\x1a" + _varint(dims) + b"\x01" * dims  # field 3 (shape), packed int64
+    return (inference_pb2.ModelInferRequest(model_name=model).SerializeToString()
+            + b"\x2a" + _varint(len(tensor)) + tensor)  # field 5 (inputs)
+
+
 def preprocess_request(session_id: str, x: np.ndarray, *, shape: list[int] | None = None,
                        data: bytes | None = None) -> enclave_pb2.PreprocessRequest:
     tensor = enclave_pb2.Tensor(shape=list(x.shape) if shape is None else shape,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -34,8 +35,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-dir", type=Path, help="mTLS certificates (sealnet certs); required for TCP")
     p.add_argument("--state-dir", type=Path, help="lockout and quota state (default ~/.local/state/sealnet/enclave)")
     p.add_argument("--revocations", type=Path, help="file of revoked license ids / serial numbers, one per line")
-    p.add_argument("--audit-log", type=Path, help="append JSON-lines audit records here")
-    p.add_argument("--max-failures", type=int, default=10, help="failed license checks per client per window")
+    p.add_argument("--audit-log", type=Path, help="append hash-chained JSON-lines audit records here (SIGHUP "
+                                                  "reopens it after an external rotation)")
+    p.add_argument("--audit-max-mb", type=float, default=64.0, help="rotate the audit log past this size (0: never)")
+    p.add_argument("--audit-keep", type=int, default=10, help="rotated audit files kept (LOG.1 .. LOG.N)")
+    p.add_argument("--forwarder", action="append", default=["runtime"],
+                   help="another mTLS certificate name (besides runtime) trusted to name its end clients for the "
+                        "lockout (repeatable; Unix-socket callers always are)")
+    p.add_argument("--max-failures", type=int, default=10,
+                   help="failed license checks per client, and per license, per window")
     p.add_argument("--lockout-window", type=float, default=60.0, help="lockout window in seconds")
     p.add_argument("--quota-items", type=int, default=0, help="items per license per quota window (0: unlimited)")
     p.add_argument("--quota-window", type=float, default=3600.0, help="quota window in seconds")
@@ -55,11 +63,13 @@ def loaded_module_files() -> list[str]:
 def run(args: argparse.Namespace) -> int:
     options = EnclaveOptions(
         state_dir=args.state_dir or default_state_dir(), revocations=args.revocations, audit_log=args.audit_log,
-        tls_dir=args.tls_dir, workers=args.workers,
+        tls_dir=args.tls_dir, workers=args.workers, forwarders=tuple(args.forwarder),
+        audit_max_bytes=int(args.audit_max_mb * (1 << 20)), audit_keep=args.audit_keep,
         policy=PolicyConfig(max_failures=args.max_failures, window_s=args.lockout_window,
                             quota_items=args.quota_items, quota_window_s=args.quota_window),
     )
     server, module = serve(args.bundle, args.listen, keystore_spec(args), options)
+    signal.signal(signal.SIGHUP, lambda *_: module.audit.reopen())  # after logrotate renamed the audit log
     print(f"trusted module serving {module.model_id} on {args.listen} ({module.keystore_backend} keystore, "
           f"chain {module.chain.hex()[:16]}...)", flush=True)
     try:

@@ -29,7 +29,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from sealnet.evidence import Measurement, chain_of
+from sealnet.evidence import MANIFEST_MEASUREMENT, Measurement, chain_of
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -210,5 +210,5 @@ def measure_distributions(root: Path = _ROOT) -> list[Measurement]:
 def measurement_chain(manifest_digest: bytes, root: Path = _ROOT) -> tuple[list[Measurement], bytes]:
     """All measurements (code, interpreter, distributions, then the manifest) and the resulting chain."""
     items = [*measure_code(root), measure_interpreter(), *measure_distributions(root),
-             Measurement("bundle:manifest", manifest_digest)]
+             Measurement(MANIFEST_MEASUREMENT, manifest_digest)]
     return items, chain_of(items)

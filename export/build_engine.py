@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from enclave_sim.keystore import KeystoreError
 from enclave_sim.keystore_spec import KeystoreSpec, keystore_spec
 from enclave_sim.measure import measurement_chain
 from enclave_sim.payload import pack
@@ -41,7 +42,7 @@ from sealnet.bundle import (
     sign_manifest,
 )
 from sealnet.data import load_dataset
-from sealnet.licenses import load_owner_key
+from sealnet.licenses import LicenseError, load_owner_key
 from sealnet.outputs import logits_outputs
 
 PUBLIC_PLAN = "public.plan"
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (ExportError, FileNotFoundError, ValueError, OSError) as exc:
+    except (ExportError, KeystoreError, LicenseError, FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

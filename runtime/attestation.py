@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from sealnet._grpc import enclave_pb2
-from sealnet.evidence import BACKEND_OF_FORMAT, Evidence, EvidenceError, Measurement, chain_of, verify_evidence
+from sealnet.evidence import (
+    BACKEND_OF_FORMAT,
+    MANIFEST_MEASUREMENT,
+    Evidence,
+    EvidenceError,
+    Measurement,
+    chain_of,
+    verify_evidence,
+)
 
 
 class AttestationError(Exception):
@@ -30,6 +38,18 @@ def load_expected(path: Path) -> dict[str, Any]:
         if key not in expected:
             raise AttestationError(f"{path}: field {key!r} missing")
     return expected
+
+
+def check_manifest_measured(expected: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Refuse unless the manifest the runtime serves is the one the trusted module measures: attestation checks
+    the module against `expected`, so this binds the runtime's own manifest (its owner key, public network and
+    input spec) to the module's. A manifest re-signed by another key has another digest and is refused."""
+    from sealnet.bundle import core_digest
+
+    want = {m["name"]: m["sha256"] for m in expected["measurements"]}.get(MANIFEST_MEASUREMENT)
+    if want != core_digest(manifest).hex():
+        raise AttestationError("refusing to serve: this bundle's manifest is not the one the trusted module was "
+                               "sealed to (re-signed or edited; compare its owner key with the owner's)")
 
 
 def verify_attestation(resp: enclave_pb2.AttestResponse, nonce: bytes, expected: dict[str, Any]) -> None:

@@ -154,9 +154,24 @@ def cmd_attest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from enclave_sim.policy import AuditChainError, verify_audit_chain
+
+    try:
+        summary = verify_audit_chain(args.logs)
+    except AuditChainError as exc:
+        print(f"audit chain BROKEN: {exc}", file=sys.stderr)
+        return 2
+    start = "from the first record" if summary.from_genesis else "continuing an earlier file not given"
+    print(f"audit chain intact: {summary.records} records in {len(args.logs)} file(s), {start}; head "
+          f"{summary.head} (keep it elsewhere: a rewrite of the tail after it would change it)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.batching import BatchingConfig
     from runtime.server import serve
+    from sealnet.licenses import load_public_key
     from sealnet.rpc import stop_on_signals, wait_forever
 
     if args.onnx:
@@ -173,13 +188,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not args.bundle:
         raise ValueError("serve: --bundle is required (or --onnx for an unprotected model)")
     batching = None if args.no_batching else BatchingConfig(args.max_batch_size, args.max_queue_delay_ms,
-                                                            args.batch_workers)
+                                                            args.batch_workers, args.max_queued_items)
     enclave = None if args.benchmark_bypass_trusted_module else args.enclave
     server, service = serve(args.bundle, args.listen, enclave, ort_threads=args.ort_threads,
                             enclave_tls=args.enclave_tls, expected_measurements=args.expected_measurements,
                             attest_timeout=args.attest_timeout, batching=batching,
-                            providers=["auto"] if args.providers == "auto" else None)
-    providers = ",".join(service.session.get_providers())
+                            providers=["auto"] if args.providers == "auto" else None,
+                            owner_public_key=load_public_key(args.owner_public_key) if args.owner_public_key else None)
+    providers = ",".join(service.pipeline.session.get_providers())
     print(f"KServe v2 endpoint for {service.model_id} on {args.listen} (trusted module {enclave}, {providers})",
           flush=True)
     wait_forever(server, stop_on_signals())
@@ -302,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     # `sealnet enclave ARGS` execs `python -m enclave_sim ARGS` (see main); listed here for --help.
     sub.add_parser("enclave", help="run the trusted module (gRPC); `sealnet enclave --help` lists its options")
 
+    audit = sub.add_parser("audit", help="the trusted module's audit log").add_subparsers(dest="audit_cmd",
+                                                                                          required=True)
+    p = audit.add_parser("verify", help="check the hash chain of audit logs (exit 2 naming the first broken line)")
+    p.add_argument("logs", type=Path, nargs="+", help="oldest first, e.g. audit.jsonl.2 audit.jsonl.1 audit.jsonl")
+    p.set_defaults(func=cmd_audit_verify)
+
     p = sub.add_parser("certs", help="create a private CA and mTLS certificates for the services")
     p.add_argument("directory", type=Path)
     p.add_argument("--host", action="append", default=["localhost", "127.0.0.1", "::1"],
@@ -332,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-delay-ms", type=float, default=0.0,
                    help="dynamic batching: longest wait for company (0: merge only what is already queued)")
     p.add_argument("--batch-workers", type=int, default=2, help="dynamic batching: merged batches in flight")
+    p.add_argument("--max-queued-items", type=int, default=8192,
+                   help="backpressure: items waiting at most; more is refused with RESOURCE_EXHAUSTED")
+    p.add_argument("--owner-public-key", type=Path,
+                   help="the owner's public key (from the owner, kept outside the bundle): refuse a bundle signed "
+                        "by any other key")
     p.add_argument("--no-batching", action="store_true", help="serve each request on its own")
     p.add_argument("--providers", choices=["auto", "cpu"], default="auto",
                    help="auto: TensorRT / CUDA execution providers when present, else CPU")

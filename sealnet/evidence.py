@@ -21,6 +21,7 @@ EMBEDDED_QUOTE_CONTEXT = b"sealnet-attest-v1\x00"
 TPM_QUOTE_FORMAT = "tpm2-quote-v1"
 PCR_INDEX = 16  # the chain lives in the resettable debug PCR (sha256 bank)
 BACKEND_OF_FORMAT = {EMBEDDED_FORMAT: "embedded", TPM_QUOTE_FORMAT: "tpm"}
+MANIFEST_MEASUREMENT = "bundle:manifest"  # the name the bundle manifest's core digest is measured under
 
 
 class EvidenceError(Exception):

@@ -1,6 +1,7 @@
 """gRPC plumbing shared by the trusted module and the runtime: the protocol's constants (defined here only),
 servicer registration so that unparseable request bytes get INVALID_ARGUMENT naming the message (instead of
-gRPC's INTERNAL / UNKNOWN with a parser exception's text), and serving until a signal."""
+gRPC's INTERNAL / UNKNOWN with a parser exception's text), `clip` (the one way a client-supplied string is
+echoed in an error message), and serving until a signal."""
 
 from __future__ import annotations
 
@@ -18,6 +19,15 @@ CLIENT_METADATA = "sealnet-client"  # the end client's identity, forwarded by th
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # both services, both directions
 
 _UNPARSEABLE = object()
+ECHO_LIMIT = 256  # characters of a client-supplied string an error message may repeat
+
+
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """A client-supplied string as an error message may show it: its repr, cut to `limit` characters (status
+    messages travel as metadata; stock clients fail on more than 16 KiB of it)."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 class _Capture:
