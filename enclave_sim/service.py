@@ -310,8 +310,6 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         return batch
 
 
-
-
 @dataclass(frozen=True)
 class EnclaveOptions:
     """Operational settings of `sealnet enclave` (all optional)."""
