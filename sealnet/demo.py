@@ -1,7 +1,9 @@
 """`sealnet demo`: the whole data path on the embedded data, from nothing, in a few minutes.
 
-owner: train baseline + Generator-protected model, keygen, license -> integrator: keystore, export ->
-edge: trusted module + KServe endpoint as child processes -> client queries; pirate runs public.onnx.
+owner: train baseline + protected model, keygen, license -> integrator: keystore, export -> edge: trusted module
++ KServe endpoint as child processes -> client queries; pirate runs public.onnx. `--method transform` (default)
+protects with the Generator transform; `--method sealed-head` puts a sealed head behind a public backbone and
+also measures stealing and the insider against black-box access (TEESlice protocol).
 """
 
 from __future__ import annotations
@@ -44,8 +46,11 @@ def _query(
     return np.concatenate(preds), "OK"
 
 
+SEALED_HEAD_MODEL_ID = "mnist-sealed-head"
+
+
 def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, seed: int = 0,
-             keystore: str = "embedded") -> int:
+             keystore: str = "embedded", method: str = "transform") -> int:
     workdir = Path(workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -64,19 +69,52 @@ def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, s
         else:
             spec = KeystoreSpec("embedded", workdir / "keystore")
             enclave_keystore_args = ["--keystore-dir", str(workdir / "keystore")]
-        return _run(workdir, spec, enclave_keystore_args, epochs=epochs, json_path=json_path, seed=seed)
+        return _run(workdir, spec, enclave_keystore_args, epochs=epochs, json_path=json_path, seed=seed,
+                    method=method)
+
+
+def _protect(method: str, data, workdir: Path, epochs: int, seed: int) -> tuple[str, dict]:
+    """Train the protected model into workdir/protected.pt: (model id, training metrics)."""
+    if method == "transform":
+        _step("owner: train the baseline and the Generator-protected model on the embedded MNIST subset")
+        ckpt = protect_transform(data, "generator", workdir / "protected.pt", TrainConfig(epochs=epochs, seed=seed))
+        return MODEL_ID, ckpt.metrics
+    from protect.backbones import make_public_backbone
+    from protect.checkpoint import save_checkpoint
+    from protect.sealed_head import SealedHeadConfig, protect_sealed_head
+
+    _step("owner: a public backbone trained only on public data (scikit-learn's 8x8 digits, upscaled)")
+    weights = make_public_backbone("tap_cnn", seed, workdir / "backbone.pt", kind="digits")
+    _step("owner: train the baseline, then the sealed head on the frozen backbone's taps (embedded MNIST)")
+    ckpt = protect_sealed_head(data, weights, "tap_cnn", SealedHeadConfig(seed=seed, teacher_epochs=epochs))
+    save_checkpoint(ckpt, workdir / "protected.pt")
+    return SEALED_HEAD_MODEL_ID, ckpt.metrics
+
+
+def _stealing(bundle: Path, server_addr: str, enclave_addr: str, token: str, seed: int) -> dict:
+    """TEESlice protocol against the running deployment: thief and insider, each relative to black-box."""
+    from attacks.base import BUDGETS, Target
+    from attacks.teeslice import insider_imitation, teeslice_stealing
+
+    target = Target(bundle, endpoint=server_addr, enclave=enclave_addr, license=token, seed=seed)
+    out = bundle.parent / "report"
+    out.mkdir(exist_ok=True)
+    steal = teeslice_stealing(target, BUDGETS["small"], out).details["rows"]
+    insider = insider_imitation(target, BUDGETS["small"], out)
+    by_fraction = {round(r["fraction"], 4): r for r in steal}
+    return {"stealing_ratio_1pct": by_fraction[0.01]["ratio"], "stealing_ratio_10pct": by_fraction[0.1]["ratio"],
+            "stealing": steal, "insider_ratio": next(m.value for m in insider.metrics if m.name == "insider_ratio"),
+            "insider": insider.details}
 
 
 def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *, epochs: int,
-         json_path: Path | None, seed: int) -> int:
+         json_path: Path | None, seed: int, method: str) -> int:
     started = time.perf_counter()
-
-    _step("owner: train the baseline and the Generator-protected model on the embedded MNIST subset")
     data = mnist_embedded(seed=0)
-    ckpt = protect_transform(data, "generator", workdir / "protected.pt", TrainConfig(epochs=epochs, seed=seed))
+    model_id, metrics = _protect(method, data, workdir, epochs, seed)
     owner_key, _ = write_owner_key(workdir / "owner.key")
     signer = load_owner_key(owner_key)
-    license_ok = issue_license(signer, customer_id="acme", model_id=MODEL_ID, serial_number="SN-0001",
+    license_ok = issue_license(signer, customer_id="acme", model_id=model_id, serial_number="SN-0001",
                                valid_seconds=3600)
     license_other = issue_license(signer, customer_id="acme", model_id="another-model", serial_number="SN-0002",
                                   valid_seconds=3600)
@@ -85,7 +123,7 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
     if spec.backend == "embedded":
         init_keystore(spec.directory)
     manifest = build_bundle(workdir / "protected.pt", workdir / "bundle", owner_key=owner_key, keystore=spec,
-                            model_id=MODEL_ID)
+                            model_id=model_id)
 
     _step("edge host: start the trusted module (Unix socket) and the KServe v2 endpoint (loopback TCP)")
     enclave_addr = f"unix:{(workdir / 'enclave.sock').resolve()}"
@@ -98,7 +136,8 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         start_logged(sealnet_command("serve", "--bundle", str(workdir / "bundle"), "--enclave", enclave_addr,
                                      "--listen", server_addr), workdir / "logs" / "runtime.log"),
     ]
-    client = InferenceClient(server_addr, MODEL_ID)
+    client = InferenceClient(server_addr, model_id)
+    extra: dict = {}
     try:
         try:
             client.wait_ready(timeout=60)
@@ -112,6 +151,9 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         preds, status_ok = _query(client, data.x_test, license_ok)
         _, status_none = _query(client, data.x_test[:8], None)
         _, status_other = _query(client, data.x_test[:8], license_other)
+        if method == "sealed-head":
+            _step("thief and insider against black-box access (TEESlice protocol; trains small copies)")
+            extra = _stealing(workdir / "bundle", server_addr, enclave_addr, license_ok, seed)
     finally:
         client.close()
         stop_all(procs)
@@ -121,15 +163,17 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
 
     authorized = float((preds == data.y_test).mean()) if preds is not None else float("nan")
     result = {
-        "baseline_acc": ckpt.metrics["baseline_acc"],
+        "method": method,
+        "baseline_acc": metrics["baseline_acc"],
         "authorized_acc": authorized,
-        "authorized_torch_acc": ckpt.metrics["authorized_acc"],
+        "authorized_torch_acc": metrics["authorized_acc"],
         "pirate_raw_acc": pirate,
         "licensed_status": status_ok,
         "no_license_status": status_none,
         "wrong_license_status": status_other,
         "onnx_max_abs_diff": manifest["checks"]["onnx_max_abs_diff"],
         "test_items": int(len(data.y_test)),
+        **extra,
         "seconds": round(time.perf_counter() - started, 1),
     }
     rows = [
@@ -139,6 +183,10 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         ("no license", f"rejected: {status_none}"),
         ("license for another model", f"rejected: {status_other}"),
     ]
+    if extra:
+        rows += [(f"thief with {p} of the labels / black-box", f"{extra[f'stealing_ratio_{k}']:.3f}x")
+                 for p, k in (("1%", "1pct"), ("10%", "10pct"))]
+        rows.append(("insider (module queries) / black-box", f"{extra['insider_ratio']:.3f}x"))
     width = max(len(r[0]) for r in rows)
     print(f"\n{'sealnet demo (1,000 test images)':<{width}}  result\n{'-' * width}  {'-' * 16}")
     for name, value in rows:
@@ -148,4 +196,7 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     ok = status_ok == "OK" and status_none != "OK" and status_other != "OK"
+    if extra:
+        print("\n(ratios: accuracy of the best copy / accuracy of the best black-box copy; <= 1.05 means a copy is "
+              f"worth no more than query access; plots in {workdir / 'report'}/)")
     return 0 if ok else 1
