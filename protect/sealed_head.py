@@ -145,3 +145,17 @@ def protect_sealed_head(data: Dataset, backbone_weights: Path, arch: str, cfg: S
                 "backbone_sha256": digest, "output_policy": "label",
                 "train_config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(run).items()}},
         dataset=data.name, seed=run.seed, metrics=metrics, model_config=dict(model_config or {}))
+
+
+def protect_demo_sealed_head(data: Dataset, workdir: Path, *, epochs: int = 8, seed: int = 0,
+                             log: Callable[[str], None] | None = None) -> ProtectedCheckpoint:
+    """The embedded-data recipe of `sealnet demo --method sealed-head` and the attack suite's demo target:
+    a tap_cnn backbone trained only on public data (scikit-learn's 8x8 digits) written to workdir/backbone.pt,
+    then the sealed head on its frozen taps; the checkpoint is written to workdir/protected.pt."""
+    from protect.backbones import make_public_backbone
+    from protect.checkpoint import save_checkpoint
+
+    weights = make_public_backbone("tap_cnn", seed, Path(workdir) / "backbone.pt", kind="digits")
+    ckpt = protect_sealed_head(data, weights, "tap_cnn", SealedHeadConfig(seed=seed, teacher_epochs=epochs), log=log)
+    save_checkpoint(ckpt, Path(workdir) / "protected.pt")
+    return ckpt

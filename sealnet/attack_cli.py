@@ -43,6 +43,8 @@ def add_attack_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=Path("runs/attack-demo"), help="--demo: where to build (replaced)")
     p.add_argument("--epochs", type=int, default=8, help="--demo: training epochs")
+    p.add_argument("--method", choices=["transform", "sealed-head"], default="transform",
+                   help="--demo: the protection method of the demo bundle")
     p.set_defaults(func=cmd_attack)
 
 
@@ -116,7 +118,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.demo:
         from attacks.demo_target import demo_target
 
-        with demo_target(args.workdir, epochs=args.epochs, seed=args.seed) as target:
+        with demo_target(args.workdir, epochs=args.epochs, seed=args.seed, method=args.method) as target:
             report = run_attacks(target, attacks, budget, args.out, only_applicable=not args.attack)
     else:
         from sealnet.licenses import load_owner_key

@@ -28,7 +28,7 @@ from runtime.client import InferenceClient
 from sealnet.data import mnist_embedded
 from sealnet.licenses import issue_license, load_owner_key, write_owner_key
 from sealnet.processes import DEMO_MODEL_ID as MODEL_ID
-from sealnet.processes import free_port, sealnet_command, start_logged, stop_all
+from sealnet.processes import SEALED_HEAD_DEMO_MODEL_ID, free_port, sealnet_command, start_logged, stop_all
 
 
 def _step(text: str) -> None:
@@ -44,9 +44,6 @@ def _query(
     except grpc.RpcError as exc:
         return None, f"{exc.code().name}"
     return np.concatenate(preds), "OK"
-
-
-SEALED_HEAD_MODEL_ID = "mnist-sealed-head"
 
 
 def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, seed: int = 0,
@@ -79,16 +76,12 @@ def _protect(method: str, data, workdir: Path, epochs: int, seed: int) -> tuple[
         _step("owner: train the baseline and the Generator-protected model on the embedded MNIST subset")
         ckpt = protect_transform(data, "generator", workdir / "protected.pt", TrainConfig(epochs=epochs, seed=seed))
         return MODEL_ID, ckpt.metrics
-    from protect.backbones import make_public_backbone
-    from protect.checkpoint import save_checkpoint
-    from protect.sealed_head import SealedHeadConfig, protect_sealed_head
+    from protect.sealed_head import protect_demo_sealed_head
 
-    _step("owner: a public backbone trained only on public data (scikit-learn's 8x8 digits, upscaled)")
-    weights = make_public_backbone("tap_cnn", seed, workdir / "backbone.pt", kind="digits")
-    _step("owner: train the baseline, then the sealed head on the frozen backbone's taps (embedded MNIST)")
-    ckpt = protect_sealed_head(data, weights, "tap_cnn", SealedHeadConfig(seed=seed, teacher_epochs=epochs))
-    save_checkpoint(ckpt, workdir / "protected.pt")
-    return SEALED_HEAD_MODEL_ID, ckpt.metrics
+    _step("owner: a public backbone trained only on public data (scikit-learn's 8x8 digits, upscaled), then the "
+          "baseline and the sealed head on the frozen backbone's taps (embedded MNIST)")
+    ckpt = protect_demo_sealed_head(data, workdir, epochs=epochs, seed=seed)
+    return SEALED_HEAD_DEMO_MODEL_ID, ckpt.metrics
 
 
 def _stealing(bundle: Path, server_addr: str, enclave_addr: str, token: str, seed: int) -> dict:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 DEMO_MODEL_ID = "mnist-cnn-generator"  # the bundle `sealnet demo` and `sealnet attack --demo` build
+SEALED_HEAD_DEMO_MODEL_ID = "mnist-sealed-head"  # the same with --method sealed-head
 
 
 def free_port() -> int:
