@@ -33,9 +33,9 @@ class SealedHeadTrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class SealedHeadConfig:
-    hidden: tuple[int, ...] = (512,)  # MLP hidden widths
+    hidden: tuple[int, ...] = (256,)  # MLP hidden widths
     dropout: float = 0.3
-    epochs: int = 40
+    epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-4

@@ -21,8 +21,8 @@ def add_protect_sealed_head_arguments(p: argparse.ArgumentParser) -> None:
                         "make` or torchvision resnet18 weights (fc.* is dropped)")
     g.add_argument("--backbone", choices=BACKBONES, help="backbone architecture (default: tap_cnn for 1-channel "
                                                          "data, resnet18 for 3-channel)")
-    g.add_argument("--head-hidden", type=int, nargs="+", default=[512], help="hidden widths of the sealed MLP head")
-    g.add_argument("--head-epochs", type=int, default=40, help="epochs over the precomputed taps")
+    g.add_argument("--head-hidden", type=int, nargs="+", default=[256], help="hidden widths of the sealed MLP head")
+    g.add_argument("--head-epochs", type=int, default=20, help="epochs over the precomputed taps")
     g.add_argument("--kd-weight", type=float, default=0.7, help="share of distillation from the baseline (teacher)")
     g.add_argument("--head-temperature", type=float, default=4.0, help="distillation temperature of the head")
     g.add_argument("--max-drop", type=float, default=0.015,
