@@ -65,7 +65,7 @@ def add_backbone_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--source", default="digits", choices=SOURCES,
                    help="digits: trained only on scikit-learn's bundled 8x8 digits; random: fixed seeded init")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=15, help="--source digits: training epochs")
+    p.add_argument("--epochs", type=int, default=8, help="--source digits: training epochs")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_backbone_make)
 
