@@ -23,7 +23,8 @@ def add_protect_sealed_head_arguments(p: argparse.ArgumentParser) -> None:
                                                          "data, resnet18 for 3-channel)")
     g.add_argument("--head-hidden", type=int, nargs="+", default=[256], help="hidden widths of the sealed MLP head")
     g.add_argument("--head-epochs", type=int, default=20, help="epochs over the precomputed taps")
-    g.add_argument("--kd-weight", type=float, default=0.7, help="share of distillation from the baseline (teacher)")
+    g.add_argument("--kd-weight", type=float, default=0.0,
+                   help="share of distillation from the baseline (teacher); 0: CE only (measured best)")
     g.add_argument("--head-temperature", type=float, default=4.0, help="distillation temperature of the head")
     g.add_argument("--max-drop", type=float, default=0.015,
                    help="refuse a head whose accuracy is below baseline - this (default 0.015 = 1.5 pts)")
