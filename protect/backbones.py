@@ -230,7 +230,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return F.grid_sample(x, grid, align_corners=False)
 
 
-def train_on_public_digits(backbone: nn.Module, input_shape: tuple[int, int, int], seed: int, epochs: int = 15,
+def train_on_public_digits(backbone: nn.Module, input_shape: tuple[int, int, int], seed: int, epochs: int = 8,
                            batch_size: int = 64, lr: float = 2e-3) -> float:
     """Train `backbone` + a throw-away linear classifier on the augmented 8x8 digits; returns their
     training-set accuracy (without augmentation), a sanity check that the backbone learnt something."""
@@ -257,7 +257,7 @@ def train_on_public_digits(backbone: nn.Module, input_shape: tuple[int, int, int
 
 
 def make_public_backbone(arch: str, seed: int, out: Path, kind: str = "digits",
-                         input_shape: tuple[int, int, int] | None = None, epochs: int = 15,
+                         input_shape: tuple[int, int, int] | None = None, epochs: int = 8,
                          model_config: dict[str, Any] | None = None) -> Path:
     """Write a backbone state_dict that is public by construction: `random` (fixed seeded initialisation)
     or `digits` (trained only on scikit-learn's 8x8 digits). Never sees the owner's data."""

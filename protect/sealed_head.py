@@ -33,14 +33,16 @@ class SealedHeadTrainingError(RuntimeError):
 
 @dataclass(frozen=True)
 class SealedHeadConfig:
-    hidden: tuple[int, ...] = (512,)  # MLP hidden widths
+    hidden: tuple[int, ...] = (256,)  # MLP hidden widths
     dropout: float = 0.3
-    epochs: int = 40
+    epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-4
     temperature: float = 4.0  # distillation temperature (KL scaled by T^2, as Hinton et al.)
-    kd_weight: float = 0.7  # share of the distillation term; 1 - kd_weight goes to CE on the labels
+    # share of the distillation term (1 - kd_weight: CE on the labels). 0 by default: measured over three seeds,
+    # distilling from the ~97-98% teacher held the head below what CE alone reaches (docs/sealed_head.md)
+    kd_weight: float = 0.0
     seed: int = 0
     teacher_epochs: int = 8  # the unprotected baseline (teacher) when none is given
     teacher_model: str = "simple_cnn"
@@ -108,7 +110,7 @@ def protect_sealed_head(data: Dataset, backbone_weights: Path, arch: str, cfg: S
         teacher, _ = train_new_model(data, tcfg, cfg.teacher_model, label="baseline (teacher)")
     teacher.eval()
     baseline_acc = accuracy(teacher, data.x_test, data.y_test)
-    teacher_logits = _logits(teacher, data.x_train)
+    teacher_logits = _logits(teacher, data.x_train) if cfg.kd_weight > 0 else None
     f_train, f_test = extract_features(backbone, data.x_train), extract_features(backbone, data.x_test)
     y_train = torch.from_numpy(data.y_train)
     backbone_flops = flops(backbone, data.input_shape)
