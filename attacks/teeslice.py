@@ -4,7 +4,7 @@
   fine-tuning the public network end to end with a new head (and as it is, where it outputs classes), the frozen
   public network with a new head, and training the same architecture from scratch.
 - Black-box attacker: the same images, labelled by querying the deployed endpoint, plus whatever is public anyway
-  (for a sealed head: the published backbone, frozen or fine-tuned). Best of those and training from scratch.
+  (for a sealed head: the published backbone, frozen, with a new head). Best of that and training from scratch.
 - Judged: stolen / black-box accuracy <= 1.05 at 1% and 10% (0.1% is reported).
 For a sealed head, the insider (A2) attack imitates the head from N trusted-module queries with feature vectors of
 its choice against a head distilled from N endpoint queries; judged the same way.
@@ -50,31 +50,38 @@ def _features(module: nn.Module, x: np.ndarray) -> np.ndarray:
     return np.concatenate([module(torch.from_numpy(x[i : i + 500])).flatten(1).numpy() for i in range(0, len(x), 500)])
 
 
+FROZEN, TUNED, AS_IS, SCRATCH = ("frozen public + new head", "fine-tuned public + new head",
+                                 "fine-tuned public as is", "scratch")
+THIEF = (FROZEN, TUNED, AS_IS, SCRATCH)
+
+
 def copy_accuracies(target: Target, x: np.ndarray, y: np.ndarray, *, steps: int, seed: int,
-                    use_public: bool) -> dict[str, float]:
-    """Test accuracy of each way to build a copy from (x, y): `use_public` adds the strategies that start from
-    public.onnx (fine-tuned with a new head, frozen with a new head, fine-tuned as it is when it outputs classes)."""
+                    strategies: tuple[str, ...] = THIEF) -> dict[str, float]:
+    """Test accuracy of each way to build a copy from (x, y): from public.onnx frozen with a new head, fine-tuned
+    with a new head, fine-tuned as it is (where it outputs class scores), or the same architecture from scratch."""
     data, model = target.data, target.public_model
     cut, width = penultimate(model)
     classes = data.num_classes
     accs: dict[str, float] = {}
     with torch_threads(1):
-        if use_public:
+        if FROZEN in strategies:
             trunk = OnnxModule(model, output=cut)
             head = fit_steps(new_head(width, classes), _features(trunk, x), y, F.cross_entropy, steps=steps,
                              seed=seed, lr=1e-3)
-            accs["frozen public + new head"] = torch_accuracy(head, _features(trunk, data.x_test), data.y_test)
+            accs[FROZEN] = torch_accuracy(head, _features(trunk, data.x_test), data.y_test)
+        if TUNED in strategies:
             torch.manual_seed(seed)
             tuned = fit_steps(_Stacked(OnnxModule(model, output=cut), new_head(width, classes)), x, y,
                               F.cross_entropy, steps=steps, seed=seed, lr=1e-3)
-            accs["fine-tuned public + new head"] = torch_accuracy(tuned, data.x_test, data.y_test)
-            if cut != model.graph.output[0].name:  # the public network itself outputs class scores
-                as_is = fit_steps(OnnxModule(model), x, y, F.cross_entropy, steps=steps, seed=seed, lr=1e-3)
-                accs["fine-tuned public as is"] = torch_accuracy(as_is, data.x_test, data.y_test)
-        torch.manual_seed(seed)
-        scratch = fit_steps(_Stacked(OnnxModule(model, output=cut).reinitialize(seed), nn.Linear(width, classes)),
-                            x, y, F.cross_entropy, steps=steps, seed=seed, lr=1e-3)
-        accs["scratch"] = torch_accuracy(scratch, data.x_test, data.y_test)
+            accs[TUNED] = torch_accuracy(tuned, data.x_test, data.y_test)
+        if AS_IS in strategies and cut != model.graph.output[0].name:  # the public network outputs class scores
+            as_is = fit_steps(OnnxModule(model), x, y, F.cross_entropy, steps=steps, seed=seed, lr=1e-3)
+            accs[AS_IS] = torch_accuracy(as_is, data.x_test, data.y_test)
+        if SCRATCH in strategies:
+            torch.manual_seed(seed)
+            scratch = fit_steps(_Stacked(OnnxModule(model, output=cut).reinitialize(seed), nn.Linear(width, classes)),
+                                x, y, F.cross_entropy, steps=steps, seed=seed, lr=1e-3)
+            accs[SCRATCH] = torch_accuracy(scratch, data.x_test, data.y_test)
     return accs
 
 
@@ -112,10 +119,9 @@ def teeslice_stealing(target: Target, budget: Budget, out: Path) -> Outcome:
         n = max(data.num_classes, round(frac * len(order)))
         idx = order[:n]
         x = data.x_train[idx]
-        thief = copy_accuracies(target, x, data.y_train[idx], steps=budget.steal_steps, seed=target.seed,
-                                use_public=True)
+        thief = copy_accuracies(target, x, data.y_train[idx], steps=budget.steal_steps, seed=target.seed)
         box = copy_accuracies(target, x, blackbox_y[:n], steps=budget.steal_steps, seed=target.seed,
-                              use_public=public_anyway)
+                              strategies=(FROZEN, SCRATCH) if public_anyway else (SCRATCH,))
         t, b = max(thief.values()), max(box.values())
         ratio = t / max(b, 1e-9)
         label = f"{frac:.1%}".replace(".0%", "%")
