@@ -180,6 +180,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.batching import BatchingConfig
     from runtime.server import serve, wait_forever
 
+    if args.engine == "triton":
+        from runtime.triton.cli import serve_triton
+
+        return serve_triton(args, _stop_on_signals())
     if args.onnx:
         from runtime.server import serve_unprotected
 
@@ -200,7 +204,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             enclave_tls=args.enclave_tls, expected_measurements=args.expected_measurements,
                             attest_timeout=args.attest_timeout, batching=batching,
                             providers=["auto"] if args.providers == "auto" else None)
-    providers = ",".join(service.session.get_providers())
+    providers = ",".join(service.pipeline.session.get_providers())
     print(f"KServe v2 endpoint for {service.model_id} on {args.listen} (trusted module {enclave}, {providers})",
           flush=True)
     wait_forever(server, _stop_on_signals())
@@ -334,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_attest)
 
     p = sub.add_parser("serve", help="run the KServe v2 inference endpoint")
+    p.add_argument("--engine", choices=["python", "triton"], default="python",
+                   help="python: sealnet's asyncio gRPC server (default); triton: NVIDIA Triton Inference Server "
+                        "with the same pipeline in its Python backend (gRPC + HTTP + metrics)")
     p.add_argument("--bundle", type=Path, help="the bundle to serve through the trusted module")
     p.add_argument("--onnx", type=Path, help="instead: serve this bare ONNX model UNPROTECTED (what a pirate's "
                                              "deployment looks like; for `sealnet verify --endpoint` and experiments)")
@@ -353,7 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: TensorRT / CUDA execution providers when present, else CPU")
     p.add_argument("--benchmark-bypass-trusted-module", action="store_true",
                    help="MEASUREMENT ONLY: run the public network on raw inputs (near-chance answers)")
+    from runtime.triton.cli import add_serve_triton_arguments, add_triton_repo_parser
+
+    add_serve_triton_arguments(p)
     p.set_defaults(func=cmd_serve)
+    add_triton_repo_parser(sub, default_enclave_address())
 
     p = sub.add_parser("infer", help="query an endpoint with test images or a .npy batch")
     p.add_argument("--server", default="127.0.0.1:8001")
