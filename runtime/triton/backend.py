@@ -77,6 +77,9 @@ class Metrics:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        if int(np.__version__.split(".")[0]) >= 2:
+            log.warning("numpy %s in the Python backend: Triton 2.51's stub returns empty output tensors with "
+                        "numpy 2; install runtime/triton/requirements-backend.txt (numpy<2)", np.__version__)
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         model_dir = Path(args["model_repository"])
