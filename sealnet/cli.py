@@ -240,7 +240,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sealnet.demo import run_demo
 
-    return run_demo(args.workdir, epochs=args.epochs, json_path=args.json, seed=args.seed, keystore=args.keystore)
+    return run_demo(args.workdir, epochs=args.epochs, json_path=args.json, seed=args.seed, keystore=args.keystore,
+                    engine=args.engine)
 
 
 # -- parser ----------------------------------------------------------------------------------------------
@@ -387,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the result table as JSON")
     p.add_argument("--keystore", choices=["embedded", "tpm"], default="embedded",
                    help="tpm: seal to a software TPM (swtpm) started for the demo")
+    p.add_argument("--engine", choices=["python", "triton"], default="python",
+                   help="triton: serve on NVIDIA Triton Inference Server (./dev installs it)")
     p.set_defaults(func=cmd_demo)
 
     from attacks.cli import add_attack_parser

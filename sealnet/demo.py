@@ -36,16 +36,18 @@ def _step(text: str) -> None:
 def _query(
     client: InferenceClient, x: np.ndarray, token: str | None, batch: int = 100
 ) -> tuple[np.ndarray | None, str]:
-    """Predictions and 'OK', or (None, gRPC status name) when the server refuses."""
+    """Predictions and 'OK', or (None, status name) when the server refuses; behind Triton, whose codes lack
+    sealnet's, the status is the first word of the message."""
     try:
         preds = [client.predict_labels(x[i : i + batch], token) for i in range(0, len(x), batch)]
     except grpc.RpcError as exc:
-        return None, f"{exc.code().name}"
+        first = (exc.details() or "").split(":", 1)[0]
+        return None, first if first in grpc.StatusCode.__members__ else exc.code().name
     return np.concatenate(preds), "OK"
 
 
 def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, seed: int = 0,
-             keystore: str = "embedded") -> int:
+             keystore: str = "embedded", engine: str = "python") -> int:
     workdir = Path(workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -64,11 +66,12 @@ def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, s
         else:
             spec = KeystoreSpec("embedded", workdir / "keystore")
             enclave_keystore_args = ["--keystore-dir", str(workdir / "keystore")]
-        return _run(workdir, spec, enclave_keystore_args, epochs=epochs, json_path=json_path, seed=seed)
+        return _run(workdir, spec, enclave_keystore_args, epochs=epochs, json_path=json_path, seed=seed,
+                    engine=engine)
 
 
 def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *, epochs: int,
-         json_path: Path | None, seed: int) -> int:
+         json_path: Path | None, seed: int, engine: str = "python") -> int:
     started = time.perf_counter()
 
     _step("owner: train the baseline and the Generator-protected model on the embedded MNIST subset")
@@ -90,13 +93,19 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
     _step("edge host: start the trusted module (Unix socket) and the KServe v2 endpoint (loopback TCP)")
     enclave_addr = f"unix:{(workdir / 'enclave.sock').resolve()}"
     server_addr = f"127.0.0.1:{free_port()}"
+    http_addr, metrics_url, engine_args = "", "", []
+    if engine == "triton":
+        http_addr, metrics_port = f"127.0.0.1:{free_port()}", free_port()
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        engine_args = ["--engine", "triton", "--http-port", http_addr.rsplit(":", 1)[1], "--metrics-port",
+                       str(metrics_port), "--triton-log", str(workdir / "logs" / "tritonserver.log")]
     procs = [
         start_logged(sealnet_command("enclave", "--bundle", str(workdir / "bundle"), *enclave_keystore_args,
                                      "--listen", enclave_addr, "--state-dir", str(workdir / "state"),
                                      "--audit-log", str(workdir / "logs" / "audit.jsonl")),
                      workdir / "logs" / "enclave.log"),
         start_logged(sealnet_command("serve", "--bundle", str(workdir / "bundle"), "--enclave", enclave_addr,
-                                     "--listen", server_addr), workdir / "logs" / "runtime.log"),
+                                     "--listen", server_addr, *engine_args), workdir / "logs" / "runtime.log"),
     ]
     client = InferenceClient(server_addr, MODEL_ID)
     try:
@@ -112,6 +121,11 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         preds, status_ok = _query(client, data.x_test, license_ok)
         _, status_none = _query(client, data.x_test[:8], None)
         _, status_other = _query(client, data.x_test[:8], license_other)
+        if engine == "triton":
+            from runtime.triton.probe import http_infer, metric_families
+
+            triton = {"http_status": http_infer(http_addr, MODEL_ID, data.x_test[:8], license_ok)[0],
+                      "metrics": metric_families(metrics_url)}
     finally:
         client.close()
         stop_all(procs)
@@ -131,6 +145,8 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         "onnx_max_abs_diff": manifest["checks"]["onnx_max_abs_diff"],
         "test_items": int(len(data.y_test)),
         "seconds": round(time.perf_counter() - started, 1),
+        "engine": engine,
+        **(triton if engine == "triton" else {}),
     }
     rows = [
         ("baseline (unprotected CNN, torch)", f"{result['baseline_acc']:.2%}"),
@@ -139,6 +155,9 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         ("no license", f"rejected: {status_none}"),
         ("license for another model", f"rejected: {status_other}"),
     ]
+    if engine == "triton":
+        rows += [("Triton HTTP, licensed", f"HTTP {result['http_status']}"),
+                 ("Triton metrics families (nv_*, sealnet_*)", str(len(result["metrics"])))]
     width = max(len(r[0]) for r in rows)
     print(f"\n{'sealnet demo (1,000 test images)':<{width}}  result\n{'-' * width}  {'-' * 16}")
     for name, value in rows:
@@ -148,4 +167,5 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     ok = status_ok == "OK" and status_none != "OK" and status_other != "OK"
+    ok = ok and (engine != "triton" or result["http_status"] == 200)
     return 0 if ok else 1
