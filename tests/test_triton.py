@@ -164,6 +164,11 @@ def test_licensed_http_and_grpc_answer_as_the_python_engine(deployment, digits, 
     np.testing.assert_allclose(_http(deployment["http"], model, x, {"Sealnet-License": headers["sealnet-license"]}),
                                want, atol=1e-4)
     assert float((want.argmax(1) == digits.y_test[:24]).mean()) > 0.7  # the real, licensed answer
+    # what perf_analyzer-style tools read: the model's config and its statistics
+    config = deployment["grpc"].get_model_config(model).config
+    assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
+    stats = deployment["http"].get_inference_statistics(model)["model_stats"][0]
+    assert stats["inference_count"] >= 48 and stats["inference_stats"]["success"]["count"] >= 2
 
 
 @needs_triton
@@ -176,6 +181,13 @@ def test_no_license_and_a_wrong_license_are_refused_with_the_reason(deployment, 
     with pytest.raises(InferenceServerException) as err:
         _http(deployment["http"], MODEL_ID, x, None)
     assert err.value.status() == "400" and "UNAUTHENTICATED" in err.value.message()
+    token = {"sealnet-license": deployment["tokens"][MODEL_ID]}
+    with pytest.raises(InferenceServerException) as err:  # Triton itself checks tensors against the config
+        _grpc(deployment["grpc"], MODEL_ID, np.zeros((2, 1, 7, 8), np.float32), token)
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "input" in err.value.message()
+    with pytest.raises(InferenceServerException) as err:
+        _grpc(deployment["grpc"], MODEL_ID, np.full((2, 1, 8, 8), np.nan, np.float32), token)
+    assert err.value.message().startswith("INVALID_ARGUMENT: inputs[0] (input): contains NaN")
     other = issue_license(artefacts["owner_key"], customer_id="acme", model_id="another-model", serial_number="S",
                           valid_seconds=600)
     with pytest.raises(InferenceServerException) as err:
@@ -272,6 +284,26 @@ def test_no_license_or_secret_in_tritons_verbose_log(deployment):
     assert "sn1." not in log  # no license token, however cut
     for token in deployment["tokens"].values():
         assert token.split(".")[-1] not in log and token.split(".")[1] not in log
+
+
+@needs_triton
+def test_grpc_mutual_tls_through_tritons_own_flags(deployment, artefacts, digits, tmp_path):
+    from sealnet.certs import write_certs
+
+    tls = tmp_path / "tls"
+    write_certs(tls, clients=("edge",))
+    write_repository(artefacts["bundle"], tmp_path / "models", RepoOptions(deployment["modules"][MODEL_ID].address))
+    flags = ("--grpc-use-ssl-mutual=true", f"--grpc-server-cert={tls / 'server.crt'}",
+             f"--grpc-server-key={tls / 'server.key'}", f"--grpc-root-cert={tls / 'ca.crt'}")
+    headers = {"sealnet-license": deployment["tokens"][MODEL_ID]}
+    with TritonServer(tmp_path / "models", log_path=tmp_path / "t.log", extra_args=flags) as triton:
+        client = tgrpc.InferenceServerClient(triton.grpc_url, ssl=True, root_certificates=str(tls / "ca.crt"),
+                                             private_key=str(tls / "client-edge.key"),
+                                             certificate_chain=str(tls / "client-edge.crt"))
+        assert _grpc(client, MODEL_ID, digits.x_test[:2], headers)["logits"].shape == (2, 10)
+        anonymous = tgrpc.InferenceServerClient(triton.grpc_url, ssl=True, root_certificates=str(tls / "ca.crt"))
+        with pytest.raises(InferenceServerException):  # no client certificate: the handshake fails
+            _grpc(anonymous, MODEL_ID, digits.x_test[:2], headers)
 
 
 @needs_triton

@@ -72,7 +72,8 @@ def serve_triton(args: argparse.Namespace, stop: threading.Event) -> int:
                               metrics_port=args.metrics_port, log_path=args.triton_log or work / "tritonserver.log",
                               log_verbose=args.triton_log_verbose, client_header=args.client_header,
                               extra_args=tuple(args.triton_arg or ()),
-                              ready_timeout=args.attest_timeout + 120)
+                              ready_timeout=args.attest_timeout + 120,
+                              stub_timeout_s=int(args.attest_timeout) + 60)
         print(f"starting tritonserver on {repo} (log: {server.log_path})", flush=True)
         with server:
             print(f"Triton endpoints for {args.bundle}: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics "
