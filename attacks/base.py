@@ -1,6 +1,6 @@
 """The one interface every attack shares: a target, a budget, and measured results judged against thresholds.
 
-An attack states the attacker's knowledge it assumes (A1 pirate, A2 insider, A3 licensee of DESIGN.md) and
+An attack states the attacker's knowledge it assumes (A1 pirate, A2 insider, A3 licensee of docs/security.md) and
 returns metrics; each metric carries its threshold and PASS/FAIL, or is an observation (no target, passed
 None). Nothing here ever holds a license token in a field that gets printed or written: tokens are bearer
 credentials, so they live in `repr=False` fields and never reach a result.
@@ -107,7 +107,6 @@ class Target:
     enclave_tls: Path | None = None
     data_dir: Path | None = None
     seed: int = 0
-    allow_disruptive: bool = False
     license: str | None = field(default=None, repr=False)
     owner_key: Any = field(default=None, repr=False)  # Ed25519PrivateKey
     revoked_license: str | None = field(default=None, repr=False)
@@ -216,7 +215,7 @@ class Target:
         return {"bundle": str(self.bundle_dir), "model_id": manifest.get("model_id"), "method": self.method,
                 "variant": self.variant, "endpoint": self.endpoint, "enclave": self.enclave,
                 "license": "given" if self.license else "none", "owner_key": "given" if self.owner_key else "none",
-                "disruptive_attacks": bool(self.allow_disruptive or self.kill_enclave)}
+                "disruptive_attacks": bool(self.kill_enclave)}
 
 
 @contextlib.contextmanager

@@ -15,39 +15,49 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from attacks.base import Target
-from enclave_sim.keystore import KeystoreSpec, init_keystore
+from enclave_sim.keystore import init_keystore
+from enclave_sim.keystore_spec import KeystoreSpec
 from export.build_engine import build_bundle
 from protect.pipeline import protect_transform
+from protect.sealed_head import protect_demo_sealed_head
 from protect.train import TrainConfig
 from runtime.client import InferenceClient
 from sealnet.data import mnist_embedded
-from sealnet.demo import MODEL_ID
 from sealnet.licenses import issue_license, load_owner_key, write_owner_key
-from sealnet.processes import free_port, sealnet_command, start_logged, stop_all
+from sealnet.processes import DEMO_MODEL_ID as MODEL_ID
+from sealnet.processes import SEALED_HEAD_DEMO_MODEL_ID, free_port, sealnet_command, start_logged, stop_all
 
 REVOKED_SERIAL = "SN-REVOKED"
 
 
 @contextlib.contextmanager
-def demo_target(workdir: Path, *, epochs: int = 8, seed: int = 0, log=print) -> Iterator[Target]:
-    """Train + export the demo bundle into `workdir` (replaced), serve it, yield the target, stop the services."""
+def demo_target(workdir: Path, *, epochs: int = 8, seed: int = 0, method: str = "transform",
+                log=print) -> Iterator[Target]:
+    """Train + export the demo bundle into `workdir` (replaced), serve it, yield the target, stop the services.
+    `method`: "transform" (the Generator-protected CNN) or "sealed-head" (public backbone + sealed head)."""
     workdir = Path(workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
     (workdir / "logs").mkdir(parents=True)
-    log(f"== demo target: train the Generator-protected CNN ({epochs} epochs) on the embedded MNIST subset")
-    protect_transform(mnist_embedded(seed=0), "generator", workdir / "protected.pt",
-                      TrainConfig(epochs=epochs, seed=seed))
+    data = mnist_embedded(seed=0)
+    if method == "sealed-head":
+        log(f"== demo target: public backbone (8x8 digits) + sealed head ({epochs}-epoch teacher), embedded MNIST")
+        protect_demo_sealed_head(data, workdir, epochs=epochs, seed=seed, log=log)
+        model_id = SEALED_HEAD_DEMO_MODEL_ID
+    else:
+        log(f"== demo target: train the Generator-protected CNN ({epochs} epochs) on the embedded MNIST subset")
+        protect_transform(data, "generator", workdir / "protected.pt", TrainConfig(epochs=epochs, seed=seed))
+        model_id = MODEL_ID
     owner_key_path, _ = write_owner_key(workdir / "owner.key")
     owner_key = load_owner_key(owner_key_path)
-    valid = issue_license(owner_key, customer_id="tester", model_id=MODEL_ID, serial_number="SN-TESTER",
+    valid = issue_license(owner_key, customer_id="tester", model_id=model_id, serial_number="SN-TESTER",
                           valid_seconds=4 * 3600)
-    revoked = issue_license(owner_key, customer_id="former", model_id=MODEL_ID, serial_number=REVOKED_SERIAL,
+    revoked = issue_license(owner_key, customer_id="former", model_id=model_id, serial_number=REVOKED_SERIAL,
                             valid_seconds=4 * 3600)
     (workdir / "revoked.txt").write_text(f"# revoked for the attack suite\n{REVOKED_SERIAL}\n")
     init_keystore(workdir / "keystore")
     build_bundle(workdir / "protected.pt", workdir / "bundle", owner_key=owner_key_path,
-                 keystore=KeystoreSpec("embedded", workdir / "keystore"), model_id=MODEL_ID, log=log)
+                 keystore=KeystoreSpec("embedded", workdir / "keystore"), model_id=model_id, log=log)
 
     sock_dir = Path(tempfile.mkdtemp(prefix="sealnet-attack-", dir="/tmp"))  # Unix socket paths must be short
     os.chmod(sock_dir, 0o700)
@@ -70,14 +80,14 @@ def demo_target(workdir: Path, *, epochs: int = 8, seed: int = 0, log=print) -> 
         enclave_proc.wait()
 
     try:
-        client = InferenceClient(endpoint, MODEL_ID)
+        client = InferenceClient(endpoint, model_id)
         try:
             client.wait_ready(timeout=60)
         except TimeoutError:
             raise RuntimeError(f"demo services did not become ready; see {workdir / 'logs'}") from None
         finally:
             client.close()
-        yield Target(workdir / "bundle", endpoint=endpoint, enclave=enclave_addr, seed=seed, allow_disruptive=True,
+        yield Target(workdir / "bundle", endpoint=endpoint, enclave=enclave_addr, seed=seed,
                      license=valid, owner_key=owner_key, revoked_license=revoked, kill_enclave=kill_enclave,
                      alive=lambda: {"enclave": enclave_proc.poll() is None, "runtime": runtime_proc.poll() is None})
     finally:

@@ -16,8 +16,8 @@ from attacks.base import Budget, Metric, Outcome, Target, pct, progress
 from attacks.plots import histogram
 from attacks.registry import register_attack
 
-DIRECT_PIRACY_MAX = 0.15  # DESIGN.md: direct piracy <= 15%
-FAKE_MAX = 0.20  # DESIGN.md: fake passports max <= 20%
+DIRECT_PIRACY_MAX = 0.15  # docs/security.md target: direct piracy <= 15%
+FAKE_MAX = 0.20  # docs/security.md target: fake passports max <= 20%
 UTILITY_MARGIN = 0.01
 
 
@@ -61,7 +61,7 @@ def passport_direct_piracy(target: Target, budget: Budget, out: Path) -> Outcome
 @register_attack(
     "passport-random-params", suite="model", methods=("passport",),
     title="Fake parameters: random gamma/beta at several scales",
-    targets="best accuracy <= 20% (DESIGN.md's fake-passport target)",
+    targets="best accuracy <= 20% (the fake-passport target)",
     knowledge="A1 pirate who read the paper: public.onnx and labelled test images; draws gamma ~ N(0, s), "
               "beta ~ N(0, s/2) per layer at scales s in {0.3, 1, 3}. The checkpoint-level fake passports "
               "(Avg(W * P) of random P) are in `sealnet passport-eval`.")

@@ -1,10 +1,11 @@
-"""Protocol attacks on both services: malformed and fuzzed requests, license brute force and replay, expired /
-revoked / forged licenses, session-id guessing, and requests after the trusted module dies.
+"""Protocol attacks on both services: malformed, over-sized and fuzzed requests, license brute force and replay,
+expired / revoked / forged / non-canonical licenses, many clients' failures against an innocent one, session-id
+guessing, and requests after the trusted module dies.
 
 Loopback only, bounded in count and time, every call with a deadline. Each probe expects a specific gRPC
 status; a crash (UNAVAILABLE / the process died), a hang (deadline exceeded), an unhandled error (UNKNOWN) or
-an unprotected answer (OK where none was allowed) is a finding. Disruptive probes (locking out the runtime's
-caller identity, killing the trusted module) run only with --demo, --allow-disruptive or --enclave-pid.
+an unprotected answer (OK where none was allowed) is a finding. The disruptive probe (killing the trusted
+module) runs only with --demo or --enclave-pid.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from attacks.fuzz import Seed, fuzz, random_floats, random_shape, random_text
 from attacks.plots import grouped_bars
 from attacks.registry import register_attack
 from attacks.wire import (
+    CLIENT_METADATA,
     ENCLAVE_SERVICE,
     HEALTH_CHECK,
     RUNTIME_SERVICE,
     Wire,
     classify,
     client_md,
+    huge_shape_request,
     infer_request,
     license_md,
     method,
@@ -38,12 +41,15 @@ from attacks.wire import (
     preprocess_request,
     session_id_of,
 )
+from runtime.server import max_request_bytes
 from sealnet._grpc import enclave_pb2, inference_pb2
 from sealnet.licenses import LicenseError, issue_license, verify_license
+from sealnet.rpc import LICENSE_METADATA
 
-MAX_FAILURES = 10  # DESIGN.md: lockout after 10 bad licenses a minute per client (the module's default)
-CALLER_CEILING = 100  # the module's default per-direct-caller ceiling (10 x the threshold)
+MAX_FAILURES = 10  # docs/security.md target: lockout after 10 bad licenses a minute per client (the module's default)
 OVERSIZED = 65 << 20  # just over both servers' 64 MiB message limit
+LONG = 20_000  # characters of an over-long client string (stock clients fail on status messages over 16 KiB)
+MAX_ECHO = 1024  # longest error message a refusal may carry (client strings are clipped to 256 characters)
 S = grpc.StatusCode
 PARSER = "PARSER_REFUSAL"  # expected: gRPC's own refusal of unparseable bytes (its status differs sync / asyncio)
 
@@ -168,15 +174,24 @@ def _runtime_cases(target: Target) -> list[tuple[str, str, bytes, Any, set]]:
     contents.inputs[0].contents.fp32_contents.extend([0.5] * 3)
     out_req = infer_request(model, x)
     out_req.outputs.add(name="not-an-output")
+    both = infer_request(model, x)
+    both.inputs[0].contents.fp32_contents.extend(x.ravel().tolist())
+    largest = max_request_bytes(max_batch, item)  # what the runtime lets through
     cases = [
         ("no license", infer, req(), None, {S.UNAUTHENTICATED}),
-        ("empty license", infer, req(), [("sealnet-license", "")], {S.UNAUTHENTICATED}),
+        ("empty license", infer, req(), [(LICENSE_METADATA, "")], {S.UNAUTHENTICATED}),
         ("unknown model", infer, infer_request("no-such-model", x).SerializeToString(), lic, {S.NOT_FOUND}),
         ("unknown version", infer, _with(infer_request(model, x), model_version="7"), lic, {S.NOT_FOUND}),
         ("empty body", infer, b"", lic, {S.NOT_FOUND}),
         ("unparseable body", infer, b"\xff\xff\xff\xff\x0f", lic, {PARSER}),
         ("unknown method", method(RUNTIME_SERVICE, "NoSuchMethod"), b"", lic, {S.UNIMPLEMENTED}),
         ("oversized message (65 MiB)", infer, os.urandom(OVERSIZED), lic, {S.RESOURCE_EXHAUSTED}),
+        ("60 MB shape of 60,000,000 dimensions", infer, huge_shape_request(model, 60_000_000), lic,
+         {S.RESOURCE_EXHAUSTED}),
+        (f"{LONG:,}-character model name", infer, infer_request("m" * LONG, x).SerializeToString(), lic,
+         {S.NOT_FOUND}),
+        (f"{LONG:,}-character model version", infer, _with(infer_request(model, x), model_version="7" * LONG), lic,
+         {S.NOT_FOUND}),
     ]
     if target.license:
         cases += [
@@ -199,6 +214,12 @@ def _runtime_cases(target: Target) -> list[tuple[str, str, bytes, Any, set]]:
             ("NaN input", infer, req(x=_images(target, 1, np.nan)), lic, {S.INVALID_ARGUMENT}),
             ("infinite input", infer, req(x=_images(target, 1, np.inf)), lic, {S.INVALID_ARGUMENT}),
             ("unknown output", infer, out_req.SerializeToString(), lic, {S.INVALID_ARGUMENT}),
+            ("largest accepted request, all shape (rank check first)", infer,
+             huge_shape_request(model, largest - 256), lic, {S.INVALID_ARGUMENT}),
+            (f"{LONG:,}-character input name", infer, req(name="i" * LONG), lic, {S.INVALID_ARGUMENT}),
+            (f"{LONG:,}-character datatype", infer, req(datatype="F" * LONG), lic, {S.INVALID_ARGUMENT}),
+            ("contents and raw_input_contents both set", infer, both.SerializeToString(), lic,
+             {S.INVALID_ARGUMENT}),
             (f"batch {max_batch} (max) is served", infer, req(x=_images(target, max_batch)), lic, {S.OK}),
         ]
     return cases
@@ -297,9 +318,10 @@ def malformed(target: Target, budget: Budget, out: Path) -> Outcome:
         try:
             cases = (_runtime_cases(target) if service == "runtime"
                      else _enclave_cases(target, _valid_session(target, wire, "malformed")))
-            wrong = findings = 0
+            wrong = findings = longest = 0
             for name, path, body, metadata, expected in progress(cases, desc=f"{service} malformed", unit="case"):
                 reply = wire.call(path, body, metadata)
+                longest = max(longest, len(reply.details))
                 kind = classify(reply, S.OK in expected)
                 as_expected = reply.code in expected or (PARSER in expected and kind == "parser")
                 wrong += not as_expected
@@ -311,7 +333,9 @@ def malformed(target: Target, budget: Budget, out: Path) -> Outcome:
             wire.close()
         metrics += [Metric(f"{service}.unexpected_status", wrong, "<=", 0, unit="count",
                            note=f"{len(cases)} cases, each with its expected status"),
-                    Metric(f"{service}.crash_hang_unprotected", findings, "<=", 0, unit="count")]
+                    Metric(f"{service}.crash_hang_unprotected", findings, "<=", 0, unit="count"),
+                    Metric(f"{service}.longest_error_message", longest, "<=", MAX_ECHO, unit="chars",
+                           note="client strings are echoed clipped, never whole")]
     return Outcome(metrics, details={"cases": results})
 
 
@@ -492,6 +516,9 @@ def license_checks(target: Target, budget: Budget, out: Path) -> Outcome:
         head, payload, sig = target.license.split(".")
         flipped = payload[:-2] + ("A" if payload[-2] != "A" else "B") + payload[-1]
         probes.append(("tampered payload", f"{head}.{flipped}.{sig}"))
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        respelled = sig[:-1] + alphabet[alphabet.index(sig[-1]) ^ 1]  # same bytes: an unused bit set
+        probes.append(("valid license, non-canonical base64 spelling", f"{head}.{payload}.{respelled}"))
     else:
         skipped.append("tampered payload and replay: no --license-file")
     if target.owner_key is not None:
@@ -554,6 +581,11 @@ def brute_force(target: Target, budget: Budget, out: Path) -> Outcome:
     if target.enclave:
         wire = _enclave(target)
         label = client_md("bruteforce")
+        session = None
+        if target.license:  # a session opened before the lockout, as the runtime caches one per license
+            opened = wire.call(method(ENCLAVE_SERVICE, "OpenSession"),
+                               enclave_pb2.OpenSessionRequest(license=target.license).SerializeToString(), label)
+            session = session_id_of(opened) if opened.code == S.OK else None
         try:
             before, statuses = _until_locked(
                 lambda: wire.call(method(ENCLAVE_SERVICE, "OpenSession"),
@@ -561,13 +593,19 @@ def brute_force(target: Target, budget: Budget, out: Path) -> Outcome:
                                   label).code, 3 * MAX_FAILURES)
             details["enclave"] = statuses
             metrics.append(Metric("enclave.failures_before_lockout", before, "<=", MAX_FAILURES, unit="count",
-                                  note="DESIGN.md: lockout after 10 bad licenses a minute per client"))
+                                  note="target: lockout after 10 bad licenses a minute per client"))
             if target.license:
                 good = wire.call(method(ENCLAVE_SERVICE, "OpenSession"),
                                  enclave_pb2.OpenSessionRequest(license=target.license).SerializeToString(), label)
                 metrics.append(Metric("enclave.locked_client_refused_valid_license",
                                       float(good.code == S.RESOURCE_EXHAUSTED), "==", 1, unit="count",
                                       note=f"got {good.code.name}"))
+                if session:
+                    path, body = _data_call(target, session, _images(target, 1))
+                    cached = wire.call(path, body, label)
+                    metrics.append(Metric("enclave.locked_client_refused_on_its_open_session",
+                                          float(cached.code == S.RESOURCE_EXHAUSTED), "==", 1, unit="count",
+                                          note=f"a session opened before the lockout; got {cached.code.name}"))
                 other = open_session(wire, target.license, "bystander")
                 metrics.append(Metric("enclave.other_client_unaffected", float(other.code == S.OK), "==", 1,
                                       unit="count", note=f"got {other.code.name}"))
@@ -591,41 +629,37 @@ def brute_force(target: Target, budget: Budget, out: Path) -> Outcome:
 
 
 @register_attack(
-    "identity-rotation", suite="protocol", title="Brute force rotating forwarded identities: the per-caller ceiling",
-    targets="RESOURCE_EXHAUSTED after <= 100 failures per direct caller",
-    knowledge="A2 insider calling the trusted module directly: sets a fresh forwarded client id (sealnet-client "
-              "metadata) on every guess to dodge the per-client lockout. Disruptive: while the ceiling holds, the "
-              "runtime (the same local caller) cannot open new sessions.")
-def identity_rotation(target: Target, budget: Budget, out: Path) -> Outcome:
-    if not (target.allow_disruptive or target.kill_enclave):
-        raise Skip("disruptive (locks the runtime's caller identity for the lockout window): pass "
-                   "--allow-disruptive, or use --demo")
+    "remote-lockout", suite="protocol", title="Many clients' failures do not lock out an innocent client",
+    targets="the failing clients RESOURCE_EXHAUSTED; a new client with a valid license served",
+    knowledge="Outside clients from many addresses (played by naming them as the runtime does, in sealnet-client "
+              "metadata on the trusted module's socket): each sends forged licenses, hoping to trip a ceiling "
+              "shared by every client of the runtime and so lock out everybody else.")
+def remote_lockout(target: Target, budget: Budget, out: Path) -> Outcome:
     wire = _enclave(target)
     model, _, _ = _spec(target)
+    run = secrets.token_hex(3)
+    opn = method(ENCLAVE_SERVICE, "OpenSession")
+
+    def body(token: str) -> bytes:
+        return enclave_pb2.OpenSessionRequest(license=token).SerializeToString()
+
+    statuses: Counter[str] = Counter()
     try:
-        before, statuses = _until_locked(
-            lambda: open_session(wire, forged_license(model), "rotate").code, 3 * CALLER_CEILING)
+        for i in progress(range(10), desc="remote clients", unit="client"):
+            md = [(CLIENT_METADATA, f"ipv4:198.51.100.{i}-{run}")]
+            for _ in range(MAX_FAILURES + 1):
+                statuses[wire.call(opn, body(forged_license(model)), md).code.name] += 1
+        metrics = [Metric("failing_clients_locked", statuses["RESOURCE_EXHAUSTED"], ">=", 10, unit="count",
+                          note=f"statuses of {sum(statuses.values())} forged attempts: {dict(statuses)}")]
+        if target.license:
+            innocent = wire.call(opn, body(target.license), [(CLIENT_METADATA, f"ipv4:203.0.113.1-{run}")])
+            metrics.append(Metric("innocent_client_served", float(innocent.code == S.OK), "==", 1, unit="count",
+                                  note=f"a new client with a valid license got {innocent.code.name}"))
     finally:
         wire.close()
-    metrics = [Metric("failures_before_caller_ceiling", before, "<=", CALLER_CEILING, unit="count",
-                      note="failures in this window, counting earlier probes; the module's default ceiling is "
-                           "10 x the per-client threshold")]
-    notes = []
-    if target.endpoint and target.owner_key is not None:
-        fresh = issue_license(target.owner_key, customer_id="bystander", model_id=model,
-                              serial_number="SN-BYSTANDER", valid_seconds=600)
-        rt = _runtime(target)
-        try:
-            reply = rt.call(method(RUNTIME_SERVICE, "ModelInfer"),
-                            infer_request(model, _images(target, 1)).SerializeToString(), license_md(fresh))
-        finally:
-            rt.close()
-        metrics.append(Metric("runtime_new_license_refused_meanwhile", float(reply.code != S.OK), unit="count",
-                              note=f"observation: a fresh valid license through the runtime got {reply.code.name}"))
-        notes.append("the runtime reaches the module as the same local caller as any process of its user, so the "
-                     "per-caller ceiling a local attacker trips also refuses the runtime's new sessions for the "
-                     "lockout window (a denial of service by an insider; sessions already open keep working)")
-    return Outcome(metrics, details={"statuses": statuses[-5:], "attempts": len(statuses)}, notes=notes)
+    return Outcome(metrics, details={"statuses": dict(statuses)},
+                   notes=["no ceiling is shared between clients; a caller that is not a trusted forwarder (an mTLS "
+                          "certificate other than the runtime's) cannot name clients, so it gets no extra guesses"])
 
 
 @register_attack(
@@ -644,7 +678,9 @@ def fail_closed(target: Target, budget: Budget, out: Path) -> Outcome:
     infer = method(RUNTIME_SERVICE, "ModelInfer")
     try:
         before = wire.call(infer, body, license_md(target.license))
-        if before.code != S.OK:
+        # RESOURCE_EXHAUSTED: this address is still locked out by the brute-force probe; the module answered
+        # (refusing), so it was up, and every answer after the kill must still be UNAVAILABLE.
+        if before.code not in (S.OK, S.RESOURCE_EXHAUSTED):
             raise Skip(f"the runtime does not answer a valid request even before the kill ({before.code.name}); "
                        "not killing the trusted module, the result would prove nothing")
         target.kill_enclave()

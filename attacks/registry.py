@@ -18,7 +18,7 @@ from attacks.base import Budget, Outcome, Target
 SUITES = ("model", "protocol")
 # Modules that register attacks when imported; a new attack module is added here.
 ATTACK_MODULES = ("attacks.transform_attacks", "attacks.passport_attacks", "attacks.serial_attacks", "attacks.stealing",
-                  "attacks.protocol")
+                  "attacks.teeslice", "attacks.protocol")
 
 RunFn = Callable[[Target, Budget, Path], Outcome]
 

@@ -18,9 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 from attacks.base import Budget, Metric, Outcome, Target, pct, progress
 from attacks.plots import histogram
 from attacks.registry import register_attack
-from sealnet.serial import stamp, stamp_scale
+from sealnet.stamp import stamp, stamp_scale
 
-DSN_MAX = 0.20  # DESIGN.md: DSN without / with another customer's serial number <= 20%
+DSN_MAX = 0.20  # docs/security.md target: DSN without / with another customer's serial number <= 20%
 UTILITY_MARGIN = 0.01
 PATTERN = (3, 3)  # the paper's default, which a pirate who read it assumes
 RECENTER_IMAGES = (10, 400)  # unlabelled raw images the pirate runs through the network (400: 10% of the embedded
@@ -48,13 +48,13 @@ def dsn_utility(target: Target, budget: Budget, out: Path) -> Outcome:
     knowledge="A1 pirate: has public.onnx (the student) and labelled raw test images; no stamp.")
 def dsn_direct_piracy(target: Target, budget: Budget, out: Path) -> Outcome:
     return Outcome([Metric("raw_acc", target.public_accuracy(target.data.x_test), "<=", DSN_MAX,
-                           note="DESIGN.md: DSN without the serial number <= 20%")])
+                           note="target: DSN without the serial number <= 20%")])
 
 
 @register_attack(
     "dsn-pattern-search", suite="model", methods=("dsn",),
     title="Pattern search: every 3x3 0/1 stamp at the four corners",
-    targets="best accuracy <= 20% (DESIGN.md: another serial number <= 20%)",
+    targets="best accuracy <= 20% (target: another serial number <= 20%)",
     knowledge="A1 pirate who read the paper: public.onnx and 200 labelled raw images; knows the stamp is a 3x3 "
               "0/1 pattern at a corner (the paper's setting), not which. 2^9 patterns x 4 corners, each "
               "scored on the 200 images; the best one is then measured on the whole test split.")

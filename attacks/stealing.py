@@ -3,7 +3,7 @@
 The pirate turns public.onnx back into a trainable network and fine-tunes it on a few labelled raw images;
 the control trains the same architecture from scratch on the same images with the same schedule. If the
 public weights carry the model's value, the stolen copy beats the control by far; the target is that it does
-not (stolen <= scratch + 2 pts, DESIGN.md).
+not (stolen <= scratch + 2 pts, the docs/security.md target).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def model_stealing(target: Target, budget: Budget, out: Path) -> Outcome:
         scratch_accs.append(c_acc)
         rows.append({"fraction": frac, "images": n, "stolen_acc": s_acc, "scratch_acc": c_acc})
         metrics.append(Metric(f"stolen_acc@{label}", s_acc, "<=", c_acc + STEAL_MARGIN,
-                              note=f"scratch {pct(c_acc)} + 2 pts (DESIGN.md)"))
+                              note=f"scratch {pct(c_acc)} + 2 pts (target)"))
         metrics.append(Metric(f"scratch_acc@{label}", c_acc))
     grouped_bars(out / "model_stealing.png", groups, {"fine-tuned public net": stolen_accs,
                                                       "from scratch": scratch_accs},

@@ -20,9 +20,9 @@ from attacks.registry import register_attack
 from attacks.stealing import fit_steps
 from protect.transform import GeneratorPerturbation
 
-DIRECT_PIRACY_MAX = 0.15  # DESIGN.md security targets: direct piracy <= 15%
-PAIR_MARGIN = 0.10  # DESIGN.md: Generator under the pair attack with 100% of pairs <= authorized - 10 pts
-UTILITY_MARGIN = 0.01  # DESIGN.md: authorized within 1 pt of the unprotected baseline
+DIRECT_PIRACY_MAX = 0.15  # docs/security.md targets: direct piracy <= 15%
+PAIR_MARGIN = 0.10  # docs/security.md: Generator under the pair attack with 100% of pairs <= authorized - 10 pts
+UTILITY_MARGIN = 0.01  # docs/security.md: authorized within 1 pt of the unprotected baseline
 SIGMA, P = 0.1, 0.2  # the paper's bipolar perturbation (section 3.2), which the input-only attacker knows
 
 
@@ -52,7 +52,7 @@ def utility(target: Target, budget: Budget, out: Path) -> Outcome:
 def direct_piracy(target: Target, budget: Budget, out: Path) -> Outcome:
     raw = target.public_accuracy(target.data.x_test)
     chance = 1.0 / target.data.num_classes
-    return Outcome([Metric("raw_acc", raw, "<=", DIRECT_PIRACY_MAX, note="DESIGN.md: direct piracy <= 15%")],
+    return Outcome([Metric("raw_acc", raw, "<=", DIRECT_PIRACY_MAX, note="target: direct piracy <= 15%")],
                    details={"chance_acc": chance, "test_items": int(len(target.data.y_test))})
 
 
@@ -80,7 +80,7 @@ def input_only(target: Target, budget: Budget, out: Path) -> Outcome:
     return Outcome(
         [Metric("mean_acc", float(np.mean(accs))),
          Metric("best_acc", float(np.max(accs)), "<=", DIRECT_PIRACY_MAX,
-                note="suite's choice (DESIGN.md sets none): without pairs, no better than the direct-piracy target")],
+                note="suite's choice (no target set): without pairs, no better than the direct-piracy target")],
         details={"trials": len(accs), "accuracies": accs, "sigma": SIGMA, "p": P},
         plots=["input_only.png"])
 
@@ -109,7 +109,7 @@ def one_pair(target: Target, budget: Budget, out: Path) -> Outcome:
              f"{shared:.0%} of its energy is the same for every input (the mean pattern over all pairs)"]
     return Outcome(
         [Metric("best_acc", float(np.max(accs)), "<=", authorized - PAIR_MARGIN,
-                note=f"authorized {pct(authorized)} - 10 pts (DESIGN.md pair-attack target)"),
+                note=f"authorized {pct(authorized)} - 10 pts (pair-attack target)"),
          Metric("mean_acc", float(np.mean(accs)))],
         details={"trials": len(accs), "accuracies": accs, "universal_perturbation": universal,
                  "delta_spread": spread, "shared_energy": shared, "authorized_acc": authorized},

@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from runtime.enclave_client import CLIENT_METADATA, channel_target, client_credentials
-from runtime.server import LICENSE_METADATA
+from runtime.enclave_client import channel_target, client_credentials
 from sealnet._grpc import enclave_pb2, inference_pb2
+from sealnet.rpc import CLIENT_METADATA, LICENSE_METADATA
 
 RUNTIME_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ENCLAVE_SERVICE = enclave_pb2.DESCRIPTOR.services_by_name["TrustedModule"].full_name
@@ -129,6 +129,24 @@ def infer_request(model: str, x: np.ndarray, *, name: str = "input", datatype: s
     req.inputs.add(name=name, datatype=datatype, shape=list(x.shape) if shape is None else shape)
     req.raw_input_contents.append(np.ascontiguousarray(x, dtype="<f4").tobytes() if raw is None else raw)
     return req
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def huge_shape_request(model: str, dims: int) -> bytes:
+    """A ModelInferRequest whose one input has `dims` dimensions of 1, written as bytes (building 60 million
+    dimensions through protobuf would take the tester's memory and minutes; the bytes take a second)."""
+    tensor = inference_pb2.ModelInferRequest.InferInputTensor(name="input", datatype="FP32").SerializeToString()
+    tensor += b"\x1a" + _varint(dims) + b"\x01" * dims  # field 3 (shape), packed int64
+    return (inference_pb2.ModelInferRequest(model_name=model).SerializeToString()
+            + b"\x2a" + _varint(len(tensor)) + tensor)  # field 5 (inputs)
 
 
 def preprocess_request(session_id: str, x: np.ndarray, *, shape: list[int] | None = None,

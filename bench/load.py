@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 
 from sealnet._grpc import inference_pb2, inference_pb2_grpc
+from sealnet.rpc import LICENSE_METADATA
 
 
 def _request(model: str, input_name: str, shape: list[int], batch: int) -> inference_pb2.ModelInferRequest:
@@ -50,7 +51,7 @@ async def run(target: str, model: str, input_name: str, shape: list[int], batch:
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(concurrency)]
     stubs = [inference_pb2_grpc.GRPCInferenceServiceStub(c) for c in channels]
     req = _request(model, input_name, shape, batch)
-    metadata = (("sealnet-license", license_token),) if license_token else None
+    metadata = ((LICENSE_METADATA, license_token),) if license_token else None
     await asyncio.gather(*(s.ModelInfer(req, metadata=metadata, timeout=60) for s in stubs))  # connect + warm
     latencies: list[float] = []
     errors: list[str] = []

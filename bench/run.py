@@ -50,7 +50,8 @@ def _log(msg: str) -> None:
 # -- set-up ----------------------------------------------------------------------------------------------
 def build_fixture(work: Path, epochs: int) -> dict[str, Path]:
     """A Generator-protected simple CNN on the embedded data, its bundle, a keystore and a license."""
-    from enclave_sim.keystore import KeystoreSpec, init_keystore
+    from enclave_sim.keystore import init_keystore
+    from enclave_sim.keystore_spec import KeystoreSpec
     from export.build_engine import build_bundle
     from protect.pipeline import protect_transform
     from protect.train import TrainConfig

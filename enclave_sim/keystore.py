@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import stat
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -21,28 +20,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from enclave_sim.measure import Measurement, chain_of
+from sealnet.evidence import EMBEDDED_FORMAT, EMBEDDED_QUOTE_CONTEXT, Evidence, Measurement, chain_of
 
 ROOT_KEY_FILE = "root.key"
 ROOT_KEY_ENV = "SEALNET_ROOT_KEY"
 _MAGIC = b"SNSEAL1\x00"
-EMBEDDED_QUOTE_CONTEXT = b"sealnet-attest-v1\x00"
 _NONCE = 12
 
 
 class KeystoreError(Exception):
     """The keystore is missing, unsafe, or refused to unseal; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """An attestation: the chain, signed over a nonce, in a backend-specific format."""
-
-    format: str  # "sealnet-ed25519-v1" (embedded) or "tpm2-quote-v1"
-    chain: bytes
-    quoted: bytes  # the signed message (for TPM: the marshalled TPMS_ATTEST)
-    signature: bytes
-    public_key: bytes  # the attestation key, raw Ed25519 or DER SubjectPublicKeyInfo
 
 
 class Keystore(ABC):
@@ -152,7 +139,7 @@ class EmbeddedKeystore(Keystore):
     def quote(self, nonce: bytes) -> Evidence:
         quoted = EMBEDDED_QUOTE_CONTEXT + nonce + self._chain
         key = self._attestation_key()
-        return Evidence("sealnet-ed25519-v1", self._chain, quoted, key.sign(quoted), self.attestation_public_key())
+        return Evidence(EMBEDDED_FORMAT, self._chain, quoted, key.sign(quoted), self.attestation_public_key())
 
     def attestation_public_key(self) -> bytes:
         return self._attestation_key().public_key().public_bytes_raw()
@@ -161,39 +148,3 @@ class EmbeddedKeystore(Keystore):
         """Overwrite the root key in memory (best effort: Python may hold other copies)."""
         for i in range(len(self._root)):
             self._root[i] = 0
-
-
-KEYSTORE_BACKENDS = ("embedded", "tpm")
-
-
-@dataclass(frozen=True)
-class KeystoreSpec:
-    """Which keystore to open: `embedded` (root key in `directory`, or $SEALNET_ROOT_KEY when None) or `tpm`
-    (a TPM 2.0 reached through a TCTI string such as "swtpm:host=127.0.0.1,port=2321")."""
-
-    backend: str = "embedded"
-    directory: Path | None = None
-    tcti: str | None = None
-
-    def open(self) -> Keystore:
-        if self.backend == "embedded":
-            return EmbeddedKeystore.open(self.directory)
-        if self.backend == "tpm":
-            if not self.tcti:
-                raise KeystoreError("--keystore tpm needs --tpm TCTI (e.g. swtpm:host=127.0.0.1,port=2321)")
-            from enclave_sim.tpm import TpmKeystore
-
-            return TpmKeystore(self.tcti)
-        raise KeystoreError(f"unknown keystore backend {self.backend!r}; choose one of {', '.join(KEYSTORE_BACKENDS)}")
-
-
-def add_keystore_arguments(parser) -> None:
-    """The --keystore / --keystore-dir / --tpm options shared by `sealnet export` and `sealnet enclave`."""
-    parser.add_argument("--keystore", choices=KEYSTORE_BACKENDS, default="embedded", help="keystore backend")
-    parser.add_argument("--keystore-dir", type=Path,
-                        help="embedded keystore directory (sealnet keystore init); default: $SEALNET_ROOT_KEY")
-    parser.add_argument("--tpm", metavar="TCTI", help="TPM for --keystore tpm, e.g. swtpm:host=127.0.0.1,port=2321")
-
-
-def keystore_spec(args) -> KeystoreSpec:
-    return KeystoreSpec(args.keystore, args.keystore_dir, args.tpm)

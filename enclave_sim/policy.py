@@ -1,14 +1,21 @@
 """Access policy of the trusted module: dictionary-attack lockout, revocation, quotas and the audit log.
 
-Like a TPM's dictionary-attack protection, failed license checks are counted per client identity in a
-sliding window; past the threshold the client is refused (RESOURCE_EXHAUSTED) until the window has passed.
-Counters and quota usage persist in a state file so that restarting the module does not reset them.
+Like a TPM's dictionary-attack protection, failed license checks are counted in a sliding window, per end
+client (the caller, or the client a trusted forwarder such as the runtime names) and per license (only for
+tokens whose owner signature verified: anybody can write any license id into a forged token). Past the
+threshold the client, or the license, is refused (RESOURCE_EXHAUSTED) until the window has passed, at
+OpenSession and on every data call, so a cached session does not bypass it. There is no shared ceiling: no
+client's failures can lock out another client. Counters and quota usage persist in a state file, pruned of
+what has expired and written at most once per second, so restarting the module does not reset them.
+The audit log is hash-chained (each record carries the sha256 of the one before, across rotated files) so a
+deleted or edited record is detected by `sealnet audit verify`.
 Nothing here ever records a secret: clients are named by peer / certificate / forwarded identity, licenses
 by their id, never by the token.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -18,45 +25,146 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+SAVE_INTERVAL_S = 1.0  # the state file is rewritten at most this often (and on close)
+MAX_TRACKED = 100_000  # lockout keys kept at most; beyond that the longest-quiet ones are forgotten
+GENESIS = "0" * 64  # `prev` of the first record of a new audit chain
+
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    max_failures: int = 10  # failed OpenSession attempts allowed per client in `window_s`
+    max_failures: int = 10  # failed OpenSession attempts allowed per client, and per license, in `window_s`
     window_s: float = 60.0
-    per_caller_factor: int = 10  # a direct caller (e.g. the runtime) may fail this many times more in total
     quota_items: int = 0  # items per license per `quota_window_s`; 0 = unlimited
     quota_window_s: float = 3600.0
 
 
 class PolicyRefusal(Exception):
-    """A request refused by policy; `kind` is 'lockout', 'revoked' or 'quota'."""
+    """A request refused by policy; `kind` is 'lockout', 'revoked', 'quota', or 'unavailable' (the policy
+    cannot decide, e.g. the revocation list is missing: refused, but not the client's failure)."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
 
 
-class AuditLog:
-    """Append-only JSON lines, one per decision; flushed per line so a crash loses nothing."""
+class AuditChainError(Exception):
+    """An audit log whose hash chain is broken: the message names the file and line."""
 
-    def __init__(self, path: Path | None):
+
+def record_hash(line: str) -> str:
+    """The chain link of one audit record: sha256 of its JSON line (without the newline)."""
+    return hashlib.sha256(line.encode()).hexdigest()
+
+
+def _last_line(path: Path) -> str | None:
+    """The last non-empty line of `path`, reading only its tail; None for a missing or empty file."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            block = 4096
+            while True:
+                start = max(0, size - block)
+                f.seek(start)
+                lines = f.read(size - start).rstrip(b"\n").split(b"\n")
+                if len(lines) > 1 or start == 0:
+                    return lines[-1].decode() or None
+                block *= 4
+    except FileNotFoundError:
+        return None
+
+
+class AuditLog:
+    """Append-only JSON lines, one per decision, hash-chained; flushed per line so a crash loses nothing.
+
+    Past `max_bytes` the file is rotated (path -> path.1 -> ... -> path.`keep`, the oldest dropped); `reopen()`
+    (SIGHUP) starts a new file at `path` after an external logrotate. Either way the chain continues: the
+    first record of a new file links to the last record of the previous one."""
+
+    def __init__(self, path: Path | None, *, max_bytes: int = 64 << 20, keep: int = 10):
         self._lock = threading.Lock()
         self._file = None
+        self._path = path
+        self._max_bytes, self._keep = max_bytes, keep
+        self._prev = GENESIS
+        self._size = 0
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._file = os.fdopen(fd, "a", buffering=1)
+            last = _last_line(path) or _last_line(self._rotated(1))
+            self._prev = record_hash(last) if last else GENESIS
+            self._open()
+
+    def _rotated(self, i: int) -> Path:
+        return self._path.with_name(f"{self._path.name}.{i}")
+
+    def _open(self) -> None:
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._file = os.fdopen(fd, "a", buffering=1)
+        self._size = os.fstat(fd).st_size
 
     def write(self, event: str, **fields: Any) -> None:
         if self._file is None:
             return
-        record = {"time": round(time.time(), 3), "event": event, **fields}
         with self._lock:
-            self._file.write(json.dumps(record, sort_keys=True) + "\n")
+            record = {"time": round(time.time(), 3), "event": event, **fields, "prev": self._prev}
+            line = json.dumps(record, sort_keys=True)
+            self._file.write(line + "\n")
+            self._prev = record_hash(line)
+            self._size += len(line) + 1
+            if self._max_bytes > 0 and self._size >= self._max_bytes:
+                self._rotate()
+
+    def _rotate(self) -> None:
+        self._file.close()
+        self._rotated(self._keep).unlink(missing_ok=True)
+        for i in range(self._keep - 1, 0, -1):
+            if self._rotated(i).exists():
+                os.replace(self._rotated(i), self._rotated(i + 1))
+        os.replace(self._path, self._rotated(1))
+        self._open()
+
+    def reopen(self) -> None:
+        """Close and reopen `path` (after an external rotation renamed it); the chain carries on."""
+        if self._file is None:
+            return
+        with self._lock:
+            self._file.close()
+            self._open()
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with self._lock:
+                self._file.close()
+
+
+@dataclass(frozen=True)
+class ChainSummary:
+    records: int
+    head: str  # hash of the last record: record it elsewhere to detect a later rewrite of the whole tail
+    from_genesis: bool  # False: the first file continues a chain whose earlier files were not given
+
+
+def verify_audit_chain(paths: list[Path]) -> ChainSummary:
+    """Check the hash chain through `paths` (oldest first, e.g. audit.jsonl.2 audit.jsonl.1 audit.jsonl);
+    raise AuditChainError naming the first line whose link does not match the record before it."""
+    prev: str | None = None
+    first: str | None = None
+    count = 0
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = raw.rstrip("\n")
+                try:
+                    link = json.loads(line)["prev"]
+                except (ValueError, KeyError, TypeError):
+                    raise AuditChainError(f"{path}:{lineno}: not an audit record (edited or truncated)") from None
+                if prev is None:
+                    first = link
+                elif link != prev:
+                    raise AuditChainError(f"{path}:{lineno}: does not link to the record before it: a record was "
+                                          "deleted before this line, or the one before it was edited")
+                prev = record_hash(line)
+                count += 1
+    return ChainSummary(count, prev or GENESIS, first in (None, GENESIS))
 
 
 class Revocations:
@@ -76,8 +184,10 @@ class Revocations:
         try:
             mtime = self.path.stat().st_mtime
         except FileNotFoundError:
-            # Fail closed: a configured revocation list that disappeared is an error, not "nothing revoked".
-            raise PolicyRefusal("revoked", f"revocation list {self.path} is missing; refusing new sessions") from None
+            # Fail closed: a configured revocation list that disappeared is an error, not "nothing revoked"; it
+            # is the operator's fault, not the client's, so it is no lockout failure.
+            raise PolicyRefusal("unavailable", f"revocation list {self.path.name} is missing; refusing sessions "
+                                               "until it is restored") from None
         if mtime != self._mtime:
             lines = self.path.read_text().splitlines()
             self._entries = frozenset(line.split("#", 1)[0].strip() for line in lines) - {""}
@@ -90,7 +200,7 @@ class Revocations:
 
 
 class AccessPolicy:
-    """Lockout counters and quota usage, persisted to `state_path` (JSON, 0600) after every change."""
+    """Lockout counters and quota usage, persisted to `state_path` (JSON, 0600) at most once per second."""
 
     def __init__(self, config: PolicyConfig, state_path: Path | None, *, clock: Callable[[], float] = time.time):
         self.config = config
@@ -99,10 +209,15 @@ class AccessPolicy:
         self._lock = threading.Lock()
         self._failures: dict[str, list[float]] = {}
         self._usage: dict[str, list[list[float]]] = {}  # license id -> [[time, items], ...]
+        self._dirty = False
+        self._last_save = 0.0  # time.monotonic() of the last write
+        self._timer: threading.Timer | None = None
+        self.saves = 0  # state-file writes so far
         if state_path is not None and state_path.exists():
             state = json.loads(state_path.read_text())
             self._failures = {k: list(v) for k, v in state.get("failures", {}).items()}
             self._usage = {k: [list(e) for e in v] for k, v in state.get("usage", {}).items()}
+            self._prune(self._clock())
 
     # -- lockout -----------------------------------------------------------------------------------------
     def _recent(self, key: str, now: float) -> list[float]:
@@ -113,24 +228,30 @@ class AccessPolicy:
             self._failures.pop(key, None)
         return times
 
-    def check_not_locked(self, client: str, caller: str) -> None:
-        """Raise PolicyRefusal('lockout') while `client` (or its direct `caller`) is over the threshold."""
+    def check_not_locked(self, client: str, license_id: str | None = None) -> None:
+        """Raise PolicyRefusal('lockout') while `client`, or the license `license_id`, is over the threshold."""
         now = self._clock()
+        keys = [("client", client)] + ([("license", license_id)] if license_id else [])
         with self._lock:
-            for key, limit in ((f"client:{client}", self.config.max_failures),
-                               (f"caller:{caller}", self.config.max_failures * self.config.per_caller_factor)):
-                recent = self._recent(key, now)
-                if len(recent) >= limit:
-                    wait = self.config.window_s - (now - recent[0])
-                    raise PolicyRefusal("lockout", f"too many failed license checks from {key.split(':', 1)[0]} "
-                                                   f"{key.split(':', 1)[1]!r}; retry in {wait:.0f} s")
+            for kind, name in keys:
+                recent = self._recent(f"{kind}:{name}", now)
+                if len(recent) >= self.config.max_failures:
+                    wait = self.config.window_s - (now - recent[-self.config.max_failures])
+                    raise PolicyRefusal("lockout", f"too many failed license checks from {kind} {name!r}; retry in "
+                                                   f"{wait:.0f} s")
 
-    def record_failure(self, client: str, caller: str) -> None:
+    def record_failure(self, client: str, license_id: str | None = None) -> None:
+        """Count a failed check against `client` and, for a license whose signature verified, its id."""
         now = self._clock()
+        keys = [f"client:{client}"] + ([f"license:{license_id}"] if license_id else [])
         with self._lock:
-            for key in (f"client:{client}", f"caller:{caller}"):
-                self._failures.setdefault(key, []).append(now)
-            self._save()
+            for key in keys:
+                times = self._failures.setdefault(key, [])
+                times.append(now)
+                del times[: -self.config.max_failures]  # only the latest `max_failures` decide
+            if len(self._failures) > MAX_TRACKED:
+                self._prune(now)
+            self._changed()
 
     # -- quota -------------------------------------------------------------------------------------------
     def charge(self, license_id: str, items: int) -> None:
@@ -145,16 +266,59 @@ class AccessPolicy:
                 self._usage[license_id] = used
                 raise PolicyRefusal("quota", f"license quota of {self.config.quota_items} items per "
                                              f"{self.config.quota_window_s:.0f} s reached ({total} used)")
-            used.append([now, items])
+            if used and now - used[-1][0] < 1.0:  # one entry per second at most: bounded per license
+                used[-1][1] += items
+            else:
+                used.append([now, items])
             self._usage[license_id] = used
-            self._save()
+            self._changed()
 
-    def _save(self) -> None:
+    # -- state -------------------------------------------------------------------------------------------
+    def _prune(self, now: float) -> None:
+        """Drop expired failures and usage; past MAX_TRACKED keys, forget the ones quiet the longest."""
+        self._failures = {k: kept for k, v in self._failures.items()
+                          if (kept := [t for t in v if now - t < self.config.window_s])}
+        if len(self._failures) > MAX_TRACKED:
+            quiet_first = sorted(self._failures, key=lambda k: self._failures[k][-1])
+            for key in quiet_first[: len(self._failures) - MAX_TRACKED]:
+                del self._failures[key]
+        self._usage = {k: kept for k, v in self._usage.items()
+                       if (kept := [e for e in v if now - e[0] < self.config.quota_window_s])}
+
+    def _changed(self) -> None:
+        """Persist now if the last write is a second old, else once that second is over (one timer)."""
         if self._path is None:
             return
+        self._dirty = True
+        wait = self._last_save + SAVE_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self._save()
+        elif self._timer is None:
+            self._timer = threading.Timer(wait, self.flush)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def flush(self) -> None:
+        """Write pending changes now (the timer, and close())."""
+        with self._lock:
+            self._timer = None
+            if self._dirty:
+                self._save()
+
+    def close(self) -> None:
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+        self.flush()
+
+    def _save(self) -> None:
+        self._prune(self._clock())
         self._path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._path.with_name(self._path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"failures": self._failures, "usage": self._usage}, f)
         os.replace(tmp, self._path)
+        self._dirty = False
+        self._last_save = time.monotonic()
+        self.saves += 1

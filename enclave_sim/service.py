@@ -23,8 +23,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from enclave_sim.keystore import Keystore, KeystoreSpec
-from enclave_sim.measure import Measurement, measurement_chain
+from enclave_sim.keystore import Keystore
+from enclave_sim.keystore_spec import KeystoreSpec
+from enclave_sim.measure import measurement_chain
 from enclave_sim.passport_params import derive_params
 from enclave_sim.payload import unpack
 from enclave_sim.policy import AccessPolicy, AuditLog, PolicyConfig, PolicyRefusal, Revocations
@@ -33,14 +34,12 @@ from enclave_sim.transform_graph import transform_session
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import SECRETS, Bundle, core_digest, load_bundle
 from sealnet.licenses import License, LicenseError, verify_license
-from sealnet.rpc import add_servicer
-from sealnet.serial import StampSpec, as_pattern
+from sealnet.rpc import CLIENT_METADATA, MAX_MESSAGE_BYTES, add_servicer, clip
+from sealnet.stamp import StampSpec, as_pattern
 
 log = logging.getLogger("sealnet.enclave")
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SESSION_SECONDS = 900
-CLIENT_METADATA = "sealnet-client"  # the end client's identity, forwarded by the runtime
 
 
 @dataclass
@@ -62,13 +61,28 @@ def caller_identity(context) -> str:
     return peer.split(":", 1)[0]  # unix sockets: all local callers of this user are one identity
 
 
+def end_client(context, forwarders: frozenset[str]) -> str:
+    """Whom a request counts against for lockout: the client a trusted forwarder (the runtime: a caller on the
+    0600 Unix socket, or an mTLS certificate named in `forwarders`) names in `sealnet-client`, as
+    'caller>client'; otherwise the direct caller itself, so an untrusted caller cannot dodge the lockout by
+    naming a fresh client on every guess."""
+    caller = caller_identity(context)
+    if caller != "unix" and caller.removeprefix("cert:") not in forwarders:
+        return caller
+    forwarded = ""
+    for key, value in context.invocation_metadata() or ():
+        if key == CLIENT_METADATA:
+            forwarded = value[:200]
+    return f"{caller}>{forwarded}" if forwarded else caller
+
+
 class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
     """Holds the unsealed transform (or derived passport parameters); answers only sessions opened with a
     valid license."""
 
     def __init__(self, bundle: Bundle, keystore: Keystore, *, policy: AccessPolicy | None = None,
                  revocations: Revocations | None = None, audit: AuditLog | None = None,
-                 session_seconds: int = SESSION_SECONDS):
+                 session_seconds: int = SESSION_SECONDS, forwarders: frozenset[str] = frozenset({"runtime"})):
         self.bundle = bundle
         self.model_id = bundle.model_id
         self._owner = bundle.owner_public_key
@@ -107,6 +121,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         self.policy = policy or AccessPolicy(PolicyConfig(), None)
         self.revocations = revocations or Revocations(None)
         self.audit = audit or AuditLog(None)
+        self._forwarders = forwarders
         self.keystore_backend = keystore.backend
 
     def close(self) -> None:
@@ -122,6 +137,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         with self._lock:
             self._sessions.clear()
         self._keystore.close()
+        self.policy.close()
         self.audit.close()
 
     # -- rpc ---------------------------------------------------------------------------------------------
@@ -139,28 +155,27 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         )
 
     def OpenSession(self, request, context):
-        caller = caller_identity(context)
-        forwarded = dict(context.invocation_metadata()).get(CLIENT_METADATA, "")[:200]
-        client = f"{caller}>{forwarded}" if forwarded else caller
-        try:
-            self.policy.check_not_locked(client, caller)
-        except PolicyRefusal as exc:
-            self.audit.write("open_session", client=client, decision="locked_out")
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"lockout: {exc}")
+        client = end_client(context, self._forwarders)
+        self._refuse_if_locked(client, None, "open_session", context)
         if not request.license:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "license: empty; pass a token from `sealnet license issue`")
         try:
             lic = verify_license(request.license, self._owner, model_id=self.model_id)
-            if self.revocations.is_revoked(lic.license_id, lic.serial_number):
-                raise LicenseError(f"license {lic.license_id} (serial {lic.serial_number}) has been revoked")
-            if self._required and (lic.customer_id, lic.serial_number) != self._required:
-                raise LicenseError(f"serial number {lic.serial_number!r} of customer {lic.customer_id!r} does not "
-                                   "match this model's serial number (a student answers only its own customer)")
-        except (LicenseError, PolicyRefusal) as exc:
-            self.policy.record_failure(client, caller)
-            self.audit.write("open_session", client=client, decision="denied", reason=str(exc))
-            log.info("open_session refused for %s: %s", client, exc)
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"license: {exc}")
+        except LicenseError as exc:
+            self._deny(client, exc.license_id, exc, context)
+        self._refuse_if_locked(client, lic.license_id, "open_session", context)
+        try:
+            revoked = self.revocations.is_revoked(lic.license_id, lic.serial_number)
+        except PolicyRefusal as exc:  # the list is missing: refused, but not counted against the client
+            self.audit.write("open_session", client=client, decision=exc.kind, license_id=lic.license_id)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"revocations: {exc}")
+        if revoked:
+            self._deny(client, lic.license_id, f"license {lic.license_id} (serial {lic.serial_number}) has been "
+                       "revoked", context)
+        if self._required and (lic.customer_id, lic.serial_number) != self._required:
+            self._deny(client, lic.license_id, f"serial number {lic.serial_number!r} of customer "
+                       f"{lic.customer_id!r} does not match this model's serial number (a student answers only its "
+                       "own customer)", context)
         session_id = secrets.token_urlsafe(24)
         expires_at = min(time.time() + self._session_seconds, lic.expires_at)
         with self._lock:
@@ -219,6 +234,21 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
             for name, value in answer.items()])
 
     # -- checks ------------------------------------------------------------------------------------------
+    def _refuse_if_locked(self, client: str, license_id: str | None, event: str, context) -> None:
+        try:
+            self.policy.check_not_locked(client, license_id)
+        except PolicyRefusal as exc:
+            self.audit.write(event, client=client, decision="locked_out", **({"license_id": license_id}
+                                                                             if license_id else {}))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"lockout: {exc}")
+
+    def _deny(self, client: str, license_id: str | None, reason: object, context) -> None:
+        """A failed license check: counted against the client and (signature verified) the license; aborts."""
+        self.policy.record_failure(client, license_id)
+        self.audit.write("open_session", client=client, decision="denied", reason=str(reason))
+        log.info("open_session refused for %s: %s", client, reason)
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"license: {reason}")
+
     def _charge(self, session_id: str, session: _Session, items: int, event: str, context) -> None:
         """Refuse a revoked license (and drop its session) or one over its quota; else count the items."""
         lic = session.license
@@ -229,7 +259,8 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
             self.policy.charge(lic.license_id, items)
         except PolicyRefusal as exc:
             self.audit.write(event, client=session.client, license_id=lic.license_id, decision=exc.kind, items=items)
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if exc.kind == "quota" else grpc.StatusCode.PERMISSION_DENIED
+            code = {"quota": grpc.StatusCode.RESOURCE_EXHAUSTED, "unavailable": grpc.StatusCode.FAILED_PRECONDITION
+                    }.get(exc.kind, grpc.StatusCode.PERMISSION_DENIED)
             context.abort(code, f"{exc.kind}: {exc}")
 
     def _drop(self, session_id: str) -> None:
@@ -246,17 +277,25 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
                 session = None
         if session is None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "session_id: unknown or expired; open a new session")
+        # Lockout holds on every data call, for the client of this call: the runtime reuses one session per
+        # license for all its clients, so a locked-out client must not ride on a session opened earlier.
+        self._refuse_if_locked(end_client(context, self._forwarders), session.license.license_id, "data_call",
+                               context)
         return session
 
     def _tensor(self, tensor, item_shape: tuple[int, ...], field: str, context) -> np.ndarray:
         """A float32 batch [N, *item_shape] from a request Tensor; INVALID_ARGUMENT naming `field` otherwise.
         The rank is checked before the shape is converted, so a huge shape costs nothing."""
-        if len(tensor.shape) != 1 + len(item_shape) or tuple(tensor.shape[1:]) != item_shape:
+        rank = len(tensor.shape)
+        if rank != 1 + len(item_shape):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.shape: expected [N, "
-                          f"{', '.join(map(str, item_shape))}], got {_clip(list(tensor.shape))}")
+                          f"{', '.join(map(str, item_shape))}], got {rank} dimensions")
+        if tuple(tensor.shape[1:]) != item_shape:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.shape: expected [N, "
+                          f"{', '.join(map(str, item_shape))}], got {list(tensor.shape)}")
         if tensor.datatype not in ("", "FP32"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.datatype: expected FP32, got "
-                          f"{_clip(tensor.datatype)}")
+                          f"{clip(tensor.datatype)}")
         shape = tuple(tensor.shape)
         if not 1 <= shape[0] <= self._max_batch:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.shape: batch must be 1..{self._max_batch}")
@@ -271,16 +310,6 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         return batch
 
 
-def _clip(value: object, limit: int = 120) -> str:
-    """A client-supplied value as it may appear in an error message: repr, cut to `limit` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def describe_measurements(measurements: list[Measurement]) -> str:
-    return "\n".join(f"{m.sha256.hex()}  {m.name}" for m in measurements)
-
-
 @dataclass(frozen=True)
 class EnclaveOptions:
     """Operational settings of `sealnet enclave` (all optional)."""
@@ -291,6 +320,9 @@ class EnclaveOptions:
     tls_dir: Path | None = None  # required for TCP: server.crt/server.key/ca.crt from `sealnet certs`
     policy: PolicyConfig = PolicyConfig()
     workers: int = 4
+    forwarders: tuple[str, ...] = ("runtime",)  # mTLS names trusted to forward end-client identities
+    audit_max_bytes: int = 64 << 20  # rotate the audit log past this size (0: never)
+    audit_keep: int = 10  # rotated audit files kept
 
 
 def server_credentials(tls_dir: Path) -> grpc.ServerCredentials:
@@ -316,8 +348,10 @@ def serve(bundle_dir: Path, address: str, keystore: KeystoreSpec,
     store = keystore.open()
     state = options.state_dir / "policy-state.json" if options.state_dir else None
     try:
+        audit = AuditLog(options.audit_log, max_bytes=options.audit_max_bytes, keep=options.audit_keep)
         module = TrustedModule(bundle, store, policy=AccessPolicy(options.policy, state),
-                               revocations=Revocations(options.revocations), audit=AuditLog(options.audit_log))
+                               revocations=Revocations(options.revocations), audit=audit,
+                               forwarders=frozenset(options.forwarders))
     except BaseException:
         store.close()
         raise

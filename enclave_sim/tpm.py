@@ -22,13 +22,13 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from enclave_sim.keystore import Evidence, Keystore, KeystoreError
-from enclave_sim.measure import Measurement, chain_of
+from enclave_sim.keystore import Keystore, KeystoreError
+from sealnet.evidence import PCR_INDEX, TPM_QUOTE_FORMAT, Evidence, Measurement, chain_of
 
 # ESAPI logs an ERROR line to stderr for every failed TPM command, refused unseals included; the
 # KeystoreError already says what happened. An explicit $TSS2_LOG still wins.
@@ -39,10 +39,8 @@ try:
     from tpm2_pytss.constants import (
         ESYS_TR,
         TPM2_ALG,
-        TPM2_GENERATED,
         TPM2_RC,
         TPM2_SE,
-        TPM2_ST,
         TPMA_SESSION,
     )
     from tpm2_pytss.types import (
@@ -63,8 +61,6 @@ else:
     _IMPORT_ERROR = None
 
 MAGIC = b"SNTPM01\x00"
-QUOTE_FORMAT = "tpm2-quote-v1"
-PCR_INDEX = 16
 _NONCE = 12
 _TAG = 16
 _DATA_KEY = 32
@@ -289,7 +285,7 @@ class TpmKeystore(Keystore):
         parsed, _ = TPMS_ATTEST.unmarshal(quoted)
         if bytes(parsed.attested.quote.pcrDigest) != hashlib.sha256(chain).digest():
             raise KeystoreError(f"PCR {PCR_INDEX} changed while quoting (another process is using it); retry")
-        return Evidence(QUOTE_FORMAT, chain, quoted, bytes(signature), _spki(public))
+        return Evidence(TPM_QUOTE_FORMAT, chain, quoted, bytes(signature), _spki(public))
 
     def attestation_public_key(self) -> bytes:
         try:
@@ -301,52 +297,3 @@ class TpmKeystore(Keystore):
     def close(self) -> None:
         """Close the ESAPI context; no key material is held in this process between calls."""
         self._ectx.close()
-
-
-def _only_pcr16_sha256(selection: TPML_PCR_SELECTION) -> bool:
-    if selection.count != 1:
-        return False
-    bank = selection.pcrSelections[0]
-    mask = bytes(bank.pcrSelect)[: bank.sizeofSelect]
-    expected = bytearray(max(bank.sizeofSelect, PCR_INDEX // 8 + 1))
-    expected[PCR_INDEX // 8] = 1 << (PCR_INDEX % 8)
-    return bank.hash == TPM2_ALG.SHA256 and mask == bytes(expected)
-
-
-def verify_tpm_quote(evidence: Evidence, nonce: bytes) -> bytes:
-    """Check a `tpm2-quote-v1` Evidence against `nonce`; return the attested chain (PCR 16).
-
-    Checks the signature with `evidence.public_key` only: the caller must also compare that key with the
-    attestation key it pinned (expected-measurements.json), or anyone's TPM would pass."""
-    _require_tpm2_pytss()
-
-    def refuse(why: str) -> KeystoreError:
-        return KeystoreError(f"attestation refused: {why}")
-
-    if evidence.format != QUOTE_FORMAT:
-        raise refuse(f"evidence format is {evidence.format!r}, not {QUOTE_FORMAT!r}")
-    try:
-        key = serialization.load_der_public_key(evidence.public_key)
-    except (ValueError, UnsupportedAlgorithm):
-        raise refuse("the attestation public key is not a DER SubjectPublicKeyInfo") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise refuse("the attestation key is not an ECC P-256 key")
-    try:
-        key.verify(evidence.signature, evidence.quoted, ec.ECDSA(hashes.SHA256()))
-    except (InvalidSignature, ValueError):
-        raise refuse("the quote signature does not verify with the attestation key") from None
-    try:
-        attest, used = TPMS_ATTEST.unmarshal(evidence.quoted)
-    except (RuntimeError, ValueError, TypeError):
-        raise refuse("the quoted data is not a TPMS_ATTEST structure") from None
-    if used != len(evidence.quoted) or attest.magic != TPM2_GENERATED.VALUE:
-        raise refuse("the quoted data is not a TPM-generated attestation")
-    if attest.type != TPM2_ST.ATTEST_QUOTE:
-        raise refuse("the attestation is not a quote")
-    if bytes(attest.extraData) != nonce:
-        raise refuse("the quote is not over this nonce (replayed or for another verifier)")
-    if not _only_pcr16_sha256(attest.attested.quote.pcrSelect):
-        raise refuse(f"the quote does not cover exactly sha256 PCR {PCR_INDEX}")
-    if len(evidence.chain) != 32 or bytes(attest.attested.quote.pcrDigest) != hashlib.sha256(evidence.chain).digest():
-        raise refuse("the reported chain is not the PCR value the TPM quoted")
-    return evidence.chain

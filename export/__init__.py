@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from enclave_sim.keystore import add_keystore_arguments
+from enclave_sim.keystore_spec import add_keystore_arguments
 
 
 class ExportError(Exception):
@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-id", help="model id that licenses must name (default: <model>-<variant>)")
     p.add_argument("--data-dir", type=Path, help="local data for the checks when the checkpoint's dataset needs it")
     p.add_argument("--max-raw-acc", type=float, default=0.2, help="refuse to export above this raw-input accuracy")
+    p.add_argument("--output-policy", metavar="POLICY",
+                   help="sealed-head bundles: what the trusted module answers: label (default), topk:K or logits")
     p.add_argument("--max-batch", type=int, default=1024, help="largest batch the bundle accepts")
     p.add_argument("--tensorrt", action="store_true", help="also build public.plan (needs TensorRT and a GPU)")
     p.add_argument("--fp16", action="store_true", help="build the TensorRT engine in FP16")

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from enclave_sim.keystore import KeystoreSpec, keystore_spec
+from enclave_sim.keystore import KeystoreError
+from enclave_sim.keystore_spec import KeystoreSpec, keystore_spec
 from enclave_sim.measure import measurement_chain
 from enclave_sim.payload import pack
 from export import ExportError, add_arguments
@@ -41,7 +42,7 @@ from sealnet.bundle import (
     sign_manifest,
 )
 from sealnet.data import load_dataset
-from sealnet.licenses import load_owner_key
+from sealnet.licenses import LicenseError, load_owner_key
 from sealnet.outputs import logits_outputs
 
 PUBLIC_PLAN = "public.plan"
@@ -91,7 +92,8 @@ def default_model_id(ckpt: ProtectedCheckpoint) -> str:
 def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: KeystoreSpec,
                  model_id: str | None = None, data_dir: Path | None = None, max_raw_acc: float = 0.2,
                  max_batch: int = 1024, tensorrt: bool = False, fp16: bool = False, force: bool = False,
-                 min_authorized_acc: float | None = None, log=print) -> dict[str, Any]:
+                 min_authorized_acc: float | None = None, output_policy: str | None = None,
+                 log=print) -> dict[str, Any]:
     """Write a bundle directory and return its manifest. Nothing is left behind on failure.
 
     `min_authorized_acc` (default: chance + 10 pts) is the floor for the accuracy *with* the secret; only
@@ -105,6 +107,10 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
     ckpt = load_checkpoint(checkpoint)
     if ckpt.method not in SPLITS:
         raise ExportError(f"checkpoint method {ckpt.method!r} is not exportable (supported: {', '.join(SPLITS)})")
+    if output_policy is not None:
+        if ckpt.method != "sealed-head":
+            raise ExportError(f"--output-policy applies to sealed-head bundles; this checkpoint is {ckpt.method!r}")
+        ckpt.secret["output_policy"] = output_policy
     signer = load_owner_key(owner_key)
     data = load_dataset(ckpt.dataset, data_dir, seed=0)
     if data.input_shape != ckpt.input_shape:
@@ -168,7 +174,8 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
 def run(args: argparse.Namespace) -> int:
     manifest = build_bundle(args.checkpoint, args.out_dir, owner_key=args.owner_key, keystore=keystore_spec(args),
                             model_id=args.model_id, data_dir=args.data_dir, max_raw_acc=args.max_raw_acc,
-                            max_batch=args.max_batch, tensorrt=args.tensorrt, fp16=args.fp16, force=args.force)
+                            max_batch=args.max_batch, tensorrt=args.tensorrt, fp16=args.fp16, force=args.force,
+                            output_policy=args.output_policy)
     print(f"bundle {args.out_dir}: model {manifest['model_id']}, files {', '.join(manifest['files'])}, "
           f"{SECRETS} sealed, manifest signed")
     return 0
@@ -180,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (ExportError, FileNotFoundError, ValueError, OSError) as exc:
+    except (ExportError, KeystoreError, LicenseError, FileNotFoundError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

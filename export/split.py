@@ -6,6 +6,7 @@ secret part as (config, arrays) for the trusted module. build_engine.py does the
 
 from __future__ import annotations
 
+import io
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,18 +38,19 @@ class Split:
     outputs: list[dict[str, Any]] | None = None  # the endpoint's output tensors; None: the network's logits
 
 
-def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
-                opset: int = 17, fold: bool = True) -> None:
-    """Export with a dynamic batch dimension on `input` (TorchScript exporter: no extra dependencies).
+def export_onnx(model: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path | io.BytesIO,
+                input_names: list[str], opset: int = 17, fold: bool = True, output_name: str = OUTPUT_NAME) -> None:
+    """Export with a dynamic batch dimension on the first input (TorchScript exporter: no extra dependencies).
 
     `fold=False` keeps every weight under its parameter name (no normalisation folded into convolutions;
-    ONNX Runtime fuses them when it loads the graph, so inference costs the same)."""
+    ONNX Runtime fuses them when it loads the graph, so inference costs the same). A BytesIO target keeps the
+    graph off the disk (the sealed head)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model.eval(), args, str(path), dynamo=False, opset_version=opset, do_constant_folding=fold,
-            input_names=input_names, output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            model.eval(), args, path if isinstance(path, io.BytesIO) else str(path), dynamo=False,
+            opset_version=opset, do_constant_folding=fold, input_names=input_names, output_names=[output_name],
+            dynamic_axes={input_names[0]: {0: "batch"}, output_name: {0: "batch"}},
         )
 
 
@@ -185,7 +187,8 @@ def split_dsn(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, max_raw
               log: Callable[[str], None]) -> Split:
     """DSN: public.onnx is one customer's student; the sealed part is its stamp (pattern, position, scale) and
     the serial number and customer id a license must carry for the trusted module to stamp inputs."""
-    from sealnet.serial import StampSpec, license_serial_number
+    from sealnet.serial import license_serial_number
+    from sealnet.stamp import StampSpec
 
     spec = StampSpec.from_secret(ckpt.secret)
     checks = _export_public_network(ckpt, data, spec.apply(data.x_test), onnx_path, max_raw_acc, log,
@@ -198,4 +201,81 @@ def split_dsn(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, max_raw
     return Split(config, arrays, checks, {"customer_id": serial["customer_id"], "serial_number": serial_number})
 
 
-SPLITS = {"transform": split_transform, "passport": split_passport, "dsn": split_dsn}
+# -- sealed head ------------------------------------------------------------------------------------------------
+FEATURES_NAME = "features"
+
+
+def _published_weights_check(onnx_path: Path, state: dict[str, torch.Tensor], digest: str) -> None:
+    """public.onnx must hold exactly the published backbone's weights and no other weight: recompute the
+    published digest from its initializers, and refuse any other floating-point tensor in the graph."""
+    from protect.backbones import backbone_digest
+
+    if backbone_digest(state) != digest:
+        raise ExportError("the checkpoint's backbone weights differ from the published backbone they name "
+                          f"(sha256 {digest[:16]}...); re-run `sealnet protect` with the published weights file")
+    graph = onnx.load(str(onnx_path)).graph
+    shipped = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    shipped.update({f"constant:{n.output[0]}": numpy_helper.to_array(a.t) for n in graph.node
+                    if n.op_type == "Constant" for a in n.attribute if a.name == "value"})
+    rebuilt = {}
+    for name, tensor in state.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        value = shipped.get(name)
+        if value is None:  # the exporter keeps one copy of equal tensors (e.g. fresh BatchNorm ones) under one name
+            value = next((shipped[other] for other in state if other in shipped
+                          and shipped[other].shape == tuple(tensor.shape)
+                          and np.array_equal(shipped[other], tensor.numpy())), None)
+        if value is None:
+            raise ExportError(f"public.onnx does not hold the backbone weight {name!r}")
+        rebuilt[name] = torch.from_numpy(np.array(value, dtype=tensor.numpy().dtype, copy=True))
+    if backbone_digest(rebuilt) != digest:
+        raise ExportError("public.onnx weights differ from the published backbone's (sha256 mismatch); not exporting")
+    extra = sorted(n for n, a in shipped.items() if n not in state and a.dtype.kind == "f" and a.size > 1)
+    if extra:
+        raise ExportError(f"public.onnx carries tensors that are not published backbone weights: {extra[:5]}")
+
+
+def split_sealed_head(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, max_raw_acc: float,
+                      log: Callable[[str], None]) -> Split:
+    """Sealed head: public.onnx is the published backbone exactly as given (features out); the head, trained on
+    the owner's data, is sealed as an ONNX graph that only the trusted module runs, under an output policy."""
+    from sealnet.outputs import parse_policy, policy_outputs
+
+    policy = parse_policy(ckpt.secret.get("output_policy", "label"), ckpt.num_classes)
+    backbone, head = ckpt.build_public_model(), ckpt.build_head()
+    export_onnx(backbone, (torch.zeros(1, *ckpt.input_shape),), onnx_path, [INPUT_NAME], fold=False,
+                output_name=FEATURES_NAME)
+    digest = ckpt.secret["backbone_sha256"]
+    _published_weights_check(onnx_path, ckpt.public_state, digest)
+    with torch.no_grad():
+        features = backbone(torch.zeros(1, *ckpt.input_shape))
+    buffer = io.BytesIO()
+    export_onnx(head, (features,), buffer, [FEATURES_NAME])
+    head_bytes = buffer.getvalue()
+
+    public, sealed = ort_session(onnx_path), ort_session(head_bytes)
+    x, y = data.x_test, data.y_test
+    feats = np.concatenate([public.run(None, {INPUT_NAME: x[i : i + 500]})[0] for i in range(0, len(x), 500)])
+    logits = sealed.run(None, {FEATURES_NAME: feats})[0]
+    with torch.no_grad():
+        reference = head(backbone(torch.from_numpy(x[:256]))).numpy()
+    checks = {"onnx_max_abs_diff": _check_diff(logits[:256], reference),
+              "public_raw_acc": ort_accuracy(public, x, y),  # the backbone's features read as class scores
+              "authorized_acc": float((logits.argmax(1) == y).mean()),
+              "backbone_sha256": digest, "num_features": int(feats.shape[1]),
+              **{k: ckpt.metrics[k] for k in ("baseline_acc", "backbone_flops", "head_flops", "flops_ratio")
+                 if k in ckpt.metrics}}
+    log(f"public.onnx: the published backbone, weights verified (sha256 {digest[:16]}...); head sealed "
+        f"({len(head_bytes):,} bytes of ONNX); max |onnx - torch| = {checks['onnx_max_abs_diff']:.2e}; "
+        f"authorized {checks['authorized_acc']:.1%}; output policy {policy}")
+    config = {"method": "sealed-head", "policy": str(policy), "num_classes": ckpt.num_classes,
+              "num_features": int(feats.shape[1])}
+    arrays = {"head_onnx": np.frombuffer(head_bytes, dtype=np.uint8).copy()}
+    manifest = {"output_policy": str(policy),
+                "backbone": {"arch": ckpt.model_name, "sha256": digest, "num_features": int(feats.shape[1])}}
+    return Split(config, arrays, checks, manifest, outputs=policy_outputs(policy, ckpt.num_classes))
+
+
+SPLITS = {"transform": split_transform, "passport": split_passport, "dsn": split_dsn,
+          "sealed-head": split_sealed_head}

@@ -27,7 +27,8 @@ class ProtectedCheckpoint:
     num_classes: int
     public_state: dict[str, torch.Tensor]
     secret: dict[str, Any]  # method-specific: {"variant", "config", "state"} for the transform; for "passport"
-    # {"scheme", "passport_fn", "passport_type", "passports": {layer: {"gamma", "beta"}}, "bits", ...}
+    # {"scheme", "passport_fn", "passport_type", "passports": {layer: {"gamma", "beta"}}, "bits", ...}; for
+    # "sealed-head" {"head_config", "head_state", "backbone_sha256", "output_policy"}
     dataset: str
     seed: int
     metrics: dict[str, float] = field(default_factory=dict)
@@ -36,6 +37,8 @@ class ProtectedCheckpoint:
     def build_public_model(self) -> nn.Module:
         if self.method == "passport":
             import protect.passport_models  # noqa: F401  (registers the passport nets)
+        if self.method == "sealed-head":
+            import protect.backbones  # noqa: F401  (registers the public backbones)
         model = create_model(self.model_name, self.input_shape, self.num_classes, **self.model_config)
         model.load_state_dict(self.public_state)
         return model.eval()
@@ -49,6 +52,14 @@ class ProtectedCheckpoint:
         model = self.build_public_model()
         set_passports(model, self.secret["passports"])
         return model.eval()
+
+    def build_head(self) -> nn.Module:
+        """method 'sealed-head': the private head (eval mode), forward(taps [N, F]) -> logits [N, C]."""
+        if self.method != "sealed-head":
+            raise ValueError(f"checkpoint method is {self.method!r}, not 'sealed-head'")
+        from protect.heads import head_from_config
+
+        return head_from_config(self.secret["head_config"], self.secret["head_state"])
 
     def build_transform(self) -> nn.Module:
         if self.method != "transform":

@@ -20,17 +20,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protect.passport_cli import PASSPORT_FNS, PASSPORT_TYPES, SCHEMES
+from protect import PASSPORT_FNS, PASSPORT_TYPES, SCHEMES
 
-PassportFn = Literal["gamma", "beta", "both"]
-NORMS = ("bn", "gn")
 GAMMA0 = 0.1
 
 Passports = dict[str, dict[str, torch.Tensor]]  # layer name -> {"gamma": P_gamma, "beta": P_beta}
@@ -102,9 +99,6 @@ class PassportLayer(nn.Module):
     @property
     def passport_shape(self) -> tuple[int, ...]:
         return tuple(self.passport_gamma.shape)
-
-    def has_passport(self) -> bool:
-        return self.passport_gamma.numel() > 0
 
     def passport_params(self, passport_gamma: torch.Tensor | None = None,
                         passport_beta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

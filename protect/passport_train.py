@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import protect.passport_models  # noqa: F401  (registers cnn_p, alexnet_p, resnet18_p and plain counterparts)
+from protect import DEFAULT_SIGNATURE
 from protect.checkpoint import ProtectedCheckpoint, load_tagged, save_checkpoint
 from protect.models import create_model
 from protect.passport import (
@@ -60,7 +61,6 @@ from protect.passport import (
     signature_to_bits,
     use_params,
 )
-from protect.passport_cli import DEFAULT_SIGNATURE
 from protect.passport_models import PLAIN_COUNTERPART, plain_config
 from protect.train import TrainConfig, _batches, _epochs, accuracy, seed_everything, train_plain
 from sealnet.data import Dataset

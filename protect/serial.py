@@ -48,17 +48,8 @@ from protect.train import (
     train_new_model,
 )
 from sealnet.data import Dataset
-from sealnet.serial import (
-    SerialRecord,
-    StampSpec,
-    commitment,
-    derive_pattern,
-    make_claim,
-    serial_path,
-    sign_record,
-    stamp_scale,
-    write_claim,
-)
+from sealnet.serial import SerialRecord, commitment, derive_pattern, make_claim, serial_path, sign_record, write_claim
+from sealnet.stamp import StampSpec, stamp_scale
 
 TEACHER_METHOD = "dsn-teacher"
 COLLAPSE_CHECK_IMAGES = 1000

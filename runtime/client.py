@@ -8,9 +8,9 @@ import grpc
 import numpy as np
 
 from runtime.enclave_client import channel_target
-from runtime.server import LICENSE_METADATA, MAX_MESSAGE_BYTES
 from sealnet._grpc import inference_pb2, inference_pb2_grpc
 from sealnet.outputs import predicted_labels
+from sealnet.rpc import LICENSE_METADATA, MAX_MESSAGE_BYTES
 
 
 class InferenceClient:

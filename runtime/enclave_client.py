@@ -1,6 +1,7 @@
 """The runtime's side of the trusted-module protocol.
 
-Sessions are cached per license (by the token's hash, never the token in logs). Before any input is sent,
+Sessions are cached per license (by the token's hash, never the token in logs); every call names the end
+client, whose lockout the module checks on each one. Before any input is sent,
 the module must pass attestation against the bundle's expected measurements; after any outage it must pass
 again, so a module swapped while the runtime ran is caught. The channel reconnects with a short backoff
 (100 ms .. 1 s) so service resumes within about a second of the module's return.
@@ -21,11 +22,10 @@ import numpy as np
 
 from runtime.errors import AttestationFailed, EnclaveError
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
+from sealnet.rpc import CLIENT_METADATA, MAX_MESSAGE_BYTES
 
 log = logging.getLogger("sealnet.runtime")
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-CLIENT_METADATA = "sealnet-client"
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
@@ -137,12 +137,15 @@ class EnclaveClient:
         return reply.session_id
 
     def _with_session(self, license_token: str, client: str, call):
-        """call(session_id) with this license's session; reopen it once if the module forgot it (expiry)."""
+        """call(session_id, metadata) with this license's session; reopen it once if the module forgot it
+        (expiry). The metadata names the end client: the module checks its lockout on every call, so a client
+        locked out after the session was opened is refused although the session is cached here."""
         self.ensure_attested()
+        metadata = [(CLIENT_METADATA, client)] if client else None
         for attempt in range(2):
             session_id = self.session_for(license_token, client)
             try:
-                return call(session_id)
+                return call(session_id, metadata)
             except EnclaveError as exc:
                 if exc.code != grpc.StatusCode.UNAUTHENTICATED or attempt:
                     raise
@@ -154,8 +157,8 @@ class EnclaveClient:
         """Send a raw float32 batch through the trusted module."""
         batch = np.ascontiguousarray(batch, dtype="<f4")
         tensor = enclave_pb2.Tensor(shape=list(batch.shape), data=batch.tobytes())
-        reply = self._with_session(license_token, client, lambda sid: self._call(
-            self._stub.Preprocess, enclave_pb2.PreprocessRequest(session_id=sid, input=tensor)))
+        reply = self._with_session(license_token, client, lambda sid, md: self._call(
+            self._stub.Preprocess, enclave_pb2.PreprocessRequest(session_id=sid, input=tensor), md))
         out = np.frombuffer(reply.output.data, dtype="<f4")
         if out.size != batch.size or tuple(reply.output.shape) != batch.shape:
             raise EnclaveError(grpc.StatusCode.INTERNAL, "trusted module returned a tensor of the wrong shape")
@@ -163,8 +166,8 @@ class EnclaveClient:
 
     def passport_params(self, license_token: str, items: int, client: str = "") -> dict[str, np.ndarray]:
         """The passport layers' gamma/beta for a batch of `items` inputs (passport bundles)."""
-        reply = self._with_session(license_token, client, lambda sid: self._call(
-            self._stub.PassportParams, enclave_pb2.PassportParamsRequest(session_id=sid, items=items)))
+        reply = self._with_session(license_token, client, lambda sid, md: self._call(
+            self._stub.PassportParams, enclave_pb2.PassportParamsRequest(session_id=sid, items=items), md))
         params = {}
         for named in reply.params:
             value = np.frombuffer(named.tensor.data, dtype="<f4")
@@ -179,8 +182,8 @@ class EnclaveClient:
         shapes it; checked against the manifest's `outputs` (names, datatypes, trailing dims)."""
         features = np.ascontiguousarray(features, dtype="<f4")
         tensor = enclave_pb2.Tensor(shape=list(features.shape), data=features.tobytes())
-        reply = self._with_session(license_token, client, lambda sid: self._call(
-            self._stub.Classify, enclave_pb2.ClassifyRequest(session_id=sid, features=tensor)))
+        reply = self._with_session(license_token, client, lambda sid, md: self._call(
+            self._stub.Classify, enclave_pb2.ClassifyRequest(session_id=sid, features=tensor), md))
         if [named.name for named in reply.outputs] != [spec["name"] for spec in outputs]:
             raise EnclaveError(grpc.StatusCode.INTERNAL, "trusted module returned outputs that do not match this "
                                "bundle's manifest")

@@ -1,7 +1,8 @@
 """The protected data path, one module for every engine (the built-in server and Triton's Python backend).
 
 A merged batch of requests, possibly from several licenses, is served with one trusted-module call per license
-and one run of the public network. The bundle's method decides the order:
+and end client (the module checks each client's lockout) and one run of the public network. The bundle's
+method decides the order:
 - module first (transform, DSN stamp, passport gamma/beta): raw -> trusted module -> public network -> logits;
 - module last (sealed head): raw -> public backbone -> features -> trusted module (license, head, output
   policy) -> answer.
@@ -186,10 +187,12 @@ def serve_module_last(requests: list[Request], outcomes: list[Outcome], network:
             outcomes[i] = ({name: split[j] for name, split in parts.items()}, None)
 
 
-def _by_license(requests: list[Request]) -> dict[str, list[int]]:
-    groups: dict[str, list[int]] = {}
+def _by_license(requests: list[Request]) -> dict[tuple[str, str], list[int]]:
+    """Requests grouped by (license, client): the module judges each client's lockout on its own call, so a
+    locked-out client never rides on another's call with the same license."""
+    groups: dict[tuple[str, str], list[int]] = {}
     for i, request in enumerate(requests):
-        groups.setdefault(request.token, []).append(i)
+        groups.setdefault((request.token, request.client), []).append(i)
     return groups
 
 

@@ -14,6 +14,7 @@ run in worker threads behind the dynamic batcher.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import threading
 import time
@@ -23,23 +24,23 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import sealnet
 from runtime.batching import DEFAULT_BATCHING, BatchingConfig, DynamicBatcher
-from runtime.enclave_client import EnclaveClient
+from runtime.enclave_client import CallObserver, EnclaveClient
 from runtime.errors import AttestationFailed, EnclaveError, RequestError, ServingError
 from runtime.pipeline import Pipeline
 from sealnet._grpc import inference_pb2, inference_pb2_grpc
 from sealnet.bundle import EXPECTED_MEASUREMENTS, PUBLIC_ONNX, Bundle, load_bundle
-from sealnet.rpc import add_servicer
+from sealnet.rpc import LICENSE_METADATA, MAX_MESSAGE_BYTES, add_servicer, clip
 
 log = logging.getLogger("sealnet.runtime")
 
-LICENSE_METADATA = "sealnet-license"
 MODEL_VERSION = "1"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+REQUEST_SLACK_BYTES = 64 * 1024  # room for names, shape, parameters beside the largest tensor a request may carry
 
 
 class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
@@ -60,6 +61,10 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self.batcher = DynamicBatcher(self.pipeline.serve, batching or BatchingConfig(max_batch=1))
         self._ready_cache = (0.0, False)
         self.port = 0  # set by serve(): the bound TCP port (useful with HOST:0)
+
+    @property
+    def max_request_bytes(self) -> int:
+        return max_request_bytes(self.max_batch, self.item_shape)
 
     # -- health and metadata -----------------------------------------------------------------------------
     def enclave_ready(self) -> bool:
@@ -124,8 +129,8 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             for out in request.outputs:
                 if out.name not in names:
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"outputs.name: unknown output "
-                                       f"{out.name!r}; this model has {', '.join(map(repr, names))}")
-            answer = await self.batcher.submit(token, client_identity(context), batch)
+                                       f"{clip(out.name)}; this model has {', '.join(map(repr, names))}")
+            answer = await self.batcher.submit(token, client_identity(context), batch, context.time_remaining())
         except ServingError as exc:
             await context.abort(exc.code, str(exc))
         resp = inference_pb2.ModelInferResponse(model_name=self.model_id, model_version=MODEL_VERSION, id=request.id)
@@ -144,28 +149,35 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _check_model(self, name: str, version: str) -> None:
         if name != self.model_id:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model_name: unknown model {name!r}; this server serves "
-                               f"{self.model_id!r}")
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model_name: unknown model {clip(name)}; this server "
+                               f"serves {self.model_id!r}")
         if version not in ("", MODEL_VERSION):
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model_version: {version!r} not available; use "
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"model_version: {clip(version)} not available; use "
                                f"{MODEL_VERSION!r} or leave it empty")
 
     def _input(self, request) -> np.ndarray:
+        """The request's one FP32 tensor. Sizes are checked before anything is converted or echoed: the rank
+        before the shape is read, so a shape of millions of dimensions costs nothing."""
         bad = grpc.StatusCode.INVALID_ARGUMENT
         if len(request.inputs) != 1:
             raise RequestError(bad, f"inputs: expected exactly one tensor named {self.input_name!r}, "
                                     f"got {len(request.inputs)}")
         tensor = request.inputs[0]
         if tensor.name != self.input_name:
-            raise RequestError(bad, f"inputs[0].name: expected {self.input_name!r}, got {tensor.name!r}")
+            raise RequestError(bad, f"inputs[0].name: expected {self.input_name!r}, got {clip(tensor.name)}")
         if tensor.datatype != "FP32":
-            raise RequestError(bad, f"inputs[0].datatype: expected FP32, got {tensor.datatype!r}")
+            raise RequestError(bad, f"inputs[0].datatype: expected FP32, got {clip(tensor.datatype)}")
+        item = ", ".join(map(str, self.item_shape))
+        if len(tensor.shape) != 1 + len(self.item_shape):
+            raise RequestError(bad, f"inputs[0].shape: expected [N, {item}], got {len(tensor.shape)} dimensions")
         shape = tuple(tensor.shape)
-        if len(shape) != 1 + len(self.item_shape) or shape[1:] != self.item_shape:
-            raise RequestError(bad, f"inputs[0].shape: expected [N, {', '.join(map(str, self.item_shape))}], "
-                                    f"got {list(shape)}")
+        if shape[1:] != self.item_shape:
+            raise RequestError(bad, f"inputs[0].shape: expected [N, {item}], got {list(shape)}")
         if not 1 <= shape[0] <= self.max_batch:
             raise RequestError(bad, f"inputs[0].shape: batch size must be 1..{self.max_batch}, got {shape[0]}")
+        if request.raw_input_contents and tensor.HasField("contents"):
+            raise RequestError(bad, "inputs[0].contents: must be empty when raw_input_contents is used; send the "
+                                    "tensor in one of them")
         count = int(np.prod(shape))
         if request.raw_input_contents:
             if len(request.raw_input_contents) != 1:
@@ -186,10 +198,33 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return batch
 
 
+def max_request_bytes(max_batch: int, item_shape: tuple[int, ...]) -> int:
+    """The largest request gRPC lets through: twice a full batch of FP32 items (fp32_contents may arrive
+    unpacked, 5 bytes a value; a batch a little too large still gets INVALID_ARGUMENT naming the batch size) plus
+    slack. Anything larger is refused (RESOURCE_EXHAUSTED) before it is parsed, so one huge request cannot hold
+    up the event loop."""
+    if any(d <= 0 for d in item_shape):  # a bare ONNX model with dynamic dimensions
+        return MAX_MESSAGE_BYTES
+    return 2 * max_batch * int(np.prod(item_shape)) * 4 + REQUEST_SLACK_BYTES
+
+
 def client_identity(context) -> str:
-    """The end client as the trusted module should count it for lockout: its address without the port."""
+    """The end client as the trusted module should count it for lockout: its address without the port; for
+    IPv6 its /64 network, the block one subscriber usually holds (each address in it would otherwise be a
+    fresh client with its own allowance of failures)."""
     peer = context.peer() or "unknown"
-    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+    if not peer.startswith(("ipv4:", "ipv6:")):
+        return peer
+    address = peer.rsplit(":", 1)[0]
+    if peer.startswith("ipv6:"):
+        try:
+            ip = ipaddress.IPv6Address(address.removeprefix("ipv6:").strip("[]").split("%")[0])
+        except ValueError:
+            return address
+        if ip.ipv4_mapped is None:
+            return f"ipv6:{ipaddress.IPv6Network((ip, 64), strict=False)}"
+        return f"ipv4:{ip.ipv4_mapped}"
+    return address
 
 
 def attest_at_start(enclave: EnclaveClient, timeout: float) -> None:
@@ -210,6 +245,20 @@ def attest_at_start(enclave: EnclaveClient, timeout: float) -> None:
             time.sleep(0.2)
 
 
+def attested_enclave(bundle: Bundle, enclave_address: str, *, enclave_tls: Path | None = None,
+                     expected_measurements: Path | None = None, attest_timeout: float = 60.0,
+                     observer: CallObserver | None = None) -> EnclaveClient:
+    """Every engine's start-up check: the manifest served is the one the trusted module measures, and the module
+    attests against the expected measurements (waiting up to `attest_timeout` for it); AttestationError if not."""
+    from runtime.attestation import check_manifest_measured, load_expected
+
+    expected = load_expected(expected_measurements or bundle.path(EXPECTED_MEASUREMENTS))
+    check_manifest_measured(expected, bundle.manifest)
+    enclave = EnclaveClient(enclave_address, tls_dir=enclave_tls, expected=expected, observer=observer)
+    attest_at_start(enclave, attest_timeout)
+    return enclave
+
+
 class RuntimeServer:
     """The asyncio gRPC server on its own event-loop thread, with the blocking surface of grpc.Server
     (stop, wait_for_termination) that the CLI and tests use."""
@@ -226,7 +275,7 @@ class RuntimeServer:
 
     async def _start(self, make_service, address: str, health_names: tuple[str, ...]) -> int:
         self.service = make_service()
-        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.service.max_request_bytes),
                                                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         add_servicer(inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, self.service, self._server)
         health_servicer = health_async.HealthServicer()
@@ -263,19 +312,18 @@ class RuntimeServer:
 def serve(bundle_dir: Path, address: str, enclave_address: str | None, *, ort_threads: int = 0,
           enclave_tls: Path | None = None, expected_measurements: Path | None = None, attest_timeout: float = 60.0,
           batching: BatchingConfig | None = DEFAULT_BATCHING, providers: list[str] | None = None,
-          ) -> tuple[RuntimeServer, InferenceService]:
+          owner_public_key: Ed25519PublicKey | None = None) -> tuple[RuntimeServer, InferenceService]:
     """Attest the trusted module, then start the endpoint on `address` (HOST:PORT or unix:PATH).
 
+    The manifest must be the one the module measures, and signed by `owner_public_key` when given (the
+    owner's key from outside the bundle: then even a whole bundle re-exported by someone else is refused).
     `enclave_address=None` is the benchmark-only bypass (see InferenceService); `batching=None` serves each
     request on its own."""
-    from runtime.attestation import load_expected
-
-    bundle = load_bundle(bundle_dir)
+    bundle = load_bundle(bundle_dir, expected_owner=owner_public_key)
     enclave = None
     if enclave_address is not None:
-        expected = load_expected(expected_measurements or bundle.path(EXPECTED_MEASUREMENTS))
-        enclave = EnclaveClient(enclave_address, tls_dir=enclave_tls, expected=expected)
-        attest_at_start(enclave, attest_timeout)
+        enclave = attested_enclave(bundle, enclave_address, enclave_tls=enclave_tls,
+                                   expected_measurements=expected_measurements, attest_timeout=attest_timeout)
     else:
         log.warning("BENCHMARK BYPASS: serving the public network on raw inputs without the trusted module "
                     "(answers are near chance; for measuring the trusted module's cost only)")
@@ -326,13 +374,3 @@ def serve_unprotected(onnx_path: Path, model_id: str, address: str, *, ort_threa
     server.service.port = server.port
     return server, server.service
 
-
-def wait_forever(server, stop: threading.Event | None = None) -> None:
-    """Serve until `stop` is set, Ctrl-C, or the server ends; then stop it with a short grace period."""
-    try:
-        while not (stop and stop.is_set()):
-            if not server.wait_for_termination(timeout=0.5):  # False: the server has terminated
-                break
-    except KeyboardInterrupt:
-        pass
-    server.stop(grace=2).wait()

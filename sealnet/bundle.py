@@ -17,6 +17,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from sealnet.canonical import canonical_json
 from sealnet.licenses import public_from_raw, public_raw
 
 FORMAT = "sealnet-bundle/1"
@@ -33,10 +34,6 @@ class BundleError(Exception):
     """The bundle is incomplete, tampered with, or not signed by its owner key."""
 
 
-def canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -51,12 +48,12 @@ def measured_core(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def core_digest(manifest: dict[str, Any]) -> bytes:
     """sha256 of the manifest's measured core: what the keystore chain binds the secrets to."""
-    return hashlib.sha256(canonical(measured_core(manifest))).digest()
+    return hashlib.sha256(canonical_json(measured_core(manifest))).digest()
 
 
 def sign_manifest(manifest: dict[str, Any], owner_key: Ed25519PrivateKey) -> dict[str, Any]:
     unsigned = {k: v for k, v in manifest.items() if k != "signature"}
-    signature = owner_key.sign(_SIGNING_CONTEXT + canonical(unsigned))
+    signature = owner_key.sign(_SIGNING_CONTEXT + canonical_json(unsigned))
     return {**unsigned, "signature": base64.b64encode(signature).decode()}
 
 
@@ -106,7 +103,7 @@ def load_bundle(directory: Path, *, expected_owner: Ed25519PublicKey | None = No
         raise BundleError(f"{path}: signed by a different owner key than expected")
     unsigned = {k: v for k, v in manifest.items() if k != "signature"}
     try:
-        owner.verify(signature, _SIGNING_CONTEXT + canonical(unsigned))
+        owner.verify(signature, _SIGNING_CONTEXT + canonical_json(unsigned))
     except InvalidSignature:
         raise BundleError(f"{path}: manifest signature does not verify (the manifest was modified)") from None
     for section in ("files", "sealed", "attestation"):

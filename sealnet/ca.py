@@ -19,8 +19,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from sealnet.canonical import canonical_json
 from sealnet.licenses import key_id, public_raw, read_private_key, write_key_pair
-from sealnet.serial import canonical_json, verify_claim
+from sealnet.serial import verify_claim
 
 REGISTRY_FORMAT = "sealnet-ca-registry/1"
 _REGISTRY_CONTEXT = b"sealnet-ca-registry-v1\x00"

@@ -6,19 +6,14 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from sealnet.data import DATASETS
-
-
-def default_enclave_address() -> str:
-    return f"unix:/tmp/sealnet-{os.getuid()}/enclave.sock"
+from sealnet.rpc import default_enclave_address
 
 
 def _read_license(args: argparse.Namespace) -> str | None:
@@ -34,15 +29,17 @@ def cmd_protect(args: argparse.Namespace) -> int:
     from sealnet.data import load_dataset
 
     if args.method == "passport":
-        from protect.passport_cli import cmd_protect_passport
+        from sealnet.passport_cli import cmd_protect_passport
 
         return cmd_protect_passport(args)
     if args.method in ("dsn", "watermark"):
-        from protect.serial_cli import cmd_protect_serial
+        from sealnet.serial_cli import cmd_protect_serial
 
         return cmd_protect_serial(args)
-    if args.method != "transform":
-        raise SystemExit(f"--method {args.method}: not available yet (available: transform)")
+    if args.method == "sealed-head":
+        from sealnet.sealed_head_cli import cmd_protect_sealed_head
+
+        return cmd_protect_sealed_head(args)
     data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       alpha=args.alpha, beta=args.beta, gamma=args.gamma)
@@ -113,37 +110,18 @@ def cmd_keystore_init(args: argparse.Namespace) -> int:
 
 
 # -- services --------------------------------------------------------------------------------------------
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
+def exec_enclave(argv: list[str]) -> None:
+    """Replace this process by the trusted module's own entry (`python -m enclave_sim`), so that the module's
+    process imports only its measured code (see enclave_sim/__main__.py for the interpreter flags)."""
+    from enclave_sim import default_state_dir
 
-
-def default_state_dir() -> Path:
-    return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "sealnet" / "enclave"
-
-
-def cmd_enclave(args: argparse.Namespace) -> int:
-    from enclave_sim.keystore import keystore_spec
-    from enclave_sim.policy import PolicyConfig
-    from enclave_sim.service import EnclaveOptions, serve
-    from runtime.server import wait_forever
-
-    options = EnclaveOptions(
-        state_dir=args.state_dir or default_state_dir(), revocations=args.revocations, audit_log=args.audit_log,
-        tls_dir=args.tls_dir, workers=args.workers,
-        policy=PolicyConfig(max_failures=args.max_failures, window_s=args.lockout_window,
-                            quota_items=args.quota_items, quota_window_s=args.quota_window),
-    )
-    server, module = serve(args.bundle, args.listen, keystore_spec(args), options)
-    print(f"trusted module serving {module.model_id} on {args.listen} ({module.keystore_backend} keystore, "
-          f"chain {module.chain.hex()[:16]}...)", flush=True)
-    try:
-        wait_forever(server, _stop_on_signals())
-    finally:
-        module.close()
-    return 0
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--state-dir", type=Path)
+    state_dir = parser.parse_known_args(argv)[0].state_dir  # the module itself parses (and checks) the rest
+    pycache = (state_dir or default_state_dir()) / "pycache"
+    pycache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-P", "-X", f"pycache_prefix={pycache}", "-m", "enclave_sim", *argv])
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -176,14 +154,30 @@ def cmd_attest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from enclave_sim.policy import AuditChainError, verify_audit_chain
+
+    try:
+        summary = verify_audit_chain(args.logs)
+    except AuditChainError as exc:
+        print(f"audit chain BROKEN: {exc}", file=sys.stderr)
+        return 2
+    start = "from the first record" if summary.from_genesis else "continuing an earlier file not given"
+    print(f"audit chain intact: {summary.records} records in {len(args.logs)} file(s), {start}; head "
+          f"{summary.head} (keep it elsewhere: a rewrite of the tail after it would change it)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.batching import BatchingConfig
-    from runtime.server import serve, wait_forever
+    from runtime.server import serve
+    from sealnet.licenses import load_public_key
+    from sealnet.rpc import stop_on_signals, wait_forever
 
     if args.engine == "triton":
         from runtime.triton.cli import serve_triton
 
-        return serve_triton(args, _stop_on_signals())
+        return serve_triton(args, stop_on_signals())
     if args.onnx:
         from runtime.server import serve_unprotected
 
@@ -193,21 +187,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                             ort_threads=args.ort_threads)
         print(f"UNPROTECTED KServe v2 endpoint for {service.model_id} on {args.listen} (no trusted module, "
               "no license check)", flush=True)
-        wait_forever(server, _stop_on_signals())
+        wait_forever(server, stop_on_signals())
         return 0
     if not args.bundle:
         raise ValueError("serve: --bundle is required (or --onnx for an unprotected model)")
     batching = None if args.no_batching else BatchingConfig(args.max_batch_size, args.max_queue_delay_ms,
-                                                            args.batch_workers)
+                                                            args.batch_workers, args.max_queued_items)
     enclave = None if args.benchmark_bypass_trusted_module else args.enclave
     server, service = serve(args.bundle, args.listen, enclave, ort_threads=args.ort_threads,
                             enclave_tls=args.enclave_tls, expected_measurements=args.expected_measurements,
                             attest_timeout=args.attest_timeout, batching=batching,
-                            providers=["auto"] if args.providers == "auto" else None)
+                            providers=["auto"] if args.providers == "auto" else None,
+                            owner_public_key=load_public_key(args.owner_public_key) if args.owner_public_key else None)
     providers = ",".join(service.pipeline.session.get_providers())
     print(f"KServe v2 endpoint for {service.model_id} on {args.listen} (trusted module {enclave}, {providers})",
           flush=True)
-    wait_forever(server, _stop_on_signals())
+    wait_forever(server, stop_on_signals())
     return 0
 
 
@@ -237,16 +232,29 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """`sealnet verify`: a passport check, or with --trigger a serial-number watermark check."""
+    if args.trigger is None:
+        if (args.checkpoint is None and args.bundle is None) or args.signature is None:
+            raise SystemExit("sealnet verify: give --checkpoint (or --bundle) and --signature (passport), or "
+                             "--trigger with --onnx or --endpoint (serial-number watermark)")
+        from sealnet.passport_cli import cmd_verify as cmd_verify_passport
+
+        return cmd_verify_passport(args)
+    from sealnet.serial_cli import cmd_verify_watermark
+
+    return cmd_verify_watermark(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sealnet.demo import run_demo
 
     return run_demo(args.workdir, epochs=args.epochs, json_path=args.json, seed=args.seed, keystore=args.keystore,
-                    engine=args.engine)
+                    method=args.method, engine=args.engine)
 
 
 # -- parser ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from enclave_sim.keystore import add_keystore_arguments
     from export import add_arguments as add_export_arguments
     from protect import VARIANTS
 
@@ -255,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("protect", help="train a protected model and write a checkpoint")
-    p.add_argument("--method", default="transform", choices=["transform", "passport", "dsn", "watermark"])
+    p.add_argument("--method", default="transform",
+                   choices=["transform", "passport", "dsn", "watermark", "sealed-head"])
     p.add_argument("--variant", default="generator", choices=VARIANTS)
     p.add_argument("--dataset", default="mnist-embedded", choices=DATASETS)
     p.add_argument("--data-dir", type=Path, help="directory with MNIST/Fashion IDX files or CIFAR-10 batches")
@@ -269,10 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip training the unprotected baseline")
     p.add_argument("--out", type=Path, default=Path("protected.pt"))
     p.set_defaults(func=cmd_protect)
-    from protect.passport_cli import add_passport_eval_parser, add_protect_passport_arguments, add_verify_parser
+    from sealnet.passport_cli import add_passport_eval_parser, add_protect_passport_arguments, add_verify_parser
 
     add_protect_passport_arguments(p)
-    from protect.serial_cli import (
+    from sealnet.serial_cli import (
         add_ca_parser,
         add_protect_serial_arguments,
         add_serial_eval_parser,
@@ -280,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_protect_serial_arguments(p)
+    from sealnet.sealed_head_cli import add_backbone_parser, add_protect_sealed_head_arguments
+
+    add_protect_sealed_head_arguments(p)
 
     p = sub.add_parser("export", help="build a bundle: public ONNX, sealed secrets, signed manifest")
     add_export_arguments(p)
@@ -308,20 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", type=Path)
     p.set_defaults(func=cmd_keystore_init)
 
-    p = sub.add_parser("enclave", help="run the trusted module (gRPC)")
-    p.add_argument("--bundle", type=Path, required=True)
-    add_keystore_arguments(p)
-    p.add_argument("--listen", default=default_enclave_address(), help="unix:PATH (default) or HOST:PORT (mTLS)")
-    p.add_argument("--tls-dir", type=Path, help="mTLS certificates (sealnet certs); required for TCP")
-    p.add_argument("--state-dir", type=Path, help="lockout and quota state (default ~/.local/state/sealnet/enclave)")
-    p.add_argument("--revocations", type=Path, help="file of revoked license ids / serial numbers, one per line")
-    p.add_argument("--audit-log", type=Path, help="append JSON-lines audit records here")
-    p.add_argument("--max-failures", type=int, default=10, help="failed license checks per client per window")
-    p.add_argument("--lockout-window", type=float, default=60.0, help="lockout window in seconds")
-    p.add_argument("--quota-items", type=int, default=0, help="items per license per quota window (0: unlimited)")
-    p.add_argument("--quota-window", type=float, default=3600.0, help="quota window in seconds")
-    p.add_argument("--workers", type=int, default=4, help="gRPC worker threads")
-    p.set_defaults(func=cmd_enclave)
+    # `sealnet enclave ARGS` execs `python -m enclave_sim ARGS` (see main); listed here for --help.
+    sub.add_parser("enclave", help="run the trusted module (gRPC); `sealnet enclave --help` lists its options")
+
+    audit = sub.add_parser("audit", help="the trusted module's audit log").add_subparsers(dest="audit_cmd",
+                                                                                          required=True)
+    p = audit.add_parser("verify", help="check the hash chain of audit logs (exit 2 naming the first broken line)")
+    p.add_argument("logs", type=Path, nargs="+", help="oldest first, e.g. audit.jsonl.2 audit.jsonl.1 audit.jsonl")
+    p.set_defaults(func=cmd_audit_verify)
 
     p = sub.add_parser("certs", help="create a private CA and mTLS certificates for the services")
     p.add_argument("directory", type=Path)
@@ -356,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-delay-ms", type=float, default=0.0,
                    help="dynamic batching: longest wait for company (0: merge only what is already queued)")
     p.add_argument("--batch-workers", type=int, default=2, help="dynamic batching: merged batches in flight")
+    p.add_argument("--max-queued-items", type=int, default=8192,
+                   help="backpressure: items waiting at most; more is refused with RESOURCE_EXHAUSTED")
+    p.add_argument("--owner-public-key", type=Path,
+                   help="the owner's public key (from the owner, kept outside the bundle): refuse a bundle signed "
+                        "by any other key")
     p.add_argument("--no-batching", action="store_true", help="serve each request on its own")
     p.add_argument("--providers", choices=["auto", "cpu"], default="auto",
                    help="auto: TensorRT / CUDA execution providers when present, else CPU")
@@ -388,17 +399,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the result table as JSON")
     p.add_argument("--keystore", choices=["embedded", "tpm"], default="embedded",
                    help="tpm: seal to a software TPM (swtpm) started for the demo")
+    p.add_argument("--method", choices=["transform", "sealed-head"], default="transform",
+                   help="sealed-head: public backbone + sealed head, plus the stealing and insider measurements")
     p.add_argument("--engine", choices=["python", "triton"], default="python",
                    help="triton: serve on NVIDIA Triton Inference Server (./dev installs it)")
     p.set_defaults(func=cmd_demo)
 
-    from attacks.cli import add_attack_parser
+    from sealnet.attack_cli import add_attack_parser
 
     add_attack_parser(sub)
-    add_verify_serial_arguments(add_verify_parser(sub))
+    p = add_verify_parser(sub)
+    add_verify_serial_arguments(p)
+    p.set_defaults(func=cmd_verify)
     add_passport_eval_parser(sub)
     add_ca_parser(sub)
     add_serial_eval_parser(sub)
+    add_backbone_parser(sub)
     return parser
 
 
@@ -410,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     from sealnet.licenses import LicenseError
 
     argv = sys.argv[1:] if argv is None else argv
+    verbose = [a for a in argv[:1] if a in ("-v", "--verbose")]
+    if argv[len(verbose) : len(verbose) + 1] == ["enclave"]:
+        exec_enclave(argv[len(verbose) + 1 :] + verbose)
     if argv[:1] == ["bench"]:
         from bench.run import main as bench_main
 

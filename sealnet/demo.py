@@ -1,7 +1,9 @@
 """`sealnet demo`: the whole data path on the embedded data, from nothing, in a few minutes.
 
-owner: train baseline + Generator-protected model, keygen, license -> integrator: keystore, export ->
-edge: trusted module + KServe endpoint as child processes -> client queries; pirate runs public.onnx.
+owner: train baseline + protected model, keygen, license -> integrator: keystore, export -> edge: trusted module
++ KServe endpoint as child processes -> client queries; pirate runs public.onnx. `--method transform` (default)
+protects with the Generator transform; `--method sealed-head` puts a sealed head behind a public backbone and
+also measures stealing and the insider against black-box access (TEESlice protocol).
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ import grpc
 import numpy as np
 
 from attacks.direct_piracy import direct_piracy_accuracy
-from enclave_sim.keystore import KeystoreSpec, init_keystore
+from enclave_sim.keystore import init_keystore
+from enclave_sim.keystore_spec import KeystoreSpec
 from export.build_engine import build_bundle
 from protect.pipeline import protect_transform
 from protect.train import TrainConfig
 from runtime.client import InferenceClient
 from sealnet.data import mnist_embedded
 from sealnet.licenses import issue_license, load_owner_key, write_owner_key
-from sealnet.processes import free_port, sealnet_command, start_logged, stop_all
-
-MODEL_ID = "mnist-cnn-generator"
+from sealnet.processes import DEMO_MODEL_ID as MODEL_ID
+from sealnet.processes import SEALED_HEAD_DEMO_MODEL_ID, free_port, sealnet_command, start_logged, stop_all
 
 
 def _step(text: str) -> None:
@@ -47,7 +49,7 @@ def _query(
 
 
 def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, seed: int = 0,
-             keystore: str = "embedded", engine: str = "python") -> int:
+             keystore: str = "embedded", method: str = "transform", engine: str = "python") -> int:
     workdir = Path(workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -67,19 +69,47 @@ def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, s
             spec = KeystoreSpec("embedded", workdir / "keystore")
             enclave_keystore_args = ["--keystore-dir", str(workdir / "keystore")]
         return _run(workdir, spec, enclave_keystore_args, epochs=epochs, json_path=json_path, seed=seed,
-                    engine=engine)
+                    method=method, engine=engine)
+
+
+def _protect(method: str, data, workdir: Path, epochs: int, seed: int) -> tuple[str, dict]:
+    """Train the protected model into workdir/protected.pt: (model id, training metrics)."""
+    if method == "transform":
+        _step("owner: train the baseline and the Generator-protected model on the embedded MNIST subset")
+        ckpt = protect_transform(data, "generator", workdir / "protected.pt", TrainConfig(epochs=epochs, seed=seed))
+        return MODEL_ID, ckpt.metrics
+    from protect.sealed_head import protect_demo_sealed_head
+
+    _step("owner: a public backbone trained only on public data (scikit-learn's 8x8 digits, upscaled), then the "
+          "baseline and the sealed head on the frozen backbone's taps (embedded MNIST)")
+    ckpt = protect_demo_sealed_head(data, workdir, epochs=epochs, seed=seed)
+    return SEALED_HEAD_DEMO_MODEL_ID, ckpt.metrics
+
+
+def _stealing(bundle: Path, server_addr: str, enclave_addr: str, token: str, seed: int) -> dict:
+    """TEESlice protocol against the running deployment: thief and insider, each relative to black-box."""
+    from attacks.base import BUDGETS, Target
+    from attacks.teeslice import insider_imitation, teeslice_stealing
+
+    target = Target(bundle, endpoint=server_addr, enclave=enclave_addr, license=token, seed=seed)
+    out = bundle.parent / "report"
+    out.mkdir(exist_ok=True)
+    steal = teeslice_stealing(target, BUDGETS["small"], out).details["rows"]
+    insider = insider_imitation(target, BUDGETS["small"], out)
+    by_fraction = {round(r["fraction"], 4): r for r in steal}
+    return {"stealing_ratio_1pct": by_fraction[0.01]["ratio"], "stealing_ratio_10pct": by_fraction[0.1]["ratio"],
+            "stealing": steal, "insider_ratio": next(m.value for m in insider.metrics if m.name == "insider_ratio"),
+            "insider": insider.details}
 
 
 def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *, epochs: int,
-         json_path: Path | None, seed: int, engine: str = "python") -> int:
+         json_path: Path | None, seed: int, method: str, engine: str = "python") -> int:
     started = time.perf_counter()
-
-    _step("owner: train the baseline and the Generator-protected model on the embedded MNIST subset")
     data = mnist_embedded(seed=0)
-    ckpt = protect_transform(data, "generator", workdir / "protected.pt", TrainConfig(epochs=epochs, seed=seed))
+    model_id, metrics = _protect(method, data, workdir, epochs, seed)
     owner_key, _ = write_owner_key(workdir / "owner.key")
     signer = load_owner_key(owner_key)
-    license_ok = issue_license(signer, customer_id="acme", model_id=MODEL_ID, serial_number="SN-0001",
+    license_ok = issue_license(signer, customer_id="acme", model_id=model_id, serial_number="SN-0001",
                                valid_seconds=3600)
     license_other = issue_license(signer, customer_id="acme", model_id="another-model", serial_number="SN-0002",
                                   valid_seconds=3600)
@@ -88,7 +118,7 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
     if spec.backend == "embedded":
         init_keystore(spec.directory)
     manifest = build_bundle(workdir / "protected.pt", workdir / "bundle", owner_key=owner_key, keystore=spec,
-                            model_id=MODEL_ID)
+                            model_id=model_id)
 
     _step("edge host: start the trusted module (Unix socket) and the KServe v2 endpoint (loopback TCP)")
     enclave_addr = f"unix:{(workdir / 'enclave.sock').resolve()}"
@@ -107,7 +137,8 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         start_logged(sealnet_command("serve", "--bundle", str(workdir / "bundle"), "--enclave", enclave_addr,
                                      "--listen", server_addr, *engine_args), workdir / "logs" / "runtime.log"),
     ]
-    client = InferenceClient(server_addr, MODEL_ID)
+    client = InferenceClient(server_addr, model_id)
+    extra: dict = {}
     try:
         try:
             client.wait_ready(timeout=60)
@@ -124,8 +155,11 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         if engine == "triton":
             from runtime.triton.probe import http_infer, metric_families
 
-            triton = {"http_status": http_infer(http_addr, MODEL_ID, data.x_test[:8], license_ok)[0],
+            triton = {"http_status": http_infer(http_addr, model_id, data.x_test[:8], license_ok)[0],
                       "metrics": metric_families(metrics_url)}
+        if method == "sealed-head":
+            _step("thief and insider against black-box access (TEESlice protocol; trains small copies)")
+            extra = _stealing(workdir / "bundle", server_addr, enclave_addr, license_ok, seed)
     finally:
         client.close()
         stop_all(procs)
@@ -135,15 +169,17 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
 
     authorized = float((preds == data.y_test).mean()) if preds is not None else float("nan")
     result = {
-        "baseline_acc": ckpt.metrics["baseline_acc"],
+        "method": method,
+        "baseline_acc": metrics["baseline_acc"],
         "authorized_acc": authorized,
-        "authorized_torch_acc": ckpt.metrics["authorized_acc"],
+        "authorized_torch_acc": metrics["authorized_acc"],
         "pirate_raw_acc": pirate,
         "licensed_status": status_ok,
         "no_license_status": status_none,
         "wrong_license_status": status_other,
         "onnx_max_abs_diff": manifest["checks"]["onnx_max_abs_diff"],
         "test_items": int(len(data.y_test)),
+        **extra,
         "seconds": round(time.perf_counter() - started, 1),
         "engine": engine,
         **(triton if engine == "triton" else {}),
@@ -158,6 +194,10 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
     if engine == "triton":
         rows += [("Triton HTTP, licensed", f"HTTP {result['http_status']}"),
                  ("Triton metrics families (nv_*, sealnet_*)", str(len(result["metrics"])))]
+    if extra:
+        rows += [(f"thief with {p} of the labels / black-box", f"{extra[f'stealing_ratio_{k}']:.3f}x")
+                 for p, k in (("1%", "1pct"), ("10%", "10pct"))]
+        rows.append(("insider (module queries) / black-box", f"{extra['insider_ratio']:.3f}x"))
     width = max(len(r[0]) for r in rows)
     print(f"\n{'sealnet demo (1,000 test images)':<{width}}  result\n{'-' * width}  {'-' * 16}")
     for name, value in rows:
@@ -168,4 +208,7 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     ok = status_ok == "OK" and status_none != "OK" and status_other != "OK"
     ok = ok and (engine != "triton" or result["http_status"] == 200)
+    if extra:
+        print("\n(ratios: accuracy of the best copy / accuracy of the best black-box copy; <= 1.05 means a copy is "
+              f"worth no more than query access; plots in {workdir / 'report'}/)")
     return 0 if ok else 1

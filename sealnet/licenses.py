@@ -19,13 +19,22 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from sealnet.canonical import canonical_json
+
 TOKEN_PREFIX = "sn1"
 _SIGNING_CONTEXT = b"sealnet-license-v1\x00"
 MAX_TOKEN_CHARS = 4096
 
 
 class LicenseError(Exception):
-    """A license was malformed, forged, expired or issued for something else; the message says which."""
+    """A license was malformed, forged, expired or issued for something else; the message says which.
+
+    `license_id` is set only when the owner's signature verified (expired, other model, ...): then the id is
+    the owner's, not whatever a forger wrote, and may be counted against that license."""
+
+    def __init__(self, message: str, license_id: str | None = None):
+        super().__init__(message)
+        self.license_id = license_id
 
 
 @dataclass(frozen=True)
@@ -45,10 +54,16 @@ def _b64e(data: bytes) -> str:
 
 
 def _b64d(text: str, field: str) -> bytes:
+    """Decode unpadded base64url, accepting only the one canonical spelling: the decoder ignores the unused low
+    bits of the last character, so without the re-encoding check one token would have up to 16 spellings
+    (and anything keyed on the token string, e.g. a session cache or a deny-list, would see 16 licenses)."""
     try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+        data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
     except (ValueError, TypeError):
         raise LicenseError(f"license {field} is not valid base64url") from None
+    if _b64e(data) != text:
+        raise LicenseError(f"license {field} is not canonical base64url (unused bits set, or padding)")
+    return data
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -125,7 +140,7 @@ def issue_license(owner_key: Ed25519PrivateKey, *, customer_id: str, model_id: s
         serial_number=serial_number, issued_at=now, not_before=start, expires_at=start + int(valid_seconds),
         owner_key_id=key_id(owner_key.public_key()),
     )
-    payload = json.dumps(asdict(lic), sort_keys=True, separators=(",", ":")).encode()
+    payload = canonical_json(asdict(lic))
     signature = owner_key.sign(_SIGNING_CONTEXT + payload)
     return f"{TOKEN_PREFIX}.{_b64e(payload)}.{_b64e(signature)}"
 
@@ -170,9 +185,11 @@ def verify_license(token: str, owner_public_key: Ed25519PublicKey, *, model_id: 
     lic = _decode_payload(payload)
     t = time.time() if now is None else now
     if lic.model_id != model_id:
-        raise LicenseError(f"license is for model {lic.model_id!r}, this trusted module serves {model_id!r}")
+        raise LicenseError(f"license is for model {lic.model_id!r}, this trusted module serves {model_id!r}",
+                           lic.license_id)
     if t < lic.not_before:
-        raise LicenseError("license is not valid yet")
+        raise LicenseError("license is not valid yet", lic.license_id)
     if t >= lic.expires_at:
-        raise LicenseError(f"license expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(lic.expires_at))}")
+        raise LicenseError(f"license expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(lic.expires_at))}",
+                           lic.license_id)
     return lic

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+DEMO_MODEL_ID = "mnist-cnn-generator"  # the bundle `sealnet demo` and `sealnet attack --demo` build
+SEALED_HEAD_DEMO_MODEL_ID = "mnist-sealed-head"  # the same with --method sealed-head
+
 
 def free_port() -> int:
     """A TCP port free on loopback right now (the caller binds it soon after)."""

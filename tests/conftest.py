@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enclave_sim.keystore import KeystoreSpec, init_keystore
+from enclave_sim.keystore import init_keystore
+from enclave_sim.keystore_spec import KeystoreSpec
 from export.build_engine import build_bundle
 from protect.pipeline import protect_transform
 from protect.train import TrainConfig
@@ -106,6 +107,33 @@ def dsn_student(tmp_path_factory, digits, artefacts):
     return {"ckpt": ckpt, "path": root / "student.pt", "teacher": root / "teacher.pt", "root": root,
             "bundle": root / "bundle", "manifest": manifest,
             "serial_number": license_serial_number(ckpt.secret["commitment"])}
+
+
+SEALED_HEAD_MODEL_ID = "digits-sealed-head"
+SEALED_HEAD_BACKBONE = {"widths": [16, 32], "tap_grid": [2, 2]}  # 1x8x8 digits: stage maps 4x4 and 2x2
+
+
+@pytest.fixture(scope="session")
+def sealed_head(tmp_path_factory, digits, artefacts):
+    """A tiny sealed-head model (seeded random public backbone, head trained on the digits), its teacher and
+    its bundle (default `label` policy), exported with the session's owner key and keystore."""
+    from protect.backbones import make_public_backbone
+    from protect.checkpoint import save_checkpoint
+    from protect.sealed_head import SealedHeadConfig, protect_sealed_head
+    from protect.train import train_new_model
+
+    root = tmp_path_factory.mktemp("sealed-head")
+    weights = make_public_backbone("tap_cnn", 0, root / "backbone.pt", kind="random", input_shape=(1, 8, 8),
+                                   model_config=SEALED_HEAD_BACKBONE)
+    teacher, _ = train_new_model(digits, TINY_TRAIN, "simple_cnn", TINY)
+    cfg = SealedHeadConfig(hidden=(64,), epochs=30, batch_size=64, lr=3e-3, max_flops_ratio=10.0, max_drop=0.1)
+    ckpt = protect_sealed_head(digits, weights, "tap_cnn", cfg, teacher=teacher, progress=False,
+                               model_config=SEALED_HEAD_BACKBONE, log=lambda _: None)
+    save_checkpoint(ckpt, root / "sealed.pt")
+    manifest = build_bundle(root / "sealed.pt", root / "bundle", owner_key=artefacts["owner_key_path"],
+                            keystore=artefacts["keystore"], model_id=SEALED_HEAD_MODEL_ID, log=lambda *_: None)
+    return {"root": root, "ckpt": ckpt, "path": root / "sealed.pt", "weights": weights, "teacher": teacher,
+            "bundle": root / "bundle", "manifest": manifest}
 
 
 @pytest.fixture

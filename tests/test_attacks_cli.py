@@ -71,7 +71,7 @@ def test_whole_suite_writes_json_markdown_and_plots_without_leaking_the_license(
     assert summary and all(set(row) == {"attack", "metric", "value", "threshold", "passed"} for row in summary)
     assert code == (1 if any(row["passed"] is False for row in summary) else 0)
     ran = {a["attack"]: a for a in report["attacks"]}
-    assert ran["identity-rotation"]["skipped"].startswith("disruptive") and "skipped" in ran["fail-closed"]
+    assert "skipped" in ran["fail-closed"] and "skipped" not in ran["remote-lockout"]
     assert not [a for a in report["attacks"] if "error" in a]
     assert all(a["knowledge"] for a in report["attacks"])
     rows = {(r["attack"], r["metric"]): r for r in summary}
@@ -84,7 +84,9 @@ def test_whole_suite_writes_json_markdown_and_plots_without_leaking_the_license(
     assert table[0] == "| attack | metric | value | threshold | result |" and len(table) == len(summary) + 2
     assert table[2].startswith(f"| {summary[0]['attack']} | {summary[0]['metric']} |")
     plots = sorted(p.name for p in out.glob("*.png"))
-    assert plots == ["input_only.png", "model_stealing.png", "pair_attack.png", "protocol_fuzz.png"]
+    assert plots == ["input_only.png", "model_stealing.png", "pair_attack.png", "protocol_fuzz.png",
+                     "teeslice_stealing.png"]
+    assert rows[("teeslice-stealing", "steal_ratio@10%")]["threshold"] == "<= 1.05"
     # a license is a bearer credential: neither the token nor its signature appears anywhere we wrote
     signature = token.split(".")[2]
     for text in [printed.out, printed.err, *(p.read_text() for p in out.glob("report.*"))]:

@@ -13,7 +13,8 @@ from attacks.base import BUDGETS, Skip, Target
 from attacks.registry import get_attack, select
 from attacks.stealing import public_torch_model
 from enclave_sim import service as enclave_service
-from enclave_sim.keystore import KeystoreSpec, init_keystore
+from enclave_sim.keystore import init_keystore
+from enclave_sim.keystore_spec import KeystoreSpec
 from export.build_engine import build_bundle
 from protect.pipeline import protect_transform
 from protect.train import TrainConfig

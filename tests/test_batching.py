@@ -41,7 +41,8 @@ def _fake_module():
 
 
 def _requests(tokens: list[str], n: int = 9) -> list[Request]:
-    return [Request(tokens[i % len(tokens)], f"c{i}", np.full((1 + i % 2, 1, 2, 2), float(i), np.float32))
+    """n requests from one end client, cycling through `tokens` (the module is called per license and client)."""
+    return [Request(tokens[i % len(tokens)], "c", np.full((1 + i % 2, 1, 2, 2), float(i), np.float32))
             for i in range(n)]
 
 
@@ -124,7 +125,7 @@ def test_batcher_merges_concurrent_submissions_and_survives_worker_errors():
 def test_concurrent_clients_through_the_batching_runtime(artefacts, digits, short_tmp):
     addr = f"unix:{short_tmp / 'b.sock'}"
     enclave, module = enclave_service.serve(artefacts["bundle"], addr, artefacts["keystore"])
-    server, service = runtime_server.serve(artefacts["bundle"], "127.0.0.1:0", addr,
+    server, service = runtime_server.serve(artefacts["bundle"], "[::]:0", addr,
                                            batching=BatchingConfig(max_batch=32, max_queue_delay_ms=5))
     ckpt = artefacts["checkpoint"]
     model, transform = ckpt.build_public_model(), ckpt.build_transform()
@@ -135,8 +136,8 @@ def test_concurrent_clients_through_the_batching_runtime(artefacts, digits, shor
     errors: list[str] = []
     mismatches: list[int] = []
 
-    def worker(i):
-        client = triton.InferenceServerClient(f"127.0.0.1:{service.port}")
+    def worker(i):  # the client with the bad license comes from another address: its failures are its own
+        client = triton.InferenceServerClient(f"[::1]:{service.port}" if i == 0 else f"127.0.0.1:{service.port}")
         for j in range(10):
             x = digits.x_test[(i * 10 + j) % 300 :][:1 + j % 3]
             inp = triton.InferInput("input", list(x.shape), "FP32")

@@ -40,8 +40,10 @@ def test_enclave_refuses_to_start_on_a_tampered_bundle(bundle_copy, artefacts, s
     blob = bytearray((bundle_copy / "secrets.sealed").read_bytes())
     blob[40] ^= 0x80
     (bundle_copy / "secrets.sealed").write_bytes(bytes(blob))
-    code = main(["enclave", "--bundle", str(bundle_copy), "--keystore-dir", str(artefacts["keystore"].directory),
-                 "--listen", f"unix:{short_tmp / 's.sock'}"])
+    from enclave_sim.__main__ import main as enclave_main  # what `sealnet enclave` execs, run in this process
+
+    code = enclave_main(["--bundle", str(bundle_copy), "--keystore-dir", str(artefacts["keystore"].directory),
+                         "--listen", f"unix:{short_tmp / 's.sock'}", "--state-dir", str(short_tmp / "state")])
     assert code == 2 and "secrets.sealed does not match" in capsys.readouterr().err
 
 

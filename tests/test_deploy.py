@@ -4,6 +4,7 @@ Dockerfile's included, parses with sealnet's own CLI."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -30,12 +31,20 @@ def _pod_spec(doc: dict) -> dict:
     return doc["spec"]["template"]["spec"]
 
 
+def _enclave_parser() -> argparse.ArgumentParser:
+    from enclave_sim.__main__ import add_arguments
+
+    parser = argparse.ArgumentParser(prog="sealnet enclave", exit_on_error=False)
+    add_arguments(parser)
+    return parser
+
+
 def _check_pod(spec: dict) -> None:
     """Both containers parse as sealnet commands, share the socket's emptyDir, and Triton is probed for ready."""
-    parser = build_parser()
     triton, module = spec["containers"]
-    serve, enclave = parser.parse_args(triton["args"]), parser.parse_args(module["args"])
-    assert serve.command == "serve" and serve.engine == "triton" and enclave.command == "enclave"
+    serve = build_parser().parse_args(triton["args"])
+    assert serve.command == "serve" and serve.engine == "triton" and module["args"][0] == "enclave"
+    enclave = _enclave_parser().parse_args(module["args"][1:])  # `sealnet enclave` execs python -m enclave_sim
     assert serve.enclave == enclave.listen == f"unix:{SOCKET}"
     volumes = {v["name"]: v for v in spec["volumes"]}
     for container in (triton, module):

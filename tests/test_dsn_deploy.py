@@ -9,7 +9,7 @@ import torch
 from tritonclient.utils import InferenceServerException
 
 from sealnet.licenses import issue_license
-from sealnet.serial import StampSpec
+from sealnet.stamp import StampSpec
 from tests.conftest import DSN_MODEL_ID as MODEL_ID
 from tests.conftest import kserve_infer, serving
 

@@ -4,7 +4,8 @@ import random
 import pytest
 
 from enclave_sim.keystore import EmbeddedKeystore, KeystoreError, init_keystore
-from enclave_sim.measure import Measurement, chain_of, measurement_chain
+from enclave_sim.measure import measurement_chain
+from sealnet.evidence import Measurement, chain_of
 
 
 @pytest.fixture
@@ -68,22 +69,34 @@ def test_root_key_from_environment(monkeypatch):
         EmbeddedKeystore.open(None)
 
 
-def test_chain_covers_code_and_manifest(tmp_path):
+def test_chain_covers_code_interpreter_distributions_and_manifest(tmp_path):
     items, chain = measurement_chain(b"\x01" * 32)
-    assert items[-1].name == "bundle:manifest" and any(i.name.endswith("enclave_sim/service.py") for i in items)
+    names = [i.name for i in items]
+    assert names[-1] == "bundle:manifest" and "code:enclave_sim/service.py" in names
+    assert "code:sealnet/_grpc/enclave_pb2.py" in names and "code:sealnet/__init__.py" in names
+    assert any(n.startswith("python:cpython-") for n in names)
+    for dist in ("grpcio", "cryptography", "protobuf", "numpy", "onnxruntime"):
+        assert any(n.startswith(f"dist:{dist}==") for n in names), dist
+    assert not any(n.startswith(("code:runtime/", "code:protect/", "code:export/", "code:sealnet/cli"))
+                   for n in names)
     assert measurement_chain(b"\x02" * 32)[1] != chain
     # a copy of the trusted code with one changed byte measures differently
     import shutil
 
-    from enclave_sim.measure import _ROOT, TRUSTED_CODE
+    from enclave_sim.measure import _ROOT, import_closure
 
-    for rel in TRUSTED_CODE:
+    for rel in import_closure()[0]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(_ROOT / rel, tmp_path / rel)
     assert measurement_chain(b"\x01" * 32, root=tmp_path)[1] == chain
     with open(tmp_path / "enclave_sim/transform_graph.py", "a") as f:
         f.write("\n# changed\n")
     assert measurement_chain(b"\x01" * 32, root=tmp_path)[1] != chain
+    # a file that the module's code starts to import is measured without editing any list
+    (tmp_path / "sealnet/extra.py").write_text("X = 1\n")
+    with open(tmp_path / "enclave_sim/policy.py", "a") as f:
+        f.write("\n\ndef _lazy():\n    from sealnet.extra import X\n\n    return X\n")
+    assert "code:sealnet/extra.py" in [m.name for m in measurement_chain(b"\x01" * 32, root=tmp_path)[0]]
 
 
 def test_quote_signs_the_chain_over_the_nonce(store):

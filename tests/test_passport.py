@@ -11,6 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from evaluate.passport_eval import (
+    Evaluator,
+    callable_accuracy,
+    fake_accuracies,
+    run_passport_eval,
+    verify_ownership,
+)
 from protect.checkpoint import load_checkpoint
 from protect.models import available_models, create_model
 from protect.passport import (
@@ -32,13 +39,6 @@ from protect.passport import (
     signature_gammas,
     signature_to_bits,
     use_params,
-)
-from protect.passport_eval import (
-    Evaluator,
-    callable_accuracy,
-    fake_accuracies,
-    run_passport_eval,
-    verify_ownership,
 )
 from protect.passport_train import (
     PassportConfig,

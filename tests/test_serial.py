@@ -13,10 +13,10 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from evaluate.serial_eval import deployed_predict, run_serial_eval
 from protect.checkpoint import load_checkpoint
 from protect.models import create_model
 from protect.serial import DSNTrainingError, protect_dsn, stamp_torch, wrong_patterns
-from protect.serial_eval import deployed_predict, run_serial_eval
 from protect.train import TrainConfig, accuracy, train_plain
 from protect.watermark import WatermarkConfig, check_watermark, protect_watermark
 from sealnet.ca import CAError, endorse, find_endorsement, init_ca, load_ca_key, load_ca_public_key, load_registry
@@ -24,7 +24,6 @@ from sealnet.cli import main
 from sealnet.serial import (
     SerialError,
     SerialRecord,
-    StampSpec,
     _claim_payload,
     derive_pattern,
     derive_serial_vector,
@@ -36,11 +35,10 @@ from sealnet.serial import (
     match_serial,
     serial_path,
     sign_record,
-    stamp,
-    stamp_scale,
     trigger_path,
     verify_claim,
 )
+from sealnet.stamp import StampSpec, stamp, stamp_scale
 
 TINY = {"hidden": 128}
 DSN_TRAIN = TrainConfig(epochs=30, batch_size=64, lr=2e-3, seed=0, progress=False)

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from enclave_sim.keystore import EmbeddedKeystore, Evidence, Keystore, KeystoreError, KeystoreSpec, init_keystore
-from enclave_sim.measure import Measurement, chain_of
+from enclave_sim.keystore import EmbeddedKeystore, Keystore, KeystoreError, init_keystore
+from enclave_sim.keystore_spec import KeystoreSpec
 from enclave_sim.swtpm import SwtpmProcess, swtpm_unavailable
+from sealnet.evidence import Evidence, EvidenceError, Measurement, chain_of, verify_tpm_quote
 
 _REASON = swtpm_unavailable()
 if _REASON:
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key  # 
 from tpm2_pytss import ESAPI  # noqa: E402
 from tpm2_pytss.constants import TPM2_CAP, TPM2_HT  # noqa: E402
 
-from enclave_sim.tpm import MAGIC, TpmKeystore, verify_tpm_quote  # noqa: E402
+from enclave_sim.tpm import MAGIC, TpmKeystore  # noqa: E402
 
 MEASURED = [Measurement("code:a.py", b"\x01" * 32), Measurement("bundle:manifest", b"\x02" * 32)]
 CHANGED = MEASURED[:1] + [Measurement("bundle:manifest", b"\x03" * 32)]
@@ -144,20 +145,20 @@ def test_quote_verifies_only_for_its_nonce_and_chain(store):
     assert ev.format == "tpm2-quote-v1" and ev.chain == chain
     assert ev.public_key == store.attestation_public_key()
     assert verify_tpm_quote(ev, NONCE) == chain
-    with pytest.raises(KeystoreError, match="attestation refused: .*nonce"):
+    with pytest.raises(EvidenceError, match="attestation refused: .*nonce"):
         verify_tpm_quote(ev, b"m" * 32)
     tampered = bytearray(ev.quoted)
     tampered[-1] ^= 1
-    with pytest.raises(KeystoreError, match="attestation refused: .*signature"):
+    with pytest.raises(EvidenceError, match="attestation refused: .*signature"):
         verify_tpm_quote(Evidence(ev.format, ev.chain, bytes(tampered), ev.signature, ev.public_key), NONCE)
-    with pytest.raises(KeystoreError, match="attestation refused: .*chain"):
+    with pytest.raises(EvidenceError, match="attestation refused: .*chain"):
         verify_tpm_quote(Evidence(ev.format, chain_of(CHANGED), ev.quoted, ev.signature, ev.public_key), NONCE)
-    with pytest.raises(KeystoreError, match="attestation refused: .*format"):
+    with pytest.raises(EvidenceError, match="attestation refused: .*format"):
         verify_tpm_quote(Evidence("sealnet-ed25519-v1", ev.chain, ev.quoted, ev.signature, ev.public_key), NONCE)
     store.extend(CHANGED)  # the quote follows the PCR
     changed = store.quote(NONCE)
     assert verify_tpm_quote(changed, NONCE) == chain_of(CHANGED)
-    with pytest.raises(KeystoreError, match="attestation refused: .*signature"):
+    with pytest.raises(EvidenceError, match="attestation refused: .*signature"):
         verify_tpm_quote(Evidence(ev.format, ev.chain, ev.quoted, changed.signature, ev.public_key), NONCE)
 
 

@@ -14,7 +14,8 @@ if reason:
     pytest.skip(f"TPM backend not testable here: {reason}", allow_module_level=True)
 
 from enclave_sim import service as enclave_service  # noqa: E402
-from enclave_sim.keystore import KeystoreError, KeystoreSpec  # noqa: E402
+from enclave_sim.keystore import KeystoreError  # noqa: E402
+from enclave_sim.keystore_spec import KeystoreSpec  # noqa: E402
 from export.build_engine import build_bundle  # noqa: E402
 from runtime import server as runtime_server  # noqa: E402
 from runtime.enclave_client import EnclaveClient  # noqa: E402

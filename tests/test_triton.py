@@ -1,6 +1,7 @@
 """Serving bundles through NVIDIA Triton Inference Server (the pip tritonserver 2.51 on CPU, installed by ./dev):
-stock tritonclient over HTTP and gRPC, one Triton start for the module (transform over BLS, DSN and passport
-inline), real trusted modules on Unix sockets, the python engine as the reference."""
+stock tritonclient over HTTP and gRPC, one Triton start for the module (transform and sealed head with the
+public network as its own model over BLS, DSN and passport inline), real trusted modules on Unix sockets, the
+python engine as the reference."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from runtime.triton.repo import RepoOptions, protected_config, write_repository
 from runtime.triton.server import TritonServer, triton_unavailable_reason
 from sealnet.licenses import issue_license
 from sealnet.processes import free_port, sealnet_command
-from tests.conftest import DSN_MODEL_ID, MODEL_ID, PASSPORT_MODEL_ID
+from tests.conftest import DSN_MODEL_ID, MODEL_ID, PASSPORT_MODEL_ID, SEALED_HEAD_MODEL_ID
 
 MAX_FAILURES = 3  # the transform module's lockout threshold here (per end client)
 
@@ -110,7 +111,7 @@ class _Module:
 
 
 @pytest.fixture(scope="module")
-def deployment(artefacts, dsn_student, passport_bundle):
+def deployment(artefacts, dsn_student, passport_bundle, sealed_head):
     keystore = artefacts["keystore"]
     owner = artefacts["owner_key"]
     with tempfile.TemporaryDirectory(prefix="sn-tr-", dir="/tmp") as d, contextlib.ExitStack() as stack:
@@ -118,7 +119,8 @@ def deployment(artefacts, dsn_student, passport_bundle):
         os.chmod(root, 0o700)
         bundles = {MODEL_ID: (artefacts["bundle"], "bls", PolicyConfig(max_failures=MAX_FAILURES)),
                    DSN_MODEL_ID: (dsn_student["bundle"], "inline", PolicyConfig()),
-                   PASSPORT_MODEL_ID: (passport_bundle["bundle"], "inline", PolicyConfig())}
+                   PASSPORT_MODEL_ID: (passport_bundle["bundle"], "inline", PolicyConfig()),
+                   SEALED_HEAD_MODEL_ID: (sealed_head["bundle"], "bls", PolicyConfig())}
         modules, python_engine = {}, {}
         for i, (model, (bundle, network, policy)) in enumerate(bundles.items()):
             modules[model] = _Module(bundle, keystore, f"unix:{root / f'm{i}.sock'}", policy)
@@ -133,7 +135,9 @@ def deployment(artefacts, dsn_student, passport_bundle):
                   DSN_MODEL_ID: issue_license(owner, customer_id="acme", model_id=DSN_MODEL_ID,
                                               serial_number=dsn_student["serial_number"], valid_seconds=600),
                   PASSPORT_MODEL_ID: issue_license(owner, customer_id="acme", model_id=PASSPORT_MODEL_ID,
-                                                   serial_number="SN-1", valid_seconds=600)}
+                                                   serial_number="SN-1", valid_seconds=600),
+                  SEALED_HEAD_MODEL_ID: issue_license(owner, customer_id="acme", model_id=SEALED_HEAD_MODEL_ID,
+                                                      serial_number="SN-1", valid_seconds=600)}
         yield {"triton": triton, "modules": modules, "python": python_engine, "tokens": tokens, "root": root,
                "grpc": tgrpc.InferenceServerClient(triton.grpc_url),
                "http": thttp.InferenceServerClient(triton.http_url)}
@@ -146,24 +150,27 @@ def _grpc(client, model: str, x: np.ndarray, headers: dict | None) -> dict[str, 
     return {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
 
 
-def _http(client, model: str, x: np.ndarray, headers: dict | None) -> np.ndarray:
+def _http(client, model: str, x: np.ndarray, headers: dict | None, output: str = "logits") -> np.ndarray:
     inp = thttp.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
-    return client.infer(model, [inp], headers=headers).as_numpy("logits")
+    return client.infer(model, [inp], headers=headers).as_numpy(output)
 
 
 @needs_triton
-@pytest.mark.parametrize("model", [MODEL_ID, DSN_MODEL_ID, PASSPORT_MODEL_ID])
+@pytest.mark.parametrize("model", [MODEL_ID, DSN_MODEL_ID, PASSPORT_MODEL_ID, SEALED_HEAD_MODEL_ID])
 def test_licensed_http_and_grpc_answer_as_the_python_engine(deployment, digits, model):
     x = digits.x_test[:24]
     headers = {"sealnet-license": deployment["tokens"][model]}
-    want = _grpc(deployment["python"][model], model, x, headers)["logits"]
-    got_grpc = _grpc(deployment["grpc"], model, x, headers)
-    assert list(got_grpc) == ["logits"]
-    np.testing.assert_allclose(got_grpc["logits"], want, atol=1e-4)
-    np.testing.assert_allclose(_http(deployment["http"], model, x, {"Sealnet-License": headers["sealnet-license"]}),
-                               want, atol=1e-4)
-    assert float((want.argmax(1) == digits.y_test[:24]).mean()) > 0.7  # the real, licensed answer
+    want = _grpc(deployment["python"][model], model, x, headers)
+    got = _grpc(deployment["grpc"], model, x, headers)
+    assert list(got) == list(want) == (["label"] if model == SEALED_HEAD_MODEL_ID else ["logits"])
+    name = next(iter(want))
+    np.testing.assert_allclose(got[name], want[name], atol=1e-4)
+    assert got[name].dtype == want[name].dtype
+    np.testing.assert_allclose(_http(deployment["http"], model, x, {"Sealnet-License": headers["sealnet-license"]},
+                                     name), want[name], atol=1e-4)
+    labels = want[name].reshape(-1) if name == "label" else want[name].argmax(1)
+    assert float((labels == digits.y_test[:24]).mean()) > 0.7  # the real, licensed answer
     # what perf_analyzer-style tools read: the model's config and its statistics
     config = deployment["grpc"].get_model_config(model).config
     assert config.max_batch_size > 0 and config.HasField("dynamic_batching")

@@ -4,7 +4,8 @@ writes; runs only in the backend's stub process, where `triton_python_backend_ut
 Triton's dynamic batcher hands `execute` a list of requests; each is checked (license parameter, finite input),
 and the valid ones go to runtime.pipeline.Pipeline in one call, which groups them per license, calls the
 trusted module once per license and the public network once per merged batch, exactly as the python engine
-does. `initialize` attests the trusted module first (the python engine's own check), so the model, and with
+does. `initialize` runs the python engine's own start-up check (the manifest is the one the module measures, the
+module attests), so the model, and with
 `--strict-readiness` the server, is ready only after the module proved itself; a failed attestation fails the
 load and tritonserver exits. Metrics are Triton custom metrics on its metrics endpoint.
 """
@@ -21,13 +22,11 @@ import grpc
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from runtime.attestation import load_expected
-from runtime.enclave_client import EnclaveClient
 from runtime.errors import InternalError, RequestError, ServingError
 from runtime.pipeline import Pipeline, Request
-from runtime.server import attest_at_start
+from runtime.server import attested_enclave
 from runtime.triton.protocol import CODE_MAP, REASONS, credentials, error_message, refusal_reason
-from sealnet.bundle import EXPECTED_MEASUREMENTS, load_bundle
+from sealnet.bundle import load_bundle
 
 log = logging.getLogger("sealnet.triton")
 
@@ -87,10 +86,9 @@ class TritonPythonModel:
         self.metrics = Metrics(args["model_name"])
         self.client_header = params.get("client_header", "x-forwarded-for")
         tls = params.get("enclave_tls") or None
-        enclave = EnclaveClient(params["enclave"], tls_dir=Path(tls) if tls else None,
-                                expected=load_expected(bundle.path(EXPECTED_MEASUREMENTS)),
-                                observer=self.metrics.module_call)
-        attest_at_start(enclave, float(params.get("attest_timeout_s", "60")))
+        enclave = attested_enclave(bundle, params["enclave"], enclave_tls=Path(tls) if tls else None,
+                                   attest_timeout=float(params.get("attest_timeout_s", "60")),
+                                   observer=self.metrics.module_call)
         network = None
         target = params.get("public_network", "inline")
         if target.startswith("bls:"):

@@ -33,11 +33,18 @@ def build_options(args: argparse.Namespace, *, network: str, instances: int):
                        client_header=args.client_header)
 
 
+def _owner(args: argparse.Namespace):
+    from sealnet.licenses import load_public_key
+
+    return load_public_key(args.owner_public_key) if args.owner_public_key else None
+
+
 def cmd_triton_repo(args: argparse.Namespace) -> int:
     from runtime.triton.repo import write_repository
 
     dirs = write_repository(args.bundle, args.out, build_options(args, network=args.network,
-                                                                 instances=args.instances), force=args.force)
+                                                                 instances=args.instances), force=args.force,
+                            expected_owner=_owner(args))
     print(f"Triton model repository {args.out}: " + ", ".join(d.name for d in dirs))
     print(f"serve it: tritonserver --model-repository {args.out} "
           "--grpc-header-forward-pattern='^(sealnet-license|x-forwarded-for)$' "
@@ -67,7 +74,8 @@ def serve_triton(args: argparse.Namespace, stop: threading.Event) -> int:
     repo = args.triton_repo or work / "models"
     try:
         write_repository(args.bundle, repo, build_options(args, network=args.triton_network,
-                                                          instances=args.triton_instances), force=True)
+                                                          instances=args.triton_instances), force=True,
+                         expected_owner=_owner(args))
         server = TritonServer(repo, host=host, grpc_port=grpc_port, http_port=args.http_port,
                               metrics_port=args.metrics_port, log_path=args.triton_log or work / "tritonserver.log",
                               log_verbose=args.triton_log_verbose, client_header=args.client_header,
@@ -113,6 +121,7 @@ def add_triton_repo_parser(sub, default_enclave: str) -> None:
                    help="Triton max_batch_size (default: the bundle's max_batch)")
     p.add_argument("--max-queue-delay-ms", type=float, default=0.0, help="dynamic batching: longest wait")
     p.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)")
+    p.add_argument("--owner-public-key", type=Path, help="refuse a bundle not signed by this owner key")
     p.add_argument("--force", action="store_true", help="replace the bundle's model directories if present")
     _add_repo_options(p)
     p.set_defaults(func=cmd_triton_repo)

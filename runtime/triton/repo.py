@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from sealnet.bundle import PUBLIC_ONNX, Bundle, load_bundle
 
 PUBLIC_SUFFIX = "-public"
@@ -124,9 +126,11 @@ def public_configs(name: str, onnx_path: Path, max_batch: int, options: RepoOpti
     }
 
 
-def write_repository(bundle_dir: Path, out: Path, options: RepoOptions, *, force: bool = False) -> list[Path]:
-    """Write (or add to) a Triton model repository at `out`; returns the model directories written."""
-    bundle: Bundle = load_bundle(bundle_dir)
+def write_repository(bundle_dir: Path, out: Path, options: RepoOptions, *, force: bool = False,
+                     expected_owner: Ed25519PublicKey | None = None) -> list[Path]:
+    """Write (or add to) a Triton model repository at `out`; returns the model directories written.
+    `expected_owner`: refuse a bundle not signed by this owner key (as `serve --owner-public-key`)."""
+    bundle: Bundle = load_bundle(bundle_dir, expected_owner=expected_owner)
     manifest = bundle.manifest
     if options.network not in ("inline", "bls"):
         raise ValueError(f"--network {options.network!r}: expected 'inline' or 'bls'")

@@ -50,7 +50,8 @@ from protect.serial import (
 from protect.train import TrainConfig, accuracy, seed_everything, train_new_model
 from protect.watermark import check_watermark
 from sealnet.data import Dataset
-from sealnet.serial import SerialRecord, StampSpec
+from sealnet.serial import SerialRecord
+from sealnet.stamp import StampSpec
 
 Predict = Callable[[np.ndarray], np.ndarray]
 FRACTIONS = (0.1, 0.2, 0.3, 0.4)
@@ -334,8 +335,8 @@ def deployed_predict(checkpoint: Path, data_dir: Path | None = None) -> Iterator
     """predict(x) -> logits through the real data path: the DSN checkpoint exported with a fresh key and
     keystore, the trusted module and the KServe v2 runtime served locally, queried over gRPC with a license
     carrying the student's customer id and serial number (the module stamps the inputs)."""
+    from evaluate.deployment import local_deployment
     from protect.checkpoint import load_checkpoint
-    from sealnet.deployment import local_deployment
     from sealnet.serial import license_serial_number
 
     secret = load_checkpoint(checkpoint).secret

@@ -252,18 +252,6 @@ def add_verify_serial_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--registry", type=Path, help="CA registry; with --ca-public-key, also check the endorsement")
     g.add_argument("--ca-public-key", type=Path)
     g.add_argument("--owner-public-key", type=Path, help="claimed owner (default: the trigger file's owner key)")
-    p.set_defaults(func=cmd_verify_any)
-
-
-def cmd_verify_any(args: argparse.Namespace) -> int:
-    if args.trigger is None:
-        if (args.checkpoint is None and args.bundle is None) or args.signature is None:
-            raise SystemExit("sealnet verify: give --checkpoint (or --bundle) and --signature (passport), or "
-                             "--trigger with --onnx or --endpoint (serial-number watermark)")
-        from protect.passport_cli import cmd_verify
-
-        return cmd_verify(args)
-    return cmd_verify_watermark(args)
 
 
 def suspect_predict(args: argparse.Namespace, model_id: str) -> Any:
@@ -386,8 +374,8 @@ def add_serial_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serial_eval(args: argparse.Namespace) -> int:
+    from evaluate.serial_eval import markdown_report, run_serial_eval
     from protect.checkpoint import load_checkpoint
-    from protect.serial_eval import markdown_report, run_serial_eval
     from sealnet.data import load_dataset
 
     if args.dsn is None and args.watermark is None:
@@ -414,7 +402,7 @@ def cmd_serial_eval(args: argparse.Namespace) -> int:
                 stack.callback(client.close)
                 dsn_kwargs["grpc_predict"] = lambda x: client.infer(x, token)
             elif not args.no_deploy:
-                from protect.serial_eval import deployed_predict
+                from evaluate.serial_eval import deployed_predict
 
                 dsn_kwargs["grpc_predict"] = stack.enter_context(deployed_predict(args.dsn, args.data_dir))
         r = run_serial_eval(data, args.out, dsn=dsn, watermark=wm, dsn_kwargs=dsn_kwargs,

@@ -611,7 +611,7 @@ def deployed_accuracy(checkpoint_path: Path | None, scheme: str, data: Dataset, 
                                  "trusted module"}
     if checkpoint_path is None:
         return {"deployed_note": "not measured (no checkpoint path given)"}
-    from sealnet.deployment import local_deployment
+    from evaluate.deployment import local_deployment
 
     with local_deployment(checkpoint_path, data_dir=data_dir) as dep:
         return {"deployed_acc": dep.accuracy(data.x_test, data.y_test, dep.license()),

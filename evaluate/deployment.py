@@ -15,7 +15,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from enclave_sim.keystore import KeystoreSpec, init_keystore
+from enclave_sim.keystore import init_keystore
+from enclave_sim.keystore_spec import KeystoreSpec
 from export.build_engine import build_bundle
 from runtime.client import InferenceClient
 from runtime.onnx_session import ort_accuracy, ort_session
@@ -28,6 +29,8 @@ class LocalDeployment:
     bundle: Path
     manifest: dict[str, Any]
     client: InferenceClient
+    endpoint: str  # HOST:PORT of the KServe v2 endpoint
+    enclave: str  # unix:PATH of the trusted module
     _owner_key: Any
 
     @property
@@ -79,4 +82,5 @@ def local_deployment(checkpoint: Path, *, model_id: str | None = None, data_dir:
         client = InferenceClient(f"127.0.0.1:{service.port}", manifest["model_id"])
         stack.callback(client.close)
         client.wait_ready(timeout=30)
-        yield LocalDeployment(workdir / "bundle", manifest, client, load_owner_key(key_path))
+        yield LocalDeployment(workdir / "bundle", manifest, client, f"127.0.0.1:{service.port}", enclave_addr,
+                              load_owner_key(key_path))

@@ -11,11 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SCHEMES = ("v1", "v2", "v3")
-PASSPORT_TYPES = ("random", "fixed", "shuffled")
-PASSPORT_FNS = ("gamma", "beta", "both")
-PASSPORT_MODELS = ("alexnet_p", "cnn_p", "resnet18_p")
-DEFAULT_SIGNATURE = "sealnet:owner"  # 13 ASCII characters = 104 bits
+from protect import DEFAULT_SIGNATURE, PASSPORT_FNS, PASSPORT_MODELS, PASSPORT_TYPES, SCHEMES
 
 
 # -- sealnet protect --method passport ------------------------------------------------------------------------
@@ -100,8 +96,8 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from evaluate.passport_eval import verify_checkpoint
     from protect.checkpoint import load_checkpoint
-    from protect.passport_eval import verify_checkpoint
     from protect.passport_train import default_passport_path
     from sealnet.data import load_dataset
 
@@ -111,7 +107,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset or ckpt.dataset, args.data_dir, seed=ckpt.seed)
     trigger_predict, close = None, None
     if args.onnx or args.endpoint:  # V3: the trigger set goes to the suspect
-        from protect.serial_cli import suspect_predict
+        from sealnet.serial_cli import suspect_predict
 
         trigger_predict, close = suspect_predict(args, ckpt.model_name)
     try:
@@ -125,7 +121,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _verify_bundle(args: argparse.Namespace) -> int:
-    from protect.passport_eval import verify_bundle
+    from evaluate.passport_eval import verify_bundle
     from sealnet.bundle import load_bundle
     from sealnet.data import load_dataset
 
@@ -181,8 +177,8 @@ def add_passport_eval_parser(sub: argparse._SubParsersAction) -> argparse.Argume
 
 
 def cmd_passport_eval(args: argparse.Namespace) -> int:
+    from evaluate.passport_eval import markdown_report, run_passport_eval
     from protect.checkpoint import load_checkpoint
-    from protect.passport_eval import markdown_report, run_passport_eval
     from protect.passport_train import default_passport_path, load_passport_file
     from sealnet.data import load_dataset
 

@@ -34,8 +34,6 @@ def add_attack_parser(sub) -> None:
     p.add_argument("--owner-key", type=Path, help="owner signing key, if lent for the test: mints expired / "
                                                  "other-model licenses")
     p.add_argument("--revoked-license-file", type=Path, help="a license the trusted module has revoked")
-    p.add_argument("--allow-disruptive", action="store_true",
-                   help="allow probes that lock the runtime's caller identity for the lockout window")
     p.add_argument("--enclave-pid", type=int, help="the trusted module's process id: allows the suite to SIGKILL "
                                                   "it to test fail-closed behaviour (it is not restarted)")
     p.add_argument("--data-dir", type=Path, help="local data when the bundle's dataset needs it")
@@ -45,6 +43,8 @@ def add_attack_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=Path("runs/attack-demo"), help="--demo: where to build (replaced)")
     p.add_argument("--epochs", type=int, default=8, help="--demo: training epochs")
+    p.add_argument("--method", choices=["transform", "sealed-head"], default="transform",
+                   help="--demo: the protection method of the demo bundle")
     p.set_defaults(func=cmd_attack)
 
 
@@ -118,14 +118,14 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.demo:
         from attacks.demo_target import demo_target
 
-        with demo_target(args.workdir, epochs=args.epochs, seed=args.seed) as target:
+        with demo_target(args.workdir, epochs=args.epochs, seed=args.seed, method=args.method) as target:
             report = run_attacks(target, attacks, budget, args.out, only_applicable=not args.attack)
     else:
         from sealnet.licenses import load_owner_key
 
         target = Target(
             args.bundle, endpoint=args.endpoint, enclave=args.enclave, enclave_tls=args.enclave_tls,
-            data_dir=args.data_dir, seed=args.seed, allow_disruptive=args.allow_disruptive,
+            data_dir=args.data_dir, seed=args.seed,
             license=_read_token(args.license_file, "--license-file"),
             owner_key=load_owner_key(args.owner_key) if args.owner_key else None,
             revoked_license=_read_token(args.revoked_license_file, "--revoked-license-file"),

@@ -1,0 +1,121 @@
+"""Stealing vs black-box access (TEESlice protocol) for every deployable method, over several seeds.
+
+    python scripts/teeslice_table.py --seeds 3 --out runs/teeslice      (./dev sealnet ... for the environment)
+
+For each seed and method it trains the protected model with the documented command (`sealnet protect`, embedded
+MNIST, default settings, that seed; a fresh owner key per seed), deploys it locally (trusted module + runtime),
+and runs the `teeslice-stealing` attack (and `insider-imitation` for the sealed head) against the deployment.
+Writes teeslice.json (every row), teeslice.md (mean [min, max] per method and data fraction) and teeslice.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from attacks.base import BUDGETS, Target  # noqa: E402
+from attacks.plots import grouped_bars  # noqa: E402
+from attacks.teeslice import insider_imitation, teeslice_stealing  # noqa: E402
+from evaluate.deployment import local_deployment  # noqa: E402
+
+METHODS = ("transform", "passport", "dsn", "sealed-head")
+
+
+def _sealnet(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "sealnet", *args], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
+def protect(method: str, seed: int, work: Path) -> Path:
+    """The checkpoint of `method` made with the documented command and this seed."""
+    out = work / f"{method}.pt"
+    common = ["--seed", str(seed), "--out", str(out)]
+    if method == "transform":
+        _sealnet("protect", "--method", "transform", "--variant", "generator", *common)
+    elif method == "passport":
+        _sealnet("protect", "--method", "passport", "--scheme", "v1", *common)
+    elif method == "dsn":
+        _sealnet("license", "keygen", str(work / "dsn-owner.key"))
+        _sealnet("protect", "--method", "dsn", "--owner-key", str(work / "dsn-owner.key"), "--customer", "acme",
+                 "--model-id", "mnist-dsn", *common)
+    else:
+        _sealnet("backbone", "make", "--source", "digits", "--seed", str(seed), "--out", str(work / "backbone.pt"))
+        _sealnet("protect", "--method", "sealed-head", "--backbone-weights", str(work / "backbone.pt"), *common)
+    return out
+
+
+def measure(method: str, seed: int, work: Path) -> dict:
+    ckpt = protect(method, seed, work)
+    with local_deployment(ckpt, workdir=work / f"{method}-deploy") as dep:
+        manifest = dep.manifest
+        token = (dep.license(manifest["customer_id"], manifest["serial_number"]) if method == "dsn"
+                 else dep.license())
+        target = Target(dep.bundle, endpoint=dep.endpoint, enclave=dep.enclave, license=token, seed=seed)
+        report = work / f"{method}-report"
+        report.mkdir(exist_ok=True)
+        row = {"method": method, "seed": seed, "authorized_acc": dep.accuracy(target.data.x_test, target.data.y_test,
+                                                                                token),
+               "stealing": teeslice_stealing(target, BUDGETS["small"], report).details["rows"]}
+        if method == "sealed-head":
+            insider = insider_imitation(target, BUDGETS["small"], report)
+            row["insider_ratio"] = next(m.value for m in insider.metrics if m.name == "insider_ratio")
+            row["insider"] = insider.details
+    return row
+
+
+def _spread(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+def summarise(rows: list[dict], out: Path, seeds: int) -> None:
+    fractions = [r["fraction"] for r in rows[0]["stealing"]]
+    lines = [f"Stealing vs black-box, {seeds} seed(s): mean [min, max] of best copy / best black-box copy "
+             "(PASS at <= 1.05; `python scripts/teeslice_table.py`)", "",
+             "| method | authorized | " + " | ".join(f"thief / black-box at {f:.1%}" for f in fractions)
+             + " | insider / black-box |", "|---|---|" + "---|" * (len(fractions) + 1)]
+    means: dict[str, list[float]] = {}
+    for method in METHODS:
+        mine = [r for r in rows if r["method"] == method]
+        if not mine:
+            continue
+        cells = []
+        for i, _ in enumerate(fractions):
+            ratios = [r["stealing"][i]["ratio"] for r in mine]
+            cells.append(_spread(ratios))
+            means.setdefault(method, []).append(float(np.mean(ratios)))
+        insider = [r["insider_ratio"] for r in mine if "insider_ratio" in r]
+        acc = [r["authorized_acc"] for r in mine]
+        lines.append(f"| {method} | {_spread(acc)} | " + " | ".join(cells)
+                     + f" | {_spread(insider) if insider else 'see the method attacks'} |")
+    (out / "teeslice.md").write_text("\n".join(lines) + "\n")
+    grouped_bars(out / "teeslice.png", [f"{f:.1%}" for f in fractions], means,
+                 title="Best copy / best black-box copy (mean over seeds)", ylabel="ratio", lines={"1.05": 1.05})
+    print("\n".join(lines))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "teeslice")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in range(args.seeds):
+        for method in args.methods:
+            print(f"== seed {seed}: {method}", flush=True)
+            rows.append(measure(method, seed, args.out / f"seed{seed}"))
+            (args.out / "teeslice.json").write_text(json.dumps(rows, indent=1) + "\n")
+    summarise(rows, args.out, args.seeds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
