@@ -46,6 +46,8 @@ fi
 tt="$home/server/pytriton/tritonserver"
 minor=$("$sys_py" -c "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')")
 cp "$tt/python_backend_stubs/$minor/triton_python_backend_stub" "$tt/backends/python/"
-"$home/venv/bin/python" -c "import numpy, onnxruntime, grpc, cryptography, runtime.pipeline" \
+venv_py="$(cd "$home/venv" && pwd)/bin/python"
+# from / so that the checkout is found through the .pth file, as the backend's stub finds it
+(cd / && "$venv_py" -c "import numpy, onnxruntime, grpc, cryptography, runtime.triton.repo, runtime.server") \
   || { echo "[triton] set-up of $home/venv failed: see the pip messages above" >&2; exit 1; }
 echo "$want" > "$stamp"
