@@ -93,8 +93,9 @@ class TritonPythonModel:
         target = params.get("public_network", "inline")
         if target.startswith("bls:"):
             network = BlsNetwork(target.removeprefix("bls:"), config)
+        providers = ["auto"] if params.get("providers", "auto") == "auto" else ["CPUExecutionProvider"]
         self.pipeline = Pipeline(bundle, enclave, ort_threads=int(params.get("ort_threads", "0")),
-                                 providers=["auto"], network=network)
+                                 providers=providers, network=network)
         self.input_name = self.pipeline.input_name
         log.info("sealnet model %s ready: trusted module at %s attested, public network %s", bundle.model_id,
                  params["enclave"], target)

@@ -30,7 +30,7 @@ def build_options(args: argparse.Namespace, *, network: str, instances: int):
                        max_batch_size=args.triton_max_batch_size,
                        max_queue_delay_us=int(round(args.max_queue_delay_ms * 1000)), instances=instances,
                        ort_threads=args.ort_threads, attest_timeout_s=args.attest_timeout,
-                       client_header=args.client_header)
+                       client_header=args.client_header, providers=args.providers)
 
 
 def _owner(args: argparse.Namespace):
@@ -64,9 +64,10 @@ def serve_triton(args: argparse.Namespace, stop: threading.Event) -> int:
     from runtime.triton.repo import write_repository
     from runtime.triton.server import TritonServer
 
-    if args.onnx or args.benchmark_bypass_trusted_module or args.no_batching:
-        raise ValueError("--engine triton serves a bundle through its trusted module; --onnx, "
-                         "--benchmark-bypass-trusted-module and --no-batching are python-engine options")
+    if args.onnx or args.benchmark_bypass_trusted_module or args.no_batching or args.expected_measurements:
+        raise ValueError("--engine triton serves a bundle through its trusted module with the bundle's own expected "
+                         "measurements; --onnx, --benchmark-bypass-trusted-module, --no-batching and "
+                         "--expected-measurements are python-engine options")
     if not args.bundle:
         raise ValueError("serve: --bundle is required")
     host, grpc_port = _host_port(args.listen)
@@ -121,6 +122,8 @@ def add_triton_repo_parser(sub, default_enclave: str) -> None:
                    help="Triton max_batch_size (default: the bundle's max_batch)")
     p.add_argument("--max-queue-delay-ms", type=float, default=0.0, help="dynamic batching: longest wait")
     p.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: default)")
+    p.add_argument("--providers", choices=["auto", "cpu"], default="auto",
+                   help="auto: TensorRT / CUDA execution providers when present, else CPU")
     p.add_argument("--owner-public-key", type=Path, help="refuse a bundle not signed by this owner key")
     p.add_argument("--force", action="store_true", help="replace the bundle's model directories if present")
     _add_repo_options(p)

@@ -18,7 +18,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        self.session = ort_session(path, threads=int(params.get("ort_threads", "0")), providers=["auto"])
+        providers = ["auto"] if params.get("providers", "auto") == "auto" else ["CPUExecutionProvider"]
+        self.session = ort_session(path, threads=int(params.get("ort_threads", "0")), providers=providers)
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
 

@@ -52,6 +52,7 @@ class RepoOptions:
     ort_threads: int = 0  # ONNX Runtime intra-op threads (0: ONNX Runtime's default)
     attest_timeout_s: float = 60.0
     client_header: str = "x-forwarded-for"  # forwarded header naming the end client (lockout identity)
+    providers: str = "auto"  # ONNX Runtime: "auto" (TensorRT / CUDA when present) or "cpu"
 
 
 def _dims(shape: list[int]) -> str:
@@ -86,6 +87,7 @@ def protected_config(manifest: dict[str, Any], options: RepoOptions, public_mode
         "attest_timeout_s": f"{options.attest_timeout_s:g}",
         "public_network": f"bls:{public_model}" if public_model else "inline",
         "ort_threads": str(options.ort_threads),
+        "providers": options.providers,
         "client_header": options.client_header.lower(),
     }
     return (f'name: "{manifest["model_id"]}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
@@ -118,7 +120,7 @@ def public_configs(name: str, onnx_path: Path, max_batch: int, options: RepoOpti
     return {
         "config.pbtxt": head + 'backend: "python"\n' + common
         + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
-        + _parameters({"ort_threads": str(options.ort_threads)}) + "\n",
+        + _parameters({"ort_threads": str(options.ort_threads), "providers": options.providers}) + "\n",
         "configs/onnxruntime.pbtxt": head + 'platform: "onnxruntime_onnx"\n' + common
         + "instance_group [ { kind: KIND_AUTO count: 1 } ]\n",
         "configs/tensorrt.pbtxt": head + 'platform: "tensorrt_plan"\ndefault_model_filename: "model.plan"\n' + common
