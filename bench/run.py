@@ -7,7 +7,9 @@ sizes and client concurrencies for
   (c) protected:   the sealnet runtime with the trusted module on a Unix socket;
   (d) kserve:      KServe's Python model server (PyPI `kserve`, its own virtualenv) serving the same ONNX
                    model over the same v2 gRPC protocol;
-driving (b)-(d) with the same closed-loop client (bench/load.py) in its own process on the same loopback.
+  (e) triton:      the protected model on NVIDIA Triton Inference Server (`serve --engine triton`: Triton's C++
+                   front-end and dynamic batcher, the same pipeline in its Python backend, the same module);
+driving (b)-(e) with the same closed-loop client (bench/load.py) in its own process on the same loopback.
 It also times one training epoch per protection method against plain training. Writes bench.json,
 bench.md and bench.png into --out and prints the ratios.
 """
@@ -34,6 +36,10 @@ TARGETS = {
     "protected_vs_unprotected_b64": (">=", 0.95),
     "protected_vs_limit_b64": (">=", 0.85),
     "protected_vs_kserve_b1_c16": (">=", 3.0),
+    "triton_vs_kserve_b1_c16": (">=", 2.5),
+    "triton_p99_vs_kserve_b1_c16": ("<=", 0.8),
+    "triton_vs_kserve_b64_c4": (">=", 1.0),
+    "triton_vs_limit_b64": (">=", 0.85),
 }
 
 
@@ -132,11 +138,12 @@ def _wait_ready(target: str, procs: list[subprocess.Popen], timeout: float = 90)
 
 
 def measure_server(system: str, fixture: dict[str, Path], work: Path, batches: list[int], concurrency: list[int],
-                   duration: float, warmup: float) -> list[dict[str, Any]]:
+                   duration: float, warmup: float, triton_network: str = "inline") -> list[dict[str, Any]]:
     port = free_port()
     target = f"127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
     license_args: list[str] = []
+    metrics_port = 0  # Triton's, for the per-configuration breakdown
     bundle = str(fixture["bundle"])
     if system == "protected":
         sock = work / f"enclave-{port}.sock"
@@ -149,6 +156,18 @@ def measure_server(system: str, fixture: dict[str, Path], work: Path, batches: l
     elif system == "unprotected":
         runtime = sealnet_command("serve", "--bundle", bundle, "--listen", target, "--benchmark-bypass-trusted-module")
         procs.append(start_logged(runtime, work / "runtime-unprotected.log"))
+    elif system == "triton":
+        metrics_port = free_port()
+        sock = work / f"enclave-{port}.sock"
+        enclave = sealnet_command("enclave", "--bundle", bundle, "--keystore-dir", str(fixture["keystore"]),
+                                  "--listen", f"unix:{sock}", "--state-dir", str(work / "state-triton"))
+        procs.append(start_logged(enclave, work / "enclave-triton.log"))
+        runtime = sealnet_command("serve", "--engine", "triton", "--bundle", bundle, "--enclave", f"unix:{sock}",
+                                  "--listen", target, "--http-port", str(free_port()), "--metrics-port",
+                                  str(metrics_port), "--triton-log", str(work / "tritonserver.log"),
+                                  "--triton-network", triton_network)
+        procs.append(start_logged(runtime, work / "runtime-triton.log"))
+        license_args = ["--license-file", str(fixture["license"])]
     elif system == "kserve":
         kserve = [str(KSERVE_VENV / "bin" / "python"), str(ROOT / "bench" / "kserve_server.py"), "--onnx",
                   str(fixture["bundle"] / "public.onnx"), "--model", MODEL_ID, "--grpc-port", str(port),
@@ -161,15 +180,51 @@ def measure_server(system: str, fixture: dict[str, Path], work: Path, batches: l
         _wait_ready(target, procs)
         for batch in batches:
             for conc in concurrency:
+                before = _triton_counters(metrics_port) if system == "triton" else None
                 row = {"system": system, **_load(["--target", target, "--model", MODEL_ID, "--batch", str(batch),
                                                   "--concurrency", str(conc), "--duration", str(duration),
                                                   "--warmup", str(warmup), *license_args])}
+                if before is not None:
+                    row["triton_breakdown"] = _breakdown(before, _triton_counters(metrics_port))
                 rows.append(row)
                 _log(f"{system:<11} b{batch:<3} c{conc:<3} {row['items_per_s']:8.0f} items/s  "
                      f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  errors {row['errors']}")
     finally:
         stop_all(procs)
     return rows
+
+
+def _triton_counters(metrics_port: int) -> dict[str, float]:
+    """Triton's cumulative per-model counters and sealnet's trusted-module histogram sums, from one scrape."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for name, labels, value in re.findall(r"^(\w+)\{([^}]*)\} (\S+)$", text, re.M):
+        if f'model="{MODEL_ID}"' not in labels:
+            continue
+        if name.startswith("nv_inference_") or name.startswith("sealnet_trusted_module_rpc_duration_us_"):
+            rpc = re.search(r'rpc="(\w+)"', labels)
+            out[name + (f"/{rpc.group(1)}" if rpc else "")] = float(value)
+    return out
+
+
+def _breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Where one configuration's time went inside Triton: per request (queue, input, backend execute, output),
+    items per backend execution (the batches the dynamic batcher formed), and the trusted-module RPC mean."""
+    def delta(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    requests, executions = delta("nv_inference_request_success"), delta("nv_inference_exec_count")
+    calls = delta("sealnet_trusted_module_rpc_duration_us_count/Preprocess")
+    per_request = {k: delta(f"nv_inference_{k}_duration_us") / requests if requests else None
+                   for k in ("queue", "compute_input", "compute_infer", "compute_output", "request")}
+    return {**{f"{k}_us_per_request": v for k, v in per_request.items()},
+            "items_per_execution": delta("nv_inference_count") / executions if executions else None,
+            "module_preprocess_us_per_call": delta("sealnet_trusted_module_rpc_duration_us_sum/Preprocess") / calls
+            if calls else None}
 
 
 def measure_training(epochs: int = 1) -> dict[str, float]:
@@ -204,21 +259,32 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     c64, b64, a64 = _find(rows, "protected", 64, 4), _find(rows, "unprotected", 64, 4), _find(rows, "limit", 64, 1)
     c1_16, d1_16 = _find(rows, "protected", 1, 16), _find(rows, "kserve", 1, 16)
+    e1_16, e64, d64 = _find(rows, "triton", 1, 16), _find(rows, "triton", 64, 4), _find(rows, "kserve", 64, 4)
     a1, c1 = _find(rows, "limit", 1, 1), _find(rows, "protected", 1, 1)
     s = {
         "protected_vs_unprotected_b64": ratio(c64, b64),
         "protected_vs_limit_b64": ratio(c64, a64),
         "protected_vs_kserve_b1_c16": ratio(c1_16, d1_16),
+        "triton_vs_kserve_b1_c16": ratio(e1_16, d1_16),
+        "triton_p99_vs_kserve_b1_c16": e1_16["p99_ms"] / d1_16["p99_ms"] if e1_16 and d1_16 and d1_16["p99_ms"]
+        else None,
+        "triton_vs_kserve_b64_c4": ratio(e64, d64),
+        "triton_vs_limit_b64": ratio(e64, a64),
+        "p99_ms_b1_c16_triton": e1_16 and e1_16["p99_ms"],
         "p99_ms_b1_c16_protected": c1_16 and c1_16["p99_ms"],
         "p99_ms_b1_c16_kserve": d1_16 and d1_16["p99_ms"],
         "p99_ms_b1_limit": a1 and a1["p99_ms"],
         "p99_ms_b1_protected": c1 and c1["p99_ms"],
     }
-    checks = {k: (v is not None and v >= TARGETS[k][1]) for k, v in s.items() if k in TARGETS}
+    checks = {k: _meets(v, *TARGETS[k]) for k, v in s.items() if k in TARGETS}
     if s["p99_ms_b1_c16_protected"] is not None and s["p99_ms_b1_c16_kserve"] is not None:
         checks["p99_b1_c16_protected_le_kserve"] = s["p99_ms_b1_c16_protected"] <= s["p99_ms_b1_c16_kserve"]
     s["targets_met"] = checks
     return s
+
+
+def _meets(value: float | None, op: str, target: float) -> bool:
+    return value is not None and (value >= target if op == ">=" else value <= target)
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:
@@ -227,10 +293,11 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     s = report["summary"]
     lines = ["# sealnet serving benchmark", "", f"Machine: {report['machine']}. Rerun: `{report['command']}`.", "",
              "| ratio / latency | value | target | met |", "|---|---|---|---|"]
-    for key, (_, target) in TARGETS.items():
+    for key, (op, target) in TARGETS.items():
         v = s[key]
-        lines.append(f"| {key} | {'n/a' if v is None else f'{v:.2f}'} | >= {target} | {s['targets_met'].get(key)} |")
-    for key in ("p99_ms_b1_c16_protected", "p99_ms_b1_c16_kserve", "p99_ms_b1_limit", "p99_ms_b1_protected"):
+        lines.append(f"| {key} | {'n/a' if v is None else f'{v:.2f}'} | {op} {target} | {s['targets_met'].get(key)} |")
+    for key in ("p99_ms_b1_c16_protected", "p99_ms_b1_c16_kserve", "p99_ms_b1_c16_triton", "p99_ms_b1_limit",
+                "p99_ms_b1_protected"):
         v = s[key]
         lines.append(f"| {key} | {'n/a' if v is None else f'{v:.2f} ms'} | | |")
     lines += ["", "b64 ratios at concurrency 4; the limit (a) is one in-process caller.", "",
@@ -238,6 +305,18 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
     for r in report["results"]:
         lines.append(f"| {r['system']} | {r['batch']} | {r['concurrency']} | {r['items_per_s']:.0f} | "
                      f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} |")
+    breakdown = [r for r in report["results"] if r.get("triton_breakdown")]
+    if breakdown:
+        lines += ["", "Inside Triton (e), per request, from its metrics (µs): queue / input / backend execute / "
+                  "output, items per backend execution, trusted-module Preprocess per call.", "",
+                  "| batch | clients | queue | input | execute | output | items/exec | module |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in breakdown:
+            b = r["triton_breakdown"]
+            cells = [b["queue_us_per_request"], b["compute_input_us_per_request"], b["compute_infer_us_per_request"],
+                     b["compute_output_us_per_request"], b["items_per_execution"], b["module_preprocess_us_per_call"]]
+            lines.append(f"| {r['batch']} | {r['concurrency']} | "
+                         + " | ".join("n/a" if c is None else f"{c:.0f}" for c in cells) + " |")
     if report.get("training_s_per_epoch"):
         plain = report["training_s_per_epoch"]["plain"]
         lines += ["", "| training | s/epoch | x plain |", "|---|---|---|"]
@@ -254,7 +333,8 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems = [s for s in ("limit", "unprotected", "protected", "kserve") if any(r["system"] == s for r in rows)]
+    systems = [s for s in ("limit", "unprotected", "protected", "kserve", "triton")
+               if any(r["system"] == s for r in rows)]
     configs = sorted({(r["batch"], r["concurrency"]) for r in rows if r["system"] != "limit"})
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / len(systems)
@@ -287,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--epochs", type=int, default=1, help="training epochs of the benchmark model")
     p.add_argument("--skip-kserve", action="store_true")
+    p.add_argument("--skip-triton", action="store_true", help="skip the protected model on Triton (e)")
+    p.add_argument("--triton-network", choices=["inline", "bls"], default="inline",
+                   help="(e): public network inside the protected model, or as its own model called through BLS")
     p.add_argument("--skip-training", action="store_true", help="skip the training-cost measurement")
     p.add_argument("--json", type=Path, help="also write the summary + results JSON here")
     args = p.parse_args(argv)
@@ -304,8 +387,19 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"KServe (d) not measured: {reason}")
     else:
         systems.append("kserve")
+    if args.skip_triton:
+        notes.append("Triton (e) skipped (--skip-triton).")
+    else:
+        from runtime.triton.server import triton_unavailable_reason
+
+        if reason := triton_unavailable_reason():
+            notes.append(f"Triton (e) not measured: {reason}")
+        else:
+            systems.append("triton")
+            notes.append(f"Triton (e): public network {args.triton_network} (--triton-network).")
     for system in systems:
-        rows += measure_server(system, fixture, work, batches, concurrency, args.duration, args.warmup)
+        rows += measure_server(system, fixture, work, batches, concurrency, args.duration, args.warmup,
+                               args.triton_network)
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "command": "sealnet bench " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -320,10 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({**report["summary"], "results": rows}, indent=2) + "\n")
     s = report["summary"]
-    for key in TARGETS:
+    for key, (op, target) in TARGETS.items():
         v = s[key]
-        print(f"{key:<32} {'n/a' if v is None else f'{v:.2f}':>8}  (target >= {TARGETS[key][1]})")
-    print(f"p99 b1 c16: protected {s['p99_ms_b1_c16_protected']} ms, kserve {s['p99_ms_b1_c16_kserve']} ms; "
+        print(f"{key:<32} {'n/a' if v is None else f'{v:.2f}':>8}  (target {op} {target})")
+    print(f"p99 b1 c16: protected {s['p99_ms_b1_c16_protected']} ms, triton {s['p99_ms_b1_c16_triton']} ms, "
+          f"kserve {s['p99_ms_b1_c16_kserve']} ms; "
           f"report in {args.out}/bench.md ({report['seconds']} s)")
     return 0
 

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,16 @@ def client_credentials(tls_dir: Path, name: str = "runtime") -> grpc.ChannelCred
                                         certificate_chain=files["crt"].read_bytes())
 
 
+# (rpc name, seconds, status code or None on success): what a metrics exporter needs, never a tensor or a token
+CallObserver = Callable[[str, float, grpc.StatusCode | None], None]
+
+
 class EnclaveClient:
     def __init__(self, address: str, *, timeout: float = 10.0, tls_dir: Path | None = None,
-                 tls_name: str = "runtime", expected: dict[str, Any] | None = None):
+                 tls_name: str = "runtime", expected: dict[str, Any] | None = None,
+                 observer: CallObserver | None = None):
         self.address = address
+        self.observer = observer
         self.timeout = timeout
         self.expected = expected
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -73,16 +80,24 @@ class EnclaveClient:
         self._channel.close()
 
     def _call(self, method, request, metadata=None):
+        started = time.perf_counter()
         try:
-            return method(request, timeout=self.timeout, metadata=metadata)
+            reply = method(request, timeout=self.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             code = exc.code()
+            self._observe(request, started, code)
             if code in _UNREACHABLE:
                 if self.expected is not None:
                     self._attested = False  # whoever answers next must prove itself again
                 raise EnclaveError(grpc.StatusCode.UNAVAILABLE,
                                    "trusted module unavailable; no result computed without it") from None
             raise EnclaveError(code, exc.details() or code.name) from None
+        self._observe(request, started, None)
+        return reply
+
+    def _observe(self, request, started: float, code: grpc.StatusCode | None) -> None:
+        if self.observer is not None:
+            self.observer(type(request).__name__.removesuffix("Request"), time.perf_counter() - started, code)
 
     def health(self) -> enclave_pb2.HealthResponse:
         return self._call(self._stub.Health, enclave_pb2.HealthRequest())

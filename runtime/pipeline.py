@@ -48,7 +48,10 @@ class Pipeline:
     """Holds the public network's ONNX Runtime session and the trusted-module client of one bundle."""
 
     def __init__(self, bundle: Bundle, enclave: EnclaveClient | None, *, ort_threads: int = 0,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, network: Network | None = None):
+        """`network` runs the public network elsewhere (e.g. Triton's own ONNX Runtime / TensorRT model over
+        BLS) instead of an in-process ONNX Runtime session; passport bundles cannot: their weights change with
+        the trusted module's gamma/beta."""
         manifest = bundle.manifest
         self.bundle = bundle
         self.enclave = enclave
@@ -59,7 +62,12 @@ class Pipeline:
         self.outputs: list[dict[str, Any]] = manifest["outputs"]
         self.max_batch = int(manifest.get("max_batch", 1024))
         self._ort_threads, self._providers = ort_threads, providers or ["auto"]
-        self.session = ort_session(bundle.path(PUBLIC_ONNX), threads=ort_threads, providers=self._providers)
+        if network is not None and self.method == "passport":
+            raise ValueError("passport bundles run the public network in-process (the trusted module's gamma/beta "
+                             "replace its weights per session); serve them without an external network")
+        self._network = network
+        self.session = None if network else ort_session(bundle.path(PUBLIC_ONNX), threads=ort_threads,
+                                                        providers=self._providers)
         if self.method == "passport":
             self._public_model = onnx.load(str(bundle.path(PUBLIC_ONNX)))
             self._param_names = list(manifest["passport_params"])
@@ -107,6 +115,8 @@ class Pipeline:
 
     def run_network(self, batch: np.ndarray) -> np.ndarray:
         """The public network (or backbone) on a merged batch: logits, or features for a sealed head."""
+        if self._network is not None:
+            return np.asarray(self._network(batch), dtype="<f4")
         return self.session.run(None, {self.input_name: batch})[0].astype("<f4", copy=False)
 
 

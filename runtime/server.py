@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import sealnet
 from runtime.batching import DEFAULT_BATCHING, BatchingConfig, DynamicBatcher
-from runtime.enclave_client import EnclaveClient
+from runtime.enclave_client import CallObserver, EnclaveClient
 from runtime.errors import AttestationFailed, EnclaveError, RequestError, ServingError
 from runtime.pipeline import Pipeline
 from sealnet._grpc import inference_pb2, inference_pb2_grpc
@@ -245,6 +245,20 @@ def attest_at_start(enclave: EnclaveClient, timeout: float) -> None:
             time.sleep(0.2)
 
 
+def attested_enclave(bundle: Bundle, enclave_address: str, *, enclave_tls: Path | None = None,
+                     expected_measurements: Path | None = None, attest_timeout: float = 60.0,
+                     observer: CallObserver | None = None) -> EnclaveClient:
+    """Every engine's start-up check: the manifest served is the one the trusted module measures, and the module
+    attests against the expected measurements (waiting up to `attest_timeout` for it); AttestationError if not."""
+    from runtime.attestation import check_manifest_measured, load_expected
+
+    expected = load_expected(expected_measurements or bundle.path(EXPECTED_MEASUREMENTS))
+    check_manifest_measured(expected, bundle.manifest)
+    enclave = EnclaveClient(enclave_address, tls_dir=enclave_tls, expected=expected, observer=observer)
+    attest_at_start(enclave, attest_timeout)
+    return enclave
+
+
 class RuntimeServer:
     """The asyncio gRPC server on its own event-loop thread, with the blocking surface of grpc.Server
     (stop, wait_for_termination) that the CLI and tests use."""
@@ -305,15 +319,11 @@ def serve(bundle_dir: Path, address: str, enclave_address: str | None, *, ort_th
     owner's key from outside the bundle: then even a whole bundle re-exported by someone else is refused).
     `enclave_address=None` is the benchmark-only bypass (see InferenceService); `batching=None` serves each
     request on its own."""
-    from runtime.attestation import check_manifest_measured, load_expected
-
     bundle = load_bundle(bundle_dir, expected_owner=owner_public_key)
     enclave = None
     if enclave_address is not None:
-        expected = load_expected(expected_measurements or bundle.path(EXPECTED_MEASUREMENTS))
-        check_manifest_measured(expected, bundle.manifest)
-        enclave = EnclaveClient(enclave_address, tls_dir=enclave_tls, expected=expected)
-        attest_at_start(enclave, attest_timeout)
+        enclave = attested_enclave(bundle, enclave_address, enclave_tls=enclave_tls,
+                                   expected_measurements=expected_measurements, attest_timeout=attest_timeout)
     else:
         log.warning("BENCHMARK BYPASS: serving the public network on raw inputs without the trusted module "
                     "(answers are near chance; for measuring the trusted module's cost only)")

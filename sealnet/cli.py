@@ -174,6 +174,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sealnet.licenses import load_public_key
     from sealnet.rpc import stop_on_signals, wait_forever
 
+    if args.engine == "triton":
+        from runtime.triton.cli import serve_triton
+
+        return serve_triton(args, stop_on_signals())
     if args.onnx:
         from runtime.server import serve_unprotected
 
@@ -246,7 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sealnet.demo import run_demo
 
     return run_demo(args.workdir, epochs=args.epochs, json_path=args.json, seed=args.seed, keystore=args.keystore,
-                    method=args.method)
+                    method=args.method, engine=args.engine)
 
 
 # -- parser ----------------------------------------------------------------------------------------------
@@ -341,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_attest)
 
     p = sub.add_parser("serve", help="run the KServe v2 inference endpoint")
+    p.add_argument("--engine", choices=["python", "triton"], default="python",
+                   help="python: sealnet's asyncio gRPC server (default); triton: NVIDIA Triton Inference Server "
+                        "with the same pipeline in its Python backend (gRPC + HTTP + metrics)")
     p.add_argument("--bundle", type=Path, help="the bundle to serve through the trusted module")
     p.add_argument("--onnx", type=Path, help="instead: serve this bare ONNX model UNPROTECTED (what a pirate's "
                                              "deployment looks like; for `sealnet verify --endpoint` and experiments)")
@@ -365,7 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: TensorRT / CUDA execution providers when present, else CPU")
     p.add_argument("--benchmark-bypass-trusted-module", action="store_true",
                    help="MEASUREMENT ONLY: run the public network on raw inputs (near-chance answers)")
+    from runtime.triton.cli import add_serve_triton_arguments, add_triton_repo_parser
+
+    add_serve_triton_arguments(p)
     p.set_defaults(func=cmd_serve)
+    add_triton_repo_parser(sub, default_enclave_address())
 
     p = sub.add_parser("infer", help="query an endpoint with test images or a .npy batch")
     p.add_argument("--server", default="127.0.0.1:8001")
@@ -390,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tpm: seal to a software TPM (swtpm) started for the demo")
     p.add_argument("--method", choices=["transform", "sealed-head"], default="transform",
                    help="sealed-head: public backbone + sealed head, plus the stealing and insider measurements")
+    p.add_argument("--engine", choices=["python", "triton"], default="python",
+                   help="triton: serve on NVIDIA Triton Inference Server (./dev installs it)")
     p.set_defaults(func=cmd_demo)
 
     from sealnet.attack_cli import add_attack_parser

@@ -38,16 +38,18 @@ def _step(text: str) -> None:
 def _query(
     client: InferenceClient, x: np.ndarray, token: str | None, batch: int = 100
 ) -> tuple[np.ndarray | None, str]:
-    """Predictions and 'OK', or (None, gRPC status name) when the server refuses."""
+    """Predictions and 'OK', or (None, status name) when the server refuses; behind Triton, whose codes lack
+    sealnet's, the status is the first word of the message."""
     try:
         preds = [client.predict_labels(x[i : i + batch], token) for i in range(0, len(x), batch)]
     except grpc.RpcError as exc:
-        return None, f"{exc.code().name}"
+        first = (exc.details() or "").split(":", 1)[0]
+        return None, first if first in grpc.StatusCode.__members__ else exc.code().name
     return np.concatenate(preds), "OK"
 
 
 def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, seed: int = 0,
-             keystore: str = "embedded", method: str = "transform") -> int:
+             keystore: str = "embedded", method: str = "transform", engine: str = "python") -> int:
     workdir = Path(workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -67,7 +69,7 @@ def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, s
             spec = KeystoreSpec("embedded", workdir / "keystore")
             enclave_keystore_args = ["--keystore-dir", str(workdir / "keystore")]
         return _run(workdir, spec, enclave_keystore_args, epochs=epochs, json_path=json_path, seed=seed,
-                    method=method)
+                    method=method, engine=engine)
 
 
 def _protect(method: str, data, workdir: Path, epochs: int, seed: int) -> tuple[str, dict]:
@@ -101,7 +103,7 @@ def _stealing(bundle: Path, server_addr: str, enclave_addr: str, token: str, see
 
 
 def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *, epochs: int,
-         json_path: Path | None, seed: int, method: str) -> int:
+         json_path: Path | None, seed: int, method: str, engine: str = "python") -> int:
     started = time.perf_counter()
     data = mnist_embedded(seed=0)
     model_id, metrics = _protect(method, data, workdir, epochs, seed)
@@ -121,13 +123,19 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
     _step("edge host: start the trusted module (Unix socket) and the KServe v2 endpoint (loopback TCP)")
     enclave_addr = f"unix:{(workdir / 'enclave.sock').resolve()}"
     server_addr = f"127.0.0.1:{free_port()}"
+    http_addr, metrics_url, engine_args = "", "", []
+    if engine == "triton":
+        http_addr, metrics_port = f"127.0.0.1:{free_port()}", free_port()
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        engine_args = ["--engine", "triton", "--http-port", http_addr.rsplit(":", 1)[1], "--metrics-port",
+                       str(metrics_port), "--triton-log", str(workdir / "logs" / "tritonserver.log")]
     procs = [
         start_logged(sealnet_command("enclave", "--bundle", str(workdir / "bundle"), *enclave_keystore_args,
                                      "--listen", enclave_addr, "--state-dir", str(workdir / "state"),
                                      "--audit-log", str(workdir / "logs" / "audit.jsonl")),
                      workdir / "logs" / "enclave.log"),
         start_logged(sealnet_command("serve", "--bundle", str(workdir / "bundle"), "--enclave", enclave_addr,
-                                     "--listen", server_addr), workdir / "logs" / "runtime.log"),
+                                     "--listen", server_addr, *engine_args), workdir / "logs" / "runtime.log"),
     ]
     client = InferenceClient(server_addr, model_id)
     extra: dict = {}
@@ -144,6 +152,11 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         preds, status_ok = _query(client, data.x_test, license_ok)
         _, status_none = _query(client, data.x_test[:8], None)
         _, status_other = _query(client, data.x_test[:8], license_other)
+        if engine == "triton":
+            from runtime.triton.probe import http_infer, metric_families
+
+            triton = {"http_status": http_infer(http_addr, model_id, data.x_test[:8], license_ok)[0],
+                      "metrics": metric_families(metrics_url)}
         if method == "sealed-head":
             _step("thief and insider against black-box access (TEESlice protocol; trains small copies)")
             extra = _stealing(workdir / "bundle", server_addr, enclave_addr, license_ok, seed)
@@ -168,6 +181,8 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         "test_items": int(len(data.y_test)),
         **extra,
         "seconds": round(time.perf_counter() - started, 1),
+        "engine": engine,
+        **(triton if engine == "triton" else {}),
     }
     rows = [
         ("baseline (unprotected CNN, torch)", f"{result['baseline_acc']:.2%}"),
@@ -176,6 +191,9 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         ("no license", f"rejected: {status_none}"),
         ("license for another model", f"rejected: {status_other}"),
     ]
+    if engine == "triton":
+        rows += [("Triton HTTP, licensed", f"HTTP {result['http_status']}"),
+                 ("Triton metrics families (nv_*, sealnet_*)", str(len(result["metrics"])))]
     if extra:
         rows += [(f"thief with {p} of the labels / black-box", f"{extra[f'stealing_ratio_{k}']:.3f}x")
                  for p, k in (("1%", "1pct"), ("10%", "10pct"))]
@@ -189,6 +207,7 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     ok = status_ok == "OK" and status_none != "OK" and status_other != "OK"
+    ok = ok and (engine != "triton" or result["http_status"] == 200)
     if extra:
         print("\n(ratios: accuracy of the best copy / accuracy of the best black-box copy; <= 1.05 means a copy is "
               f"worth no more than query access; plots in {workdir / 'report'}/)")

@@ -25,7 +25,8 @@ def _modules() -> dict[str, Path]:
     out = {}
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT)
-        if rel.parts[0] not in RANK or "_grpc" in rel.parts:
+        if rel.parts[0] not in RANK or "_grpc" in rel.parts or any(part.startswith(".") for part in rel.parts):
+            # hidden directories are environments (bench/.kserve-venv), not the project's code
             continue
         name = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
         out[name] = path
