@@ -40,9 +40,13 @@ def _metrics(outcome) -> dict:
 
 def test_registry_has_passport_and_dsn_attacks():
     assert [a.name for a in select("model") if a.applies_to("passport")] == [
-        "passport-utility", "passport-direct-piracy", "passport-random-params", "passport-insider-params"]
+        "passport-utility", "passport-direct-piracy", "passport-random-params", "passport-insider-params",
+        "teeslice-stealing"]
     assert [a.name for a in select("model") if a.applies_to("dsn")] == [
-        "dsn-utility", "dsn-direct-piracy", "dsn-pattern-search", "dsn-recenter", "dsn-stamp-copy", "model-stealing"]
+        "dsn-utility", "dsn-direct-piracy", "dsn-pattern-search", "dsn-recenter", "dsn-stamp-copy", "model-stealing",
+        "teeslice-stealing"]
+    assert [a.name for a in select("model") if a.applies_to("sealed-head")] == ["teeslice-stealing",
+                                                                                 "insider-imitation"]
 
 
 def test_passport_attacks(served, passport_bundle, passport_v1, tmp_path):

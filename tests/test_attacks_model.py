@@ -69,9 +69,10 @@ def _metrics(outcome) -> dict:
 
 def test_registry_lists_model_attacks_for_the_transform_method():
     names = [a.name for a in select("model") if a.applies_to("transform")]
-    assert names == ["utility", "direct-piracy", "input-only", "one-pair", "pair-attack", "model-stealing"]
+    assert names == ["utility", "direct-piracy", "input-only", "one-pair", "pair-attack", "model-stealing",
+                     "teeslice-stealing"]
     shared = [a.name for a in select("model") if a.name in names and (a.applies_to("passport") or a.applies_to("dsn"))]
-    assert shared == ["model-stealing"]  # a DSN student is a complete network too: fine-tuning it is the same attack
+    assert shared == ["model-stealing", "teeslice-stealing"]  # a DSN student is a complete network too: fine-tuning it is the same attack
     assert all(a.knowledge and a.targets for a in select("all"))
 
 
