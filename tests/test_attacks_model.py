@@ -72,7 +72,8 @@ def test_registry_lists_model_attacks_for_the_transform_method():
     assert names == ["utility", "direct-piracy", "input-only", "one-pair", "pair-attack", "model-stealing",
                      "teeslice-stealing"]
     shared = [a.name for a in select("model") if a.name in names and (a.applies_to("passport") or a.applies_to("dsn"))]
-    assert shared == ["model-stealing", "teeslice-stealing"]  # a DSN student is a complete network too: fine-tuning it is the same attack
+    # a DSN student is a complete network too: fine-tuning it is the same attack
+    assert shared == ["model-stealing", "teeslice-stealing"]
     assert all(a.knowledge and a.targets for a in select("all"))
 
 
