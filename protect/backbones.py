@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from protect.models import create_model, register_model
+from protect.train import TrainConfig, _epochs
 
 # Training counters, not weights: they never reach an inference graph, so the digest leaves them out.
 _NOT_WEIGHTS = ("num_batches_tracked",)
@@ -231,7 +232,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_on_public_digits(backbone: nn.Module, input_shape: tuple[int, int, int], seed: int, epochs: int = 8,
-                           batch_size: int = 64, lr: float = 2e-3) -> float:
+                           batch_size: int = 64, lr: float = 2e-3, progress: bool = True) -> float:
     """Train `backbone` + a throw-away linear classifier on the augmented 8x8 digits; returns their
     training-set accuracy (without augmentation), a sanity check that the backbone learnt something."""
     x, y = (torch.from_numpy(a) for a in public_digits(input_shape))
@@ -243,7 +244,8 @@ def train_on_public_digits(backbone: nn.Module, input_shape: tuple[int, int, int
     opt = torch.optim.Adam(list(backbone.parameters()) + list(classifier.parameters()), lr=lr)
     steps = epochs * -(-len(x) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    for _ in range(epochs):
+    for _, bar in _epochs(TrainConfig(epochs=epochs, progress=progress), "public backbone (8x8 digits)",
+                          -(-len(x) // batch_size)):
         backbone.train()
         for idx in torch.randperm(len(x), generator=gen).split(batch_size):
             loss = F.cross_entropy(classifier(backbone(_augment(x[idx], gen))), y[idx])
@@ -251,6 +253,7 @@ def train_on_public_digits(backbone: nn.Module, input_shape: tuple[int, int, int
             loss.backward()
             opt.step()
             sched.step()
+            bar.update(1)
     backbone.eval()
     with torch.no_grad():
         return float((classifier(extract_features(backbone, x.numpy())).argmax(1) == y).float().mean())
