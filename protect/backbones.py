@@ -55,9 +55,9 @@ def _pool(x: torch.Tensor, grid: int) -> torch.Tensor:
 class TapCNN(nn.Module):
     """conv3x3 -> BN -> ReLU -> maxpool2 per stage; taps: each stage's output average-pooled to `tap_grid[i]`.
 
-    For 1x28x28 inputs with the default widths (64, 128, 256): stage outputs 14x14, 7x7, 3x3."""
+    For 1x28x28 inputs with the default widths (32, 64, 128): stage outputs 14x14, 7x7, 3x3."""
 
-    def __init__(self, input_shape: tuple[int, int, int], widths: Sequence[int] = (64, 128, 256),
+    def __init__(self, input_shape: tuple[int, int, int], widths: Sequence[int] = (32, 64, 128),
                  tap_grid: Sequence[int] = (2, 3, 3)):
         super().__init__()
         if len(tap_grid) != len(widths):
