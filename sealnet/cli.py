@@ -197,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server, service = serve(args.bundle, args.listen, enclave, ort_threads=args.ort_threads,
                             enclave_tls=args.enclave_tls, expected_measurements=args.expected_measurements,
                             attest_timeout=args.attest_timeout, batching=batching,
-                            providers=["auto"] if args.providers == "auto" else None,
+                            providers=["auto"] if args.providers == "auto" else ["CPUExecutionProvider"],
                             owner_public_key=load_public_key(args.owner_public_key) if args.owner_public_key else None)
     providers = ",".join(service.pipeline.session.get_providers())
     print(f"KServe v2 endpoint for {service.model_id} on {args.listen} (trusted module {enclave}, {providers})",
