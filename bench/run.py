@@ -32,6 +32,7 @@ from sealnet.processes import free_port, sealnet_command, start_logged, stop_all
 ROOT = Path(__file__).resolve().parent.parent
 KSERVE_VENV = ROOT / "bench" / ".kserve-venv"
 MODEL_ID = "bench-cnn-generator"
+SEALED_HEAD_MODEL_ID = "bench-sealed-head"
 TARGETS = {
     "protected_vs_unprotected_b64": (">=", 0.95),
     "protected_vs_limit_b64": (">=", 0.85),
@@ -48,12 +49,16 @@ def _log(msg: str) -> None:
 
 
 # -- set-up ----------------------------------------------------------------------------------------------
-def build_fixture(work: Path, epochs: int) -> dict[str, Path]:
-    """A Generator-protected simple CNN on the embedded data, its bundle, a keystore and a license."""
+def build_fixture(work: Path, epochs: int) -> dict[str, Any]:
+    """A Generator-protected simple CNN on the embedded data, its bundle, a keystore and a license; under
+    "sealed-head" the same for a sealed head behind the tap_cnn backbone (module after the network)."""
     from enclave_sim.keystore import init_keystore
     from enclave_sim.keystore_spec import KeystoreSpec
     from export.build_engine import build_bundle
+    from protect.backbones import make_public_backbone
+    from protect.checkpoint import save_checkpoint
     from protect.pipeline import protect_transform
+    from protect.sealed_head import SealedHeadConfig, protect_sealed_head
     from protect.train import TrainConfig
     from sealnet.data import mnist_embedded
     from sealnet.licenses import issue_license, load_owner_key, write_owner_key
@@ -74,7 +79,24 @@ def build_fixture(work: Path, epochs: int) -> dict[str, Path]:
     token = issue_license(load_owner_key(key), customer_id="bench", model_id=MODEL_ID, serial_number="B-1",
                           valid_seconds=86400)
     (work / "license").write_text(token + "\n")
-    return {"bundle": work / "bundle", "keystore": work / "keystore", "license": work / "license"}
+    fixture = {"bundle": work / "bundle", "keystore": work / "keystore", "license": work / "license"}
+    _log(f"training the sealed-head benchmark model (seeded random public backbone, {epochs}-epoch teacher)")
+    sealed = work / "sealed-head"
+    sealed.mkdir()
+    weights = make_public_backbone("tap_cnn", 0, sealed / "backbone.pt", kind="random")
+    # Timing only, as above: the head's accuracy is not judged here (max_drop=1).
+    ckpt = protect_sealed_head(mnist_embedded(), weights, "tap_cnn",
+                               SealedHeadConfig(teacher_epochs=epochs, epochs=max(epochs, 1), max_drop=1.0),
+                               progress=False, log=lambda *_: None)
+    save_checkpoint(ckpt, sealed / "protected.pt")
+    build_bundle(sealed / "protected.pt", sealed / "bundle", owner_key=key, keystore=KeystoreSpec("embedded",
+                 work / "keystore"), model_id=SEALED_HEAD_MODEL_ID, min_authorized_acc=0.0, log=lambda *_: None)
+    token = issue_license(load_owner_key(key), customer_id="bench", model_id=SEALED_HEAD_MODEL_ID,
+                          serial_number="B-2", valid_seconds=86400)
+    (sealed / "license").write_text(token + "\n")
+    fixture["sealed-head"] = {"bundle": sealed / "bundle", "keystore": work / "keystore",
+                              "license": sealed / "license", "model_id": SEALED_HEAD_MODEL_ID}
+    return fixture
 
 
 def ensure_kserve() -> str | None:
@@ -137,8 +159,10 @@ def _wait_ready(target: str, procs: list[subprocess.Popen], timeout: float = 90)
         channel.close()
 
 
-def measure_server(system: str, fixture: dict[str, Path], work: Path, batches: list[int], concurrency: list[int],
-                   duration: float, warmup: float, triton_network: str = "inline") -> list[dict[str, Any]]:
+def measure_server(system: str, fixture: dict[str, Any], work: Path, batches: list[int], concurrency: list[int],
+                   duration: float, warmup: float, triton_network: str = "inline",
+                   label: str | None = None) -> list[dict[str, Any]]:
+    """Serve `fixture`'s bundle as `system` and drive it; rows are named `label` (default: the system)."""
     port = free_port()
     target = f"127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
@@ -181,13 +205,14 @@ def measure_server(system: str, fixture: dict[str, Path], work: Path, batches: l
         for batch in batches:
             for conc in concurrency:
                 before = _triton_counters(metrics_port) if system == "triton" else None
-                row = {"system": system, **_load(["--target", target, "--model", MODEL_ID, "--batch", str(batch),
+                row = {"system": label or system, **_load(["--target", target, "--model",
+                                                           fixture.get("model_id", MODEL_ID), "--batch", str(batch),
                                                   "--concurrency", str(conc), "--duration", str(duration),
                                                   "--warmup", str(warmup), *license_args])}
                 if before is not None:
                     row["triton_breakdown"] = _breakdown(before, _triton_counters(metrics_port))
                 rows.append(row)
-                _log(f"{system:<11} b{batch:<3} c{conc:<3} {row['items_per_s']:8.0f} items/s  "
+                _log(f"{label or system:<11} b{batch:<3} c{conc:<3} {row['items_per_s']:8.0f} items/s  "
                      f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  errors {row['errors']}")
     finally:
         stop_all(procs)
@@ -261,6 +286,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     c1_16, d1_16 = _find(rows, "protected", 1, 16), _find(rows, "kserve", 1, 16)
     e1_16, e64, d64 = _find(rows, "triton", 1, 16), _find(rows, "triton", 64, 4), _find(rows, "kserve", 64, 4)
     a1, c1 = _find(rows, "limit", 1, 1), _find(rows, "protected", 1, 1)
+    h64, h1 = _find(rows, "sealed-head", 64, 4), _find(rows, "sealed-head", 1, 1)
     s = {
         "protected_vs_unprotected_b64": ratio(c64, b64),
         "protected_vs_limit_b64": ratio(c64, a64),
@@ -275,6 +301,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "p99_ms_b1_c16_kserve": d1_16 and d1_16["p99_ms"],
         "p99_ms_b1_limit": a1 and a1["p99_ms"],
         "p99_ms_b1_protected": c1 and c1["p99_ms"],
+        "sealed_head_items_per_s_b64_c4": h64 and h64["items_per_s"],
+        "p99_ms_b1_sealed_head": h1 and h1["p99_ms"],
     }
     checks = {k: _meets(v, *TARGETS[k]) for k, v in s.items() if k in TARGETS}
     if s["p99_ms_b1_c16_protected"] is not None and s["p99_ms_b1_c16_kserve"] is not None:
@@ -297,7 +325,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
         v = s[key]
         lines.append(f"| {key} | {'n/a' if v is None else f'{v:.2f}'} | {op} {target} | {s['targets_met'].get(key)} |")
     for key in ("p99_ms_b1_c16_protected", "p99_ms_b1_c16_kserve", "p99_ms_b1_c16_triton", "p99_ms_b1_limit",
-                "p99_ms_b1_protected"):
+                "p99_ms_b1_protected", "p99_ms_b1_sealed_head"):
         v = s[key]
         lines.append(f"| {key} | {'n/a' if v is None else f'{v:.2f} ms'} | | |")
     lines += ["", "b64 ratios at concurrency 4; the limit (a) is one in-process caller.", "",
@@ -333,7 +361,7 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems = [s for s in ("limit", "unprotected", "protected", "kserve", "triton")
+    systems = [s for s in ("limit", "unprotected", "protected", "kserve", "triton", "sealed-head")
                if any(r["system"] == s for r in rows)]
     configs = sorted({(r["batch"], r["concurrency"]) for r in rows if r["system"] != "limit"})
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
@@ -400,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     for system in systems:
         rows += measure_server(system, fixture, work, batches, concurrency, args.duration, args.warmup,
                                args.triton_network)
+    rows += measure_server("protected", fixture["sealed-head"], work, batches, concurrency, args.duration,
+                           args.warmup, label="sealed-head")
+    notes.append("sealed-head: the protected python engine serving a sealed-head bundle (tap_cnn backbone on the "
+                 "edge, the head in the trusted module after it).")
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "command": "sealnet bench " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -13,8 +13,8 @@ def test_bench_smoke(tmp_path):
     report = json.loads((out / "bench.json").read_text())
     systems = {(r["system"], r["batch"], r["concurrency"]) for r in report["results"]}
     triton = triton_unavailable_reason() is None  # Triton (e) is measured wherever ./dev could install it
-    assert systems == {("limit", 2, 1), ("unprotected", 2, 2), ("protected", 2, 2)} | ({("triton", 2, 2)} if triton
-                                                                                      else set())
+    assert systems == {("limit", 2, 1), ("unprotected", 2, 2), ("protected", 2, 2), ("sealed-head", 2, 2)} | (
+        {("triton", 2, 2)} if triton else set())
     assert all(r["errors"] == 0 and r["requests"] > 0 for r in report["results"])
     assert (out / "bench.png").stat().st_size > 0 and "| system | batch |" in (out / "bench.md").read_text()
     assert "KServe (d) skipped" in (out / "bench.md").read_text()
