@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,8 @@ def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, s
     if workdir.exists():
         shutil.rmtree(workdir)
     (workdir / "logs").mkdir(parents=True)
+    # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so the services the demo started are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with contextlib.ExitStack() as stack:
         if keystore == "tpm":
             from enclave_sim.swtpm import SwtpmProcess, swtpm_unavailable
