@@ -301,10 +301,10 @@ def student_metrics(student: nn.Module, spec: StampSpec, data: Dataset, others: 
 def _advice(misses: list[list[str]], collapsed: bool) -> str:
     if collapsed:
         return "training collapsed: try a smaller --lr or another --seed"
-    if all(any(m.startswith("with its SN") for m in miss) for miss in misses):
-        return "the student stays below its teacher: raise --student-epochs (or loosen --max-sn-drop)"
-    return ("raw inputs or other SNs still work: raise --student-epochs, --grl-lambda or --wrong-fraction "
-            "(or loosen --max-raw-acc / --max-other-acc)")
+    if any(not m.startswith("with its SN") for miss in misses for m in miss):
+        return ("raw inputs or other SNs still work: raise --student-epochs, --grl-lambda or --wrong-fraction "
+                "(or loosen --max-raw-acc / --max-other-acc)")
+    return "the student stays below its teacher: raise --student-epochs (or loosen --max-sn-drop)"
 
 
 def train_student_checked(teacher: nn.Module, teacher_acc: float, spec: StampSpec, data: Dataset, cfg: TrainConfig,

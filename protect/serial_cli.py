@@ -392,7 +392,30 @@ def add_serial_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name at --endpoint")
     p.add_argument("--license-file", type=Path, help="license token for --endpoint")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="N > 1: train N new models with the checkpoints' recipes (each with a fresh random owner key "
+                        "and the next training seed; DSN students from --teacher), evaluate each, and report mean "
+                        "and min/max (OUT/serial_eval_seeds.json, OUT/seed-i/)")
     p.set_defaults(func=cmd_serial_eval)
+
+
+def _serial_eval_seeds(args: argparse.Namespace, data: Any, dsn: Any, wm: Any, dsn_kwargs: dict[str, Any]) -> int:
+    from protect.serial_eval import run_serial_eval_seeds, seeds_markdown
+
+    if args.endpoint:
+        raise SystemExit("sealnet serial-eval: --seeds trains new models; it cannot measure them at --endpoint")
+    if dsn is not None and args.teacher is None:
+        raise SystemExit("sealnet serial-eval --seeds with --dsn: give --teacher (new students distil from it)")
+    r = run_serial_eval_seeds(data, args.out, args.seeds, dsn=dsn, teacher_path=args.teacher, watermark=wm,
+                              dsn_kwargs=dsn_kwargs,
+                              watermark_kwargs={"n_plain": args.plain_models, "plain_epochs": args.plain_epochs},
+                              deploy=not args.no_deploy, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(r, indent=2))
+    print(seeds_markdown(r))
+    print(f"report: {args.out}/serial_eval_seeds.{{json,md}}, one run per {args.out}/seed-i/", file=sys.stderr)
+    return 0 if not r["failed"] else 2
 
 
 def cmd_serial_eval(args: argparse.Namespace) -> int:
@@ -408,6 +431,8 @@ def cmd_serial_eval(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset or ref.dataset, args.data_dir, seed=ref.seed)
     dsn_kwargs: dict[str, Any] = {"n_others": args.others, "fractions": args.fractions, "steps": args.attack_steps,
                                   "seed": args.seed}
+    if args.seeds > 1:
+        return _serial_eval_seeds(args, data, dsn, wm, dsn_kwargs)
     with contextlib.ExitStack() as stack:
         if dsn is not None:
             if args.teacher:

@@ -520,7 +520,7 @@ def _recipe(ckpt: ProtectedCheckpoint, seed: int) -> TrainConfig:
 
 
 def _retrain(kind: str, ckpt: ProtectedCheckpoint, data: Dataset, out: Path, seed: int,
-             teacher_path: Path | None) -> tuple[ProtectedCheckpoint, Ed25519PrivateKey]:
+             teacher_path: Path | None, attempts: int = 3) -> tuple[ProtectedCheckpoint, Ed25519PrivateKey]:
     """A new model with `ckpt`'s recipe, a fresh random owner key (so a new SN pattern / serial vector) and
     training seed `seed`."""
     key = Ed25519PrivateKey.generate()
@@ -530,7 +530,8 @@ def _retrain(kind: str, ckpt: ProtectedCheckpoint, data: Dataset, out: Path, see
         record = SerialRecord.from_dict({k: v for k, v in ckpt.secret["serial"].items() if k != "signature"})
         return protect_dsn(data, out / "dsn.pt", cfg, key, record, dcfg=DSNConfig(**ckpt.secret["config"]),
                            teacher_path=teacher_path, pattern_size=spec.pattern.shape, position=spec.position,
-                           model_name=ckpt.model_name, model_config=ckpt.model_config, log=lambda _: None), key
+                           model_name=ckpt.model_name, model_config=ckpt.model_config, attempts=attempts,
+                           log=lambda _: None), key
     record = SerialRecord.from_dict(ckpt.secret["record"])
     return protect_watermark(data, out / "wm.pt", cfg, key, record, wcfg=WatermarkConfig(**ckpt.secret["config"]),
                              model_name=ckpt.model_name, model_config=ckpt.model_config), key
@@ -539,7 +540,8 @@ def _retrain(kind: str, ckpt: ProtectedCheckpoint, data: Dataset, out: Path, see
 def run_serial_eval_seeds(data: Dataset, out_dir: Path, seeds: int, *, dsn: ProtectedCheckpoint | None = None,
                           teacher_path: Path | None = None, watermark: ProtectedCheckpoint | None = None,
                           dsn_kwargs: dict[str, Any] | None = None, watermark_kwargs: dict[str, Any] | None = None,
-                          deploy: bool = True, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+                          deploy: bool = True, seed: int = 0, attempts: int = 3,
+                          log: Callable[[str], None] = print) -> dict[str, Any]:
     """`seeds` runs of run_serial_eval, each on models trained anew with the given checkpoints' recipes, a fresh
     random owner key and training seed checkpoint seed + i (DSN students from the teacher at `teacher_path`);
     evaluation seed `seed` + i. Writes OUT/seed-i/ per run and OUT/serial_eval_seeds.{json,md}: mean, min and
@@ -553,8 +555,10 @@ def run_serial_eval_seeds(data: Dataset, out_dir: Path, seeds: int, *, dsn: Prot
         run_dir = out_dir / f"seed-{i}"
         run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
+        d_ckpt = d_key = None
         try:
-            d_ckpt, d_key = _retrain("dsn", dsn, data, run_dir, dsn.seed + i, teacher_path) if dsn else (None, None)
+            if dsn is not None:
+                d_ckpt, d_key = _retrain("dsn", dsn, data, run_dir, dsn.seed + i, teacher_path, attempts)
         except DSNTrainingError as exc:
             failed.append({"run": i, "error": str(exc)})
             log(f"seed run {i}: {exc}")

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protect.checkpoint import load_checkpoint
 from protect.models import create_model
-from protect.serial import DSNTrainingError, protect_dsn, stamp_torch, wrong_patterns
+from protect.serial import DSNTargets, DSNTrainingError, protect_dsn, stamp_torch, wrong_patterns
 from protect.serial_eval import deployed_predict, run_serial_eval
 from protect.train import TrainConfig, accuracy, train_plain
 from protect.watermark import WatermarkConfig, check_watermark, protect_watermark
@@ -263,20 +263,41 @@ def test_dsn_student_works_only_with_its_serial_number(dsn, digits, dsn_owner):
     assert load_checkpoint(dsn["teacher"]).metrics["teacher_acc"] == m["teacher_acc"]
 
 
+def test_targets_judge_the_student_against_its_teacher():
+    t = DSNTargets()
+    good = {"teacher_acc": 0.97, "student_sn_acc": 0.951, "student_raw_acc": 0.2, "other_sn_max_acc": 0.2}
+    assert t.misses(good) == []
+    missed = t.misses(good | {"student_sn_acc": 0.949, "student_raw_acc": 0.21, "other_sn_max_acc": 0.5})
+    assert [m.split(" ")[0] for m in missed] == ["with", "raw", "other"], missed
+    assert "teacher 97.0% - 2 pts" in missed[0]
+    assert DSNTargets(max_sn_drop=0.05).misses(good | {"student_sn_acc": 0.93}) == []
+
+
 def test_a_collapsed_student_is_retrained_then_refused(dsn, digits, owner, tmp_path, capsys):
     """A learning rate far too high kills every hidden unit: each attempt is logged, then a clear error names the
-    seeds; no checkpoint is written. The CLI turns it into exit code 2 without a traceback."""
+    seeds and what to change; no checkpoint is written. The CLI turns it into exit code 2 without a traceback."""
     logged = []
-    with pytest.raises(DSNTrainingError, match=r"all 2 attempts \(seed 0: .*; seed 1: .*\); try another --seed"):
+    with pytest.raises(DSNTrainingError, match=r"in 2 attempts \(seed 0: with its SN .*\| seed 1: .*\); training "
+                                               r"collapsed: try a smaller --lr"):
         protect_dsn(digits, tmp_path / "s.pt", TrainConfig(epochs=1, lr=5.0, progress=False), owner, RECORD,
                     teacher_path=dsn["teacher"], model_config=TINY, attempts=2, log=logged.append)
-    assert len(logged) == 2 and "seed 0 collapsed" in logged[0] and "next seed" in logged[0]
+    assert len(logged) == 2 and "seed 0 missed its targets" in logged[0] and "next seed" in logged[0]
     assert not (tmp_path / "s.pt").exists()
     key, _ = _write_keys(tmp_path / "keys", owner)
     assert main(["protect", "--method", "dsn", "--dataset", "digits", "--owner-key", str(key), "--company", "c",
                  "--model-id", "m", "--customer", "x", "--teacher", str(dsn["teacher"]), "--student-epochs", "1",
-                 "--lr", "5", "--out", str(tmp_path / "cli.pt")]) == 2
-    assert "error: DSN student training collapsed in all 3 attempts" in capsys.readouterr().err
+                 "--lr", "5", "--attempts", "1", "--hidden", "128", "--out", str(tmp_path / "cli.pt")]) == 2
+    assert "error: no DSN student met its targets in 1 attempts" in capsys.readouterr().err
+
+
+def test_a_student_that_still_works_without_its_serial_number_is_refused(dsn, digits, owner, tmp_path):
+    """Barely trained (lr 1e-7), the student is still the teacher: accurate with its SN, but just as accurate
+    without it. Not collapsed, yet no protection: refused, pointing at the protection settings."""
+    with pytest.raises(DSNTrainingError, match=r"seed 0: (with its SN .*; )?raw [3-9]\d\.\d% > 20%; .*raw inputs "
+                                               r"or other SNs still work: raise --student-epochs"):
+        protect_dsn(digits, tmp_path / "s.pt", TrainConfig(epochs=1, lr=1e-7, progress=False), owner, RECORD,
+                    teacher_path=dsn["teacher"], model_config=TINY, attempts=1, other_customers=3, log=lambda _: None)
+    assert not (tmp_path / "s.pt").exists() and not serial_path(tmp_path / "s.pt").exists()
 
 
 # -- the watermark and verification --------------------------------------------------------------------------------
