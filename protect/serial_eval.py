@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -591,5 +592,30 @@ def seeds_markdown(report: dict[str, Any]) -> str:
     for key, label in SEED_TABLE:
         if key in s:
             lines.append(f"| {label} | {spread(s[key], percent=key != 'plain_false_positives')} |")
+    lines += _rows_table(s, "dsn.attacks", "DSN attack (raw inputs unless noted)", (
+        ("finetune_acc", "fine-tuning"), ("scratch_acc", "same network from scratch"),
+        ("transfer_acc", "transfer learning (new FC, frozen conv)"), ("recenter_acc", "re-centring (no labels)"),
+        ("overwrite.new_sn_acc", "overwriting: new SN"), ("overwrite.old_sn_acc", "overwriting: old SN"),
+        ("overwrite.raw_acc", "overwriting: raw")), "fraction")
+    lines += _rows_table(s, "dsn.pruning", "DSN, L1 global pruning", (("sn_acc", "with SN"), ("raw_acc", "raw")),
+                         "rate")
+    lines += _rows_table(s, "watermark.pruning", "watermark, L1 global pruning", (
+        ("task_acc", "task accuracy"), ("sn_rate", "trigger images answered with i")), "rate")
     lines += [f"- failed run {f['run']}: {f['error']}" for f in report["failed"]]
     return "\n".join([*lines, ""])
+
+
+def _rows_table(s: dict[str, Any], prefix: str, title: str, cols: tuple[tuple[str, str], ...], what: str
+                ) -> list[str]:
+    """One column per row value (fraction or rate) of a flattened per-row table, mean [min, max] in each cell."""
+    row = re.compile(re.escape(prefix) + r"@(-?\d+(?:\.\d+)?(?:e-?\d+)?)\.")
+    values = sorted({float(m.group(1)) for m in map(row.match, s) if m})
+    if not values:
+        return []
+    head = " | ".join(f"{v:.0%}" for v in values)
+    lines = ["", f"| {title} ({what}) | {head} |", "|---|" + "---|" * len(values)]
+    for col, label in cols:
+        cells = [spread(s.get(f"{prefix}@{v:g}.{col}")) for v in values]
+        if any(c != "n/a" for c in cells):
+            lines.append(f"| {label} | {' | '.join(cells)} |")
+    return lines
