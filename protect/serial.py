@@ -314,6 +314,13 @@ def train_student_checked(teacher: nn.Module, teacher_acc: float, spec: StampSpe
     """train_student, then `targets` on the test split; a student that misses them is trained again with the
     next seed, up to `attempts` times. Returns (student, the config that worked, its metrics); raises
     DSNTrainingError, naming every seed and what it missed, when no attempt meets the targets."""
+    same = [i + 1 for i, o in enumerate(others) if np.array_equal(o.pattern, spec.pattern)]
+    if same:  # 2^(h*w) patterns: with 3x3 about one key in 30 meets one of 20 other customers' patterns exactly
+        h, w = spec.pattern.shape
+        raise DSNTrainingError(
+            f"this customer's {h}x{w} SN pattern equals that of other customer(s) {same} of the {len(others)} "
+            f"checked ({2 ** (h * w)} patterns in all): no student can tell equal stamps apart, so their SNs would "
+            f"unlock it; use a larger --pattern-size (e.g. 4x4) or another --timestamp (a new pattern)")
     floor = 1.0 / data.num_classes + MIN_MARGIN_OVER_CHANCE  # below it the student has collapsed
     tried, misses = [], []
     for attempt in range(max(1, attempts)):

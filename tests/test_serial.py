@@ -290,6 +290,17 @@ def test_a_collapsed_student_is_retrained_then_refused(dsn, digits, owner, tmp_p
     assert "error: no DSN student met its targets in 1 attempts" in capsys.readouterr().err
 
 
+def test_a_pattern_equal_to_another_customers_is_refused_before_training(dsn, digits, owner, tmp_path):
+    """3x3 patterns: 512 values. For this owner key and timestamp, customer acme's pattern equals that of
+    other-08: no student can keep other-08's SN out, so protect refuses at once and says what to change."""
+    record = SerialRecord("sealnet-tests", "digits-dsn", 1_700_000_020, "acme")
+    with pytest.raises(DSNTrainingError, match=r"equals that of other customer\(s\) \[8\] of the 20 checked \(512 "
+                                               r"patterns in all\).*--pattern-size \(e.g. 4x4\)"):
+        protect_dsn(digits, tmp_path / "s.pt", DSN_TRAIN, owner, record, teacher_path=dsn["teacher"],
+                    model_config=TINY, log=lambda _: None)
+    assert not (tmp_path / "s.pt").exists()
+
+
 def test_a_student_that_still_works_without_its_serial_number_is_refused(dsn, digits, owner, tmp_path):
     """Barely trained (lr 1e-7), the student is still the teacher: accurate with its SN, but just as accurate
     without it. Not collapsed, yet no protection: refused, pointing at the protection settings."""
