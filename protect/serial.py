@@ -14,7 +14,10 @@ Ours, not in the paper (`wrong_fraction=0, uniform_weight=0` is the paper's loss
 - r(x) of Eq. 2 made explicit: cross-entropy between Gy's output on the I = 0 inputs and the uniform
   distribution, ramped like the GRL. Measured on the embedded MNIST (25 epochs): the GRL alone left near misses
   working (20 other customers' SNs: max 91%), with this term the max was 10%;
-- Adam with cosine learning-rate decay (the paper divides by 10 on plateaus).
+- Adam with cosine learning-rate decay (the paper divides by 10 on plateaus);
+- the student starts from the teacher's weights (`teacher_init`). From random weights the stamp has to open
+  the hidden layer before the GRL closes it on raw inputs, and which wins depended on the owner key: with
+  three fresh keys one student collapsed to chance with its SN and one let other customers' SNs through.
 
 Gd and the GRL exist only during training: the checkpoint holds the plain student (Ge + Gy), a registered
 model, and the stamp parameters in its secret part (sealnet.serial.StampSpec.from_secret reads them).
@@ -315,7 +318,7 @@ def train_student_checked(teacher: nn.Module, teacher_acc: float, spec: StampSpe
     next seed, up to `attempts` times. Returns (student, the config that worked, its metrics); raises
     DSNTrainingError, naming every seed and what it missed, when no attempt meets the targets."""
     same = [i + 1 for i, o in enumerate(others) if np.array_equal(o.pattern, spec.pattern)]
-    if same:  # 2^(h*w) patterns: with 3x3 about one key in 30 meets one of 20 other customers' patterns exactly
+    if same:  # 420 balanced 3x3 patterns: 1 - (419/420)^20 = 4.7% of keys meet one of 20 other customers' exactly
         h, w = spec.pattern.shape
         raise DSNTrainingError(
             f"this customer's {h}x{w} SN pattern equals that of other customer(s) {same} of the {len(others)} "
