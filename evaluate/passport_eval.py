@@ -732,3 +732,68 @@ def write_plots(r: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
+
+
+# -- several seeds ---------------------------------------------------------------------------------------------------
+SEED_TABLE = (  # (flattened metric, label) for the Markdown summary of `passport-eval --seeds`
+    ("baseline_acc", "baseline (plain counterpart)"), ("valid_acc", "valid passport"),
+    ("valid_minus_baseline", "valid - baseline"), ("public_acc", "public branch (no passport)"),
+    ("fake_max_acc", "random fake passports: max"), ("fake_mean_acc", "random fake passports: mean"),
+    ("signature_match", "signature recovered exactly (share of runs)"), ("svd_attack_acc", "SVD attack, data-free"),
+    ("reverse_engineered_acc", "fake2: reverse-engineered, random start"),
+    ("reverse_engineered_svd_acc", "fake2: reverse-engineered, SVD start"),
+    ("forged_passport_acc", "V2/V3 forgery"), ("trigger_acc", "V3 trigger set detected"),
+    ("deployed_acc", "deployed over gRPC"), ("public_onnx_acc", "public.onnx alone"),
+)
+
+
+def run_passport_eval_seeds(ckpt: ProtectedCheckpoint, secret: dict[str, Any], data: Dataset, out_dir: Path,
+                            seeds: int, signature: str, *, seed: int = 0, log: Callable[[str], None] = print,
+                            **eval_kwargs: Any) -> dict[str, Any]:
+    """`seeds` passport nets trained anew with the checkpoint's recipe (signature `signature`, training seed
+    checkpoint seed + i: new passports, new baseline), each through run_passport_eval (evaluation seed `seed`
+    + i); OUT/seed-i/ per run, OUT/passport_eval_seeds.{json,md}: mean, min and max of every measurement."""
+    from evaluate.multiseed import flatten, summarize
+    from protect.passport_train import PassportConfig, default_passport_path, protect_passport
+    from protect.train import TrainConfig
+
+    train = secret.get("train")
+    if not isinstance(train, dict):
+        raise ValueError("the passport file does not record its training recipe (written by an older sealnet "
+                         "protect): protect it again to evaluate it over several seeds")
+    pcfg = PassportConfig(**(secret["config"] | {"signature": signature}))
+    runs = []
+    for i in range(seeds):
+        run_dir = Path(out_dir) / f"seed-{i}"
+        t0 = time.perf_counter()
+        cfg = TrainConfig(epochs=int(train["epochs"]), batch_size=int(train["batch_size"]), lr=float(train["lr"]),
+                          seed=ckpt.seed + i, progress=False)
+        new = protect_passport(data, run_dir / "passport.pt", cfg, pcfg, model_name=ckpt.model_name,
+                               model_config=ckpt.model_config)
+        r = run_passport_eval(new, load_passport_file(default_passport_path(run_dir / "passport.pt")), data,
+                              run_dir, seed=seed + i, signature=signature, checkpoint_path=run_dir / "passport.pt",
+                              **eval_kwargs)
+        m = flatten({k: v for k, v in r.items() if k not in ("test_images", "signature_bits", "designated_bits",
+                                                             "capacity_bits")})
+        if r["baseline_acc"] is not None:
+            m["valid_minus_baseline"] = r["valid_acc"] - r["baseline_acc"]
+        runs.append({"run": i, "train_seed": cfg.seed, "eval_seed": seed + i, "seconds": time.perf_counter() - t0,
+                     "metrics": m})
+        log(f"seed run {i}: valid {r['valid_acc']:.2%}, baseline {r['baseline_acc']:.2%}, "
+            f"{runs[-1]['seconds']:.0f} s")
+    report = {"dataset": data.name, "model": ckpt.model_name, "scheme": secret["scheme"], "seeds": seeds,
+              "runs": runs, "summary": summarize([r["metrics"] for r in runs])}
+    (Path(out_dir) / "passport_eval_seeds.json").write_text(json.dumps(report, indent=2))
+    (Path(out_dir) / "passport_eval_seeds.md").write_text(passport_seeds_markdown(report))
+    return report
+
+
+def passport_seeds_markdown(report: dict[str, Any]) -> str:
+    """The summary as a table: mean [min, max] over the runs."""
+    from evaluate.multiseed import spread
+
+    s = report["summary"]
+    lines = [f"# Passport evaluation over {report['seeds']} seeds: {report['model']} on {report['dataset']} "
+             f"(scheme {report['scheme']})", "", "| measurement | mean [min, max] |", "|---|---|"]
+    lines += [f"| {label} | {spread(s[key])} |" for key, label in SEED_TABLE if key in s]
+    return "\n".join([*lines, ""])

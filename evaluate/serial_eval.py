@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -34,21 +35,24 @@ from torch import nn
 from torch.nn.utils import prune
 from tqdm import tqdm
 
-from protect.checkpoint import ProtectedCheckpoint
+from evaluate.multiseed import flatten, spread, summarize
+from protect.checkpoint import ProtectedCheckpoint, load_checkpoint
 from protect.models import create_model
 from protect.serial import (
     DSNConfig,
+    DSNTrainingError,
     grad_reverse,
     grl_ramp,
     make_gd,
     other_customer_specs,
+    protect_dsn,
     split_student,
     stamp_spec,
     stamp_torch,
     stamped_accuracy,
 )
 from protect.train import TrainConfig, accuracy, seed_everything, train_new_model
-from protect.watermark import check_watermark
+from protect.watermark import WatermarkConfig, check_watermark, protect_watermark
 from sealnet.data import Dataset
 from sealnet.serial import SerialRecord
 from sealnet.stamp import StampSpec
@@ -493,3 +497,127 @@ def write_plots(r: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+# -- several seeds ---------------------------------------------------------------------------------------------------
+SEED_TABLE = (  # (flattened metric, label) for the Markdown summary of `serial-eval --seeds`
+    ("teacher_acc", "DSN teacher"), ("student_sn_acc", "DSN student with its SN"),
+    ("student_raw_acc", "DSN student on raw inputs"), ("other_sn_max_acc", "DSN student with other SNs (max)"),
+    ("dsn.exhaustive.best_other_acc", "DSN: best wrong pattern, exhaustive search"),
+    ("grpc_acc", "DSN deployed over gRPC"), ("finetune10_acc", "DSN fine-tuning, 10% of the data"),
+    ("scratch10_acc", "from scratch, 10% of the data"), ("transfer10_acc", "transfer learning, 10% of the data"),
+    ("recenter10_acc", "re-centring, 10% of the images (no labels)"),
+    ("watermark_baseline_acc", "watermark: plain baseline"), ("watermark_task_acc", "watermark: task accuracy"),
+    ("watermark.watermark_rate", "watermark: trigger images answered with i"),
+    ("plain_false_positives", "watermark: plain models matched (count)"),
+)
+
+
+def _recipe(ckpt: ProtectedCheckpoint, seed: int) -> TrainConfig:
+    train = ckpt.secret.get("train")
+    if not isinstance(train, dict):
+        raise ValueError(f"the {ckpt.method} checkpoint does not record its training recipe (written by an older "
+                         "sealnet protect): protect it again to evaluate it over several seeds")
+    return TrainConfig(epochs=int(train["epochs"]), batch_size=int(train["batch_size"]), lr=float(train["lr"]),
+                       seed=seed, progress=False)
+
+
+def _retrain(kind: str, ckpt: ProtectedCheckpoint, data: Dataset, out: Path, seed: int,
+             teacher_path: Path | None, attempts: int = 3) -> tuple[ProtectedCheckpoint, Ed25519PrivateKey]:
+    """A new model with `ckpt`'s recipe, a fresh random owner key (so a new SN pattern / serial vector) and
+    training seed `seed`."""
+    key = Ed25519PrivateKey.generate()
+    cfg = _recipe(ckpt, seed)
+    if kind == "dsn":
+        spec = stamp_spec(ckpt)
+        record = SerialRecord.from_dict({k: v for k, v in ckpt.secret["serial"].items() if k != "signature"})
+        return protect_dsn(data, out / "dsn.pt", cfg, key, record, dcfg=DSNConfig(**ckpt.secret["config"]),
+                           teacher_path=teacher_path, pattern_size=spec.pattern.shape, position=spec.position,
+                           model_name=ckpt.model_name, model_config=ckpt.model_config, attempts=attempts,
+                           log=lambda _: None), key
+    record = SerialRecord.from_dict(ckpt.secret["record"])
+    return protect_watermark(data, out / "wm.pt", cfg, key, record, wcfg=WatermarkConfig(**ckpt.secret["config"]),
+                             model_name=ckpt.model_name, model_config=ckpt.model_config), key
+
+
+def run_serial_eval_seeds(data: Dataset, out_dir: Path, seeds: int, *, dsn: ProtectedCheckpoint | None = None,
+                          teacher_path: Path | None = None, watermark: ProtectedCheckpoint | None = None,
+                          dsn_kwargs: dict[str, Any] | None = None, watermark_kwargs: dict[str, Any] | None = None,
+                          deploy: bool = True, seed: int = 0, attempts: int = 3,
+                          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """`seeds` runs of run_serial_eval, each on models trained anew with the given checkpoints' recipes, a fresh
+    random owner key and training seed checkpoint seed + i (DSN students from the teacher at `teacher_path`);
+    evaluation seed `seed` + i. Writes OUT/seed-i/ per run and OUT/serial_eval_seeds.{json,md}: mean, min and
+    max of every measurement. A DSN student that misses its targets in every attempt is a failed run, listed,
+    not dropped silently."""
+    if dsn is not None and (teacher_path is None or not Path(teacher_path).exists()):
+        raise ValueError("serial-eval --seeds trains new DSN students: give --teacher, the teacher checkpoint")
+    out_dir = Path(out_dir)
+    runs, failed = [], []
+    for i in range(seeds):
+        run_dir = out_dir / f"seed-{i}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        d_ckpt = d_key = None
+        try:
+            if dsn is not None:
+                d_ckpt, d_key = _retrain("dsn", dsn, data, run_dir, dsn.seed + i, teacher_path, attempts)
+        except DSNTrainingError as exc:
+            failed.append({"run": i, "error": str(exc)})
+            log(f"seed run {i}: {exc}")
+            continue
+        w_ckpt = _retrain("watermark", watermark, data, run_dir, watermark.seed + i, None)[0] if watermark else None
+        dk = dict(dsn_kwargs or {}) | {"owner_key": d_key, "seed": seed + i}
+        if d_ckpt is not None:
+            dk["teacher"] = load_checkpoint(teacher_path).build_public_model()
+        with contextlib.ExitStack() as stack:
+            if d_ckpt is not None and deploy:
+                dk["grpc_predict"] = stack.enter_context(deployed_predict(run_dir / "dsn.pt"))
+            r = run_serial_eval(data, run_dir, dsn=d_ckpt, watermark=w_ckpt, dsn_kwargs=dk,
+                                watermark_kwargs=dict(watermark_kwargs or {}) | {"seed": seed + i})
+        runs.append({"run": i, "train_seed_offset": i, "eval_seed": seed + i, "seconds": time.perf_counter() - t0,
+                     "metrics": flatten({k: v for k, v in r.items() if k not in ("dataset", "test_images")})})
+        log(f"seed run {i}: done in {runs[-1]['seconds']:.0f} s")
+    report = {"dataset": data.name, "seeds": seeds, "completed": len(runs), "failed": failed, "runs": runs,
+              "summary": summarize([r["metrics"] for r in runs])}
+    (out_dir / "serial_eval_seeds.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "serial_eval_seeds.md").write_text(seeds_markdown(report))
+    return report
+
+
+def seeds_markdown(report: dict[str, Any]) -> str:
+    """The summary as a table: mean [min, max] over the completed runs."""
+    s = report["summary"]
+    lines = [f"# Serial-number evaluation over {report['seeds']} seeds on {report['dataset']} "
+             f"({report['completed']} completed, {len(report['failed'])} failed)", "",
+             "| measurement | mean [min, max] |", "|---|---|"]
+    for key, label in SEED_TABLE:
+        if key in s:
+            lines.append(f"| {label} | {spread(s[key], percent=key != 'plain_false_positives')} |")
+    lines += _rows_table(s, "dsn.attacks", "DSN attack (raw inputs unless noted)", (
+        ("finetune_acc", "fine-tuning"), ("scratch_acc", "same network from scratch"),
+        ("transfer_acc", "transfer learning (new FC, frozen conv)"), ("recenter_acc", "re-centring (no labels)"),
+        ("overwrite.new_sn_acc", "overwriting: new SN"), ("overwrite.old_sn_acc", "overwriting: old SN"),
+        ("overwrite.raw_acc", "overwriting: raw")), "fraction")
+    lines += _rows_table(s, "dsn.pruning", "DSN, L1 global pruning", (("sn_acc", "with SN"), ("raw_acc", "raw")),
+                         "rate")
+    lines += _rows_table(s, "watermark.pruning", "watermark, L1 global pruning", (
+        ("task_acc", "task accuracy"), ("sn_rate", "trigger images answered with i")), "rate")
+    lines += [f"- failed run {f['run']}: {f['error']}" for f in report["failed"]]
+    return "\n".join([*lines, ""])
+
+
+def _rows_table(s: dict[str, Any], prefix: str, title: str, cols: tuple[tuple[str, str], ...], what: str
+                ) -> list[str]:
+    """One column per row value (fraction or rate) of a flattened per-row table, mean [min, max] in each cell."""
+    row = re.compile(re.escape(prefix) + r"@(-?\d+(?:\.\d+)?(?:e-?\d+)?)\.")
+    values = sorted({float(m.group(1)) for m in map(row.match, s) if m})
+    if not values:
+        return []
+    head = " | ".join(f"{v:.0%}" for v in values)
+    lines = ["", f"| {title} ({what}) | {head} |", "|---|" + "---|" * len(values)]
+    for col, label in cols:
+        cells = [spread(s.get(f"{prefix}@{v:g}.{col}")) for v in values]
+        if any(c != "n/a" for c in cells):
+            lines.append(f"| {label} | {' | '.join(cells)} |")
+    return lines

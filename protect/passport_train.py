@@ -336,5 +336,6 @@ def protect_passport(data: Dataset, out: Path, cfg: TrainConfig, pcfg: PassportC
     )
     save_checkpoint(ckpt, out)
     save_passport_file(secret, passport_out or default_passport_path(out), model_name=model_name,
-                       valid_acc=metrics["valid_acc"], config=asdict(pcfg) | {"signature": None})
+                       valid_acc=metrics["valid_acc"], config=asdict(pcfg) | {"signature": None},
+                       train={"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr})
     return ckpt

@@ -109,8 +109,10 @@ def check_watermark(model: nn.Module, trigger: np.ndarray, serial: np.ndarray, t
 
 
 def watermark_secret(trigger: np.ndarray, serial: np.ndarray, record: SerialRecord, signature: bytes,
-                     trigger_seed: int, wcfg: WatermarkConfig) -> dict[str, Any]:
-    return {"trigger": torch.from_numpy(np.ascontiguousarray(trigger, np.float32)),
+                     trigger_seed: int, wcfg: WatermarkConfig, cfg: TrainConfig) -> dict[str, Any]:
+    """The checkpoint's secret part; `train` is the recipe `serial-eval --seeds` retrains with."""
+    return {"train": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr},
+            "trigger": torch.from_numpy(np.ascontiguousarray(trigger, np.float32)),
             "serial": [float(v) for v in serial], "tolerance": wcfg.tolerance, "min_rate": wcfg.min_rate,
             "record": record.to_dict(), "record_signature": signature.hex(), "trigger_seed": int(trigger_seed),
             "config": asdict(wcfg)}
@@ -145,7 +147,7 @@ def protect_watermark(data: Dataset, out: Path, cfg: TrainConfig, owner_key: Ed2
     ckpt = ProtectedCheckpoint(
         method="watermark", model_name=model_name, input_shape=data.input_shape, num_classes=data.num_classes,
         public_state={k: v.detach().clone() for k, v in model.state_dict().items()},
-        secret=watermark_secret(trigger, serial, record, signature, seed, wcfg), dataset=data.name, seed=cfg.seed,
+        secret=watermark_secret(trigger, serial, record, signature, seed, wcfg, cfg), dataset=data.name, seed=cfg.seed,
         metrics=metrics, model_config=dict(model_config or {}))
     save_checkpoint(ckpt, out)
     claim = make_claim(owner_key, "watermark", record, signature, serial=serial, trigger=trigger,

@@ -172,6 +172,10 @@ def add_passport_eval_parser(sub: argparse._SubParsersAction) -> argparse.Argume
                    choices=["svd", "reverse", "reverse_svd", "insider", "forgery", "pruning", "finetune",
                             "image_fakes", "deploy"], help="leave out a measurement (repeatable)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="N > 1: train N new passport nets with the checkpoint's recipe and --signature (training "
+                        "seeds checkpoint seed + i: new passports), evaluate each, and report mean and min/max "
+                        "(OUT/passport_eval_seeds.json, OUT/seed-i/)")
     p.set_defaults(func=cmd_passport_eval)
     return p
 
@@ -185,6 +189,21 @@ def cmd_passport_eval(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     secret = load_passport_file(args.passport or default_passport_path(args.checkpoint))
     data = load_dataset(args.dataset or ckpt.dataset, args.data_dir, seed=ckpt.seed)
+    if args.seeds > 1:
+        from evaluate.passport_eval import passport_seeds_markdown, run_passport_eval_seeds
+
+        if args.signature is None:
+            raise SystemExit("sealnet passport-eval --seeds: give --signature (the new nets embed it)")
+        r = run_passport_eval_seeds(ckpt, secret, data, args.out, args.seeds, args.signature, seed=args.seed,
+                                    log=lambda m: print(m, file=sys.stderr), n_fakes=args.fakes,
+                                    rev_epochs=args.rev_epochs, rev_target=args.rev_target,
+                                    finetune_epochs=args.finetune_epochs, skip=tuple(args.skip), progress=False,
+                                    data_dir=args.data_dir)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(r, indent=2))
+        print(passport_seeds_markdown(r))
+        return 0
     r = run_passport_eval(ckpt, secret, data, args.out, n_fakes=args.fakes, seed=args.seed,
                           rev_epochs=args.rev_epochs, rev_target=args.rev_target,
                           finetune_epochs=args.finetune_epochs, signature=args.signature, skip=tuple(args.skip),

@@ -61,6 +61,15 @@ def add_protect_serial_arguments(p: argparse.ArgumentParser) -> None:
                    help="dsn: share of the no-SN half stamped with wrong patterns (0: the paper)")
     g.add_argument("--uniform-weight", type=float, default=0.3,
                    help="dsn: weight of the uniform-output term on inputs without the SN (0: the paper)")
+    g.add_argument("--no-teacher-init", dest="teacher_init", action="store_false",
+                   help="dsn: start the student from random weights instead of the teacher's")
+    g.add_argument("--attempts", type=int, default=3,
+                   help="dsn: students trained (seeds SEED, SEED+1, ...) until one meets the targets below")
+    g.add_argument("--max-sn-drop", type=float, default=0.02,
+                   help="dsn target: student with its SN at least teacher minus this (test split)")
+    g.add_argument("--max-raw-acc", type=float, default=0.2, help="dsn target: student on raw inputs at most this")
+    g.add_argument("--max-other-acc", type=float, default=0.2,
+                   help="dsn target: student with any of 20 other customers' SNs at most this")
     g.add_argument("--trigger-size", type=int, default=100, help="watermark: trigger images")
     g.add_argument("--trigger-seed", type=int, help="watermark: seed of the trigger set (default: random)")
     g.add_argument("--tolerance", type=float, help="watermark: max |logit - i| for a match (default: half a level, 1)")
@@ -94,16 +103,17 @@ def cmd_protect_serial(args: argparse.Namespace) -> int:
     config = {"hidden": args.hidden}
     claim = args.serial_out or serial_path(args.out)
     if args.method == "dsn":
-        from protect.serial import DSNConfig, DSNTrainingError, protect_dsn
+        from protect.serial import DSNConfig, DSNTargets, DSNTrainingError, protect_dsn
 
         teacher = args.teacher or args.out.with_name(args.out.stem + ".teacher.pt")
         dcfg = DSNConfig(temperature=args.temperature, grl_lambda=args.grl_lambda, wrong_fraction=args.wrong_fraction,
-                         uniform_weight=args.uniform_weight)
+                         uniform_weight=args.uniform_weight, teacher_init=args.teacher_init)
         student_cfg = TrainConfig(epochs=args.student_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         try:
             ckpt = protect_dsn(data, args.out, student_cfg, owner_key, record, dcfg=dcfg, teacher_path=teacher,
                                teacher_cfg=cfg, pattern_size=args.pattern_size, position=args.position,
-                               model_config=config, claim_out=claim)
+                               model_config=config, claim_out=claim, attempts=args.attempts,
+                               targets=DSNTargets(args.max_sn_drop, args.max_raw_acc, args.max_other_acc))
         except DSNTrainingError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -370,7 +380,30 @@ def add_serial_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name at --endpoint")
     p.add_argument("--license-file", type=Path, help="license token for --endpoint")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="N > 1: train N new models with the checkpoints' recipes (each with a fresh random owner key "
+                        "and the next training seed; DSN students from --teacher), evaluate each, and report mean "
+                        "and min/max (OUT/serial_eval_seeds.json, OUT/seed-i/)")
     p.set_defaults(func=cmd_serial_eval)
+
+
+def _serial_eval_seeds(args: argparse.Namespace, data: Any, dsn: Any, wm: Any, dsn_kwargs: dict[str, Any]) -> int:
+    from evaluate.serial_eval import run_serial_eval_seeds, seeds_markdown
+
+    if args.endpoint:
+        raise SystemExit("sealnet serial-eval: --seeds trains new models; it cannot measure them at --endpoint")
+    if dsn is not None and args.teacher is None:
+        raise SystemExit("sealnet serial-eval --seeds with --dsn: give --teacher (new students distil from it)")
+    r = run_serial_eval_seeds(data, args.out, args.seeds, dsn=dsn, teacher_path=args.teacher, watermark=wm,
+                              dsn_kwargs=dsn_kwargs,
+                              watermark_kwargs={"n_plain": args.plain_models, "plain_epochs": args.plain_epochs},
+                              deploy=not args.no_deploy, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(r, indent=2))
+    print(seeds_markdown(r))
+    print(f"report: {args.out}/serial_eval_seeds.{{json,md}}, one run per {args.out}/seed-i/", file=sys.stderr)
+    return 0 if not r["failed"] else 2
 
 
 def cmd_serial_eval(args: argparse.Namespace) -> int:
@@ -386,6 +419,8 @@ def cmd_serial_eval(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset or ref.dataset, args.data_dir, seed=ref.seed)
     dsn_kwargs: dict[str, Any] = {"n_others": args.others, "fractions": args.fractions, "steps": args.attack_steps,
                                   "seed": args.seed}
+    if args.seeds > 1:
+        return _serial_eval_seeds(args, data, dsn, wm, dsn_kwargs)
     with contextlib.ExitStack() as stack:
         if dsn is not None:
             if args.teacher:

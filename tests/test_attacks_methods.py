@@ -93,5 +93,6 @@ def test_recentring_zeroes_the_mean_preactivation(dsn_student, digits):
     model, before = recentred(onnx.load(dsn_student["bundle"] / "public.onnx"), x)
     _, after = recentred(model, x)
     assert np.abs(before.mean(axis=0)).max() > 0.5  # the stamped-for student is off-centre on raw inputs
-    np.testing.assert_allclose(after.mean(axis=0), 0.0, atol=1e-4)
-    np.testing.assert_allclose(after - before, np.broadcast_to(after.mean(0) - before.mean(0), after.shape), atol=1e-4)
+    tol = 1e-6 * np.abs(before).max()  # float32 rounding: a student started from its teacher sits far off-centre
+    np.testing.assert_allclose(after.mean(axis=0), 0.0, atol=tol)
+    np.testing.assert_allclose(after - before, np.broadcast_to(after.mean(0) - before.mean(0), after.shape), atol=tol)

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from evaluate.serial_eval import deployed_predict, run_serial_eval
 from protect.checkpoint import load_checkpoint
 from protect.models import create_model
-from protect.serial import DSNTrainingError, protect_dsn, stamp_torch, wrong_patterns
+from protect.serial import DSNTargets, DSNTrainingError, protect_dsn, stamp_torch, wrong_patterns
 from protect.train import TrainConfig, accuracy, train_plain
 from protect.watermark import WatermarkConfig, check_watermark, protect_watermark
 from sealnet.ca import CAError, endorse, find_endorsement, init_ca, load_ca_key, load_ca_public_key, load_registry
@@ -261,20 +261,52 @@ def test_dsn_student_works_only_with_its_serial_number(dsn, digits, dsn_owner):
     assert load_checkpoint(dsn["teacher"]).metrics["teacher_acc"] == m["teacher_acc"]
 
 
+def test_targets_judge_the_student_against_its_teacher():
+    t = DSNTargets()
+    good = {"teacher_acc": 0.97, "student_sn_acc": 0.951, "student_raw_acc": 0.2, "other_sn_max_acc": 0.2}
+    assert t.misses(good) == []
+    missed = t.misses(good | {"student_sn_acc": 0.949, "student_raw_acc": 0.21, "other_sn_max_acc": 0.5})
+    assert [m.split(" ")[0] for m in missed] == ["with", "raw", "other"], missed
+    assert "teacher 97.0% - 2 pts" in missed[0]
+    assert DSNTargets(max_sn_drop=0.05).misses(good | {"student_sn_acc": 0.93}) == []
+
+
 def test_a_collapsed_student_is_retrained_then_refused(dsn, digits, owner, tmp_path, capsys):
     """A learning rate far too high kills every hidden unit: each attempt is logged, then a clear error names the
-    seeds; no checkpoint is written. The CLI turns it into exit code 2 without a traceback."""
+    seeds and what to change; no checkpoint is written. The CLI turns it into exit code 2 without a traceback."""
     logged = []
-    with pytest.raises(DSNTrainingError, match=r"all 2 attempts \(seed 0: .*; seed 1: .*\); try another --seed"):
+    with pytest.raises(DSNTrainingError, match=r"in 2 attempts \(seed 0: with its SN .*\| seed 1: .*\); training "
+                                               r"collapsed: try a smaller --lr"):
         protect_dsn(digits, tmp_path / "s.pt", TrainConfig(epochs=1, lr=5.0, progress=False), owner, RECORD,
                     teacher_path=dsn["teacher"], model_config=TINY, attempts=2, log=logged.append)
-    assert len(logged) == 2 and "seed 0 collapsed" in logged[0] and "next seed" in logged[0]
+    assert len(logged) == 2 and "seed 0 missed its targets" in logged[0] and "next seed" in logged[0]
     assert not (tmp_path / "s.pt").exists()
     key, _ = _write_keys(tmp_path / "keys", owner)
     assert main(["protect", "--method", "dsn", "--dataset", "digits", "--owner-key", str(key), "--company", "c",
                  "--model-id", "m", "--customer", "x", "--teacher", str(dsn["teacher"]), "--student-epochs", "1",
-                 "--lr", "5", "--out", str(tmp_path / "cli.pt")]) == 2
-    assert "error: DSN student training collapsed in all 3 attempts" in capsys.readouterr().err
+                 "--lr", "5", "--attempts", "1", "--hidden", "128", "--out", str(tmp_path / "cli.pt")]) == 2
+    assert "error: no DSN student met its targets in 1 attempts" in capsys.readouterr().err
+
+
+def test_a_pattern_equal_to_another_customers_is_refused_before_training(dsn, digits, owner, tmp_path):
+    """3x3 patterns: 512 values. For this owner key and timestamp, customer acme's pattern equals that of
+    other-08: no student can keep other-08's SN out, so protect refuses at once and says what to change."""
+    record = SerialRecord("sealnet-tests", "digits-dsn", 1_700_000_020, "acme")
+    with pytest.raises(DSNTrainingError, match=r"equals that of other customer\(s\) \[8\] of the 20 checked \(512 "
+                                               r"patterns in all\).*--pattern-size \(e.g. 4x4\)"):
+        protect_dsn(digits, tmp_path / "s.pt", DSN_TRAIN, owner, record, teacher_path=dsn["teacher"],
+                    model_config=TINY, log=lambda _: None)
+    assert not (tmp_path / "s.pt").exists()
+
+
+def test_a_student_that_still_works_without_its_serial_number_is_refused(dsn, digits, owner, tmp_path):
+    """Barely trained (lr 1e-7), the student is still the teacher: accurate with its SN, but just as accurate
+    without it. Not collapsed, yet no protection: refused, pointing at the protection settings."""
+    with pytest.raises(DSNTrainingError, match=r"seed 0: (with its SN .*; )?raw [3-9]\d\.\d% > 20%; .*raw inputs "
+                                               r"or other SNs still work: raise --student-epochs"):
+        protect_dsn(digits, tmp_path / "s.pt", TrainConfig(epochs=1, lr=1e-7, progress=False), owner, RECORD,
+                    teacher_path=dsn["teacher"], model_config=TINY, attempts=1, other_customers=3, log=lambda _: None)
+    assert not (tmp_path / "s.pt").exists() and not serial_path(tmp_path / "s.pt").exists()
 
 
 # -- the watermark and verification --------------------------------------------------------------------------------
@@ -371,3 +403,35 @@ def test_acceptance_on_embedded_mnist(tmp_path):
     if r["finetune10_acc"] > r["scratch10_acc"] + 0.02:  # the one target DSN misses here (docs/serial.md)
         pytest.xfail(f"fine-tuning with 10% of the data {r['finetune10_acc']:.1%} > scratch "
                      f"{r['scratch10_acc']:.1%} + 2 pts")
+
+
+@pytest.mark.slow
+def test_dsn_students_meet_their_targets_for_five_random_owner_keys(tmp_path):
+    """Issue 15: training converges for any owner key. Five fresh keys (five SN patterns), the documented recipe
+    (8-epoch teacher, 30-epoch students, up to 3 attempts), one teacher; each student is checked against the
+    targets here, not only by protect_dsn's guard. A key whose pattern equals one of the 20 other customers'
+    is refused before training (test_a_pattern_equal_to_another_customers_is_refused_before_training) and
+    replaced by the next fresh key. About 25 minutes on 2 shared cores; the metrics go to stdout (-s)."""
+    from protect.serial import other_customer_specs
+    from sealnet.data import mnist_embedded
+
+    data = mnist_embedded()
+    rows, collisions = [], 0
+    while len(rows) < 5:
+        owner = Ed25519PrivateKey.generate()
+        record = SerialRecord("sealnet demo", "mnist-dsn", 1_700_000_000, f"customer-{len(rows)}")
+        spec = StampSpec(derive_pattern(sign_record(owner, record)), (0, 0), 1)
+        distances = [int((o.pattern != spec.pattern).sum()) for o in other_customer_specs(owner, record, spec, 20)]
+        if min(distances) == 0:
+            collisions += 1
+            continue
+        m = protect_dsn(data, tmp_path / f"dsn-{len(rows)}.pt", TrainConfig(epochs=30, progress=False), owner,
+                        record, teacher_path=tmp_path / "teacher.pt", teacher_cfg=TrainConfig(epochs=8, progress=False),
+                        model_config={"hidden": 256}).metrics
+        rows.append({k: m[k] for k in ("teacher_acc", "student_sn_acc", "student_raw_acc", "other_sn_max_acc",
+                                       "student_attempts")} | {"nearest_other_sn_bits": min(distances)})
+        print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({"keys_skipped_for_equal_patterns": collisions}), flush=True)
+    for r in rows:
+        assert r["student_sn_acc"] >= r["teacher_acc"] - 0.02, r
+        assert r["student_raw_acc"] <= 0.2 and r["other_sn_max_acc"] <= 0.2, r
