@@ -283,7 +283,8 @@ def test_a_collapsed_student_is_retrained_then_refused(dsn, digits, owner, tmp_p
     assert not (tmp_path / "s.pt").exists()
     key, _ = _write_keys(tmp_path / "keys", owner)
     assert main(["protect", "--method", "dsn", "--dataset", "digits", "--owner-key", str(key), "--company", "c",
-                 "--model-id", "m", "--customer", "x", "--teacher", str(dsn["teacher"]), "--student-epochs", "1",
+                 "--model-id", "m", "--customer", "x", "--timestamp", "1700000000", "--teacher", str(dsn["teacher"]),
+                 "--student-epochs", "1",
                  "--lr", "5", "--attempts", "1", "--hidden", "128", "--out", str(tmp_path / "cli.pt")]) == 2
     assert "error: no DSN student met its targets in 1 attempts" in capsys.readouterr().err
 
