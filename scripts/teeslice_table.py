@@ -5,7 +5,8 @@
 For each seed and method it trains the protected model with the documented command (`sealnet protect`, embedded
 MNIST, default settings, that seed; a fresh owner key per seed), deploys it locally (trusted module + runtime),
 and runs the `teeslice-stealing` attack (and `insider-imitation` for the sealed head) against the deployment.
-Writes teeslice.json (every row), teeslice.md (mean [min, max] per method and data fraction) and teeslice.png.
+Writes teeslice.json (every row; a rerun with the same --out skips the rows it holds), teeslice.md (mean [min, max]
+per method and data fraction) and teeslice.png.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ def protect(method: str, seed: int, work: Path) -> Path:
         _sealnet("protect", "--method", "passport", "--scheme", "v1", *common)
     elif method == "dsn":
         _sealnet("license", "keygen", str(work / "dsn-owner.key"))
-        _sealnet("protect", "--method", "dsn", "--owner-key", str(work / "dsn-owner.key"), "--customer", "acme",
-                 "--model-id", "mnist-dsn", *common)
+        _sealnet("protect", "--method", "dsn", "--owner-key", str(work / "dsn-owner.key"), "--company", "sealnet demo",
+                 "--customer", "acme", "--model-id", "mnist-dsn", *common)
     else:
         _sealnet("backbone", "make", "--source", "digits", "--seed", str(seed), "--out", str(work / "backbone.pt"))
         _sealnet("protect", "--method", "sealed-head", "--backbone-weights", str(work / "backbone.pt"), *common)
@@ -107,9 +108,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "teeslice")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    done = args.out / "teeslice.json"
+    rows = json.loads(done.read_text()) if done.is_file() else []  # a rerun resumes: measured rows are kept
     for seed in range(args.seeds):
         for method in args.methods:
+            if any(r["method"] == method and r["seed"] == seed for r in rows):
+                continue
             print(f"== seed {seed}: {method}", flush=True)
             rows.append(measure(method, seed, args.out / f"seed{seed}"))
             (args.out / "teeslice.json").write_text(json.dumps(rows, indent=1) + "\n")
