@@ -32,6 +32,7 @@ from attacks.wire import (
     RUNTIME_SERVICE,
     Wire,
     classify,
+    classify_request,
     client_md,
     huge_shape_request,
     infer_request,
@@ -75,6 +76,26 @@ def _images(target: Target, n: int, fill: float | None = None) -> np.ndarray:
     _, item, _ = _spec(target)
     rng = np.random.default_rng(target.seed)
     return np.full((n, *item), fill, np.float32) if fill is not None else rng.random((n, *item), dtype=np.float32)
+
+
+def _module_item(target: Target) -> tuple[int, ...]:
+    """The item shape of the trusted module's data tensor: a sealed head's features, else the raw input."""
+    if target.method == "sealed-head":
+        return (int(target.bundle.manifest["backbone"]["num_features"]),)
+    return _spec(target)[1]
+
+
+def _module_batch(target: Target, n: int, fill: float | None = None) -> np.ndarray:
+    item = _module_item(target)
+    rng = np.random.default_rng(target.seed)
+    return np.full((n, *item), fill, np.float32) if fill is not None else rng.random((n, *item), dtype=np.float32)
+
+
+def _module_request(target: Target, sid: str, x: np.ndarray, **kw) -> tuple[str, bytes]:
+    """The module's tensor RPC for this bundle: Classify (features) for a sealed head, else Preprocess."""
+    if target.method == "sealed-head":
+        return method(ENCLAVE_SERVICE, "Classify"), classify_request(sid, x, **kw).SerializeToString()
+    return method(ENCLAVE_SERVICE, "Preprocess"), preprocess_request(sid, x, **kw).SerializeToString()
 
 
 def forged_license(model_id: str) -> str:
@@ -126,7 +147,7 @@ def check_health(target: Target) -> dict[str, dict[str, bool]]:
                 opened = open_session(wire, target.license, "health")
                 ok = opened.code == S.OK
                 if ok:
-                    r = wire.call(*_data_call(target, session_id_of(opened), _images(target, 2)))
+                    r = wire.call(*_data_call(target, session_id_of(opened), 2))
                     ok = r.code == S.OK
                 checks["valid_request"] = ok
             out["enclave"] = checks
@@ -225,12 +246,13 @@ def _runtime_cases(target: Target) -> list[tuple[str, str, bytes, Any, set]]:
     return cases
 
 
-def _data_call(target: Target, sid: str, x: np.ndarray) -> tuple[str, bytes]:
-    """The trusted module's data RPC for this bundle's method: PassportParams for passports, else Preprocess."""
+def _data_call(target: Target, sid: str, n: int) -> tuple[str, bytes]:
+    """The trusted module's data RPC for this bundle's method, for n items: PassportParams for passports,
+    Classify for a sealed head, else Preprocess."""
     if target.method == "passport":
         return (method(ENCLAVE_SERVICE, "PassportParams"),
-                enclave_pb2.PassportParamsRequest(session_id=sid, items=len(x)).SerializeToString())
-    return method(ENCLAVE_SERVICE, "Preprocess"), preprocess_request(sid, x).SerializeToString()
+                enclave_pb2.PassportParamsRequest(session_id=sid, items=n).SerializeToString())
+    return _module_request(target, sid, _module_batch(target, n))
 
 
 def _with(msg, **fields) -> bytes:
@@ -240,21 +262,22 @@ def _with(msg, **fields) -> bytes:
 
 
 def _enclave_cases(target: Target, sid: str | None) -> list[tuple[str, str, bytes, Any, set]]:
-    _, item, max_batch = _spec(target)
-    x = _images(target, 2)
-    pre = method(ENCLAVE_SERVICE, "Preprocess")
+    _, _, max_batch = _spec(target)
+    item = _module_item(target)
+    x = _module_batch(target, 2)
+    pre, _ = _module_request(target, "", x)  # the module's tensor RPC (Preprocess, or Classify for a sealed head)
     opn = method(ENCLAVE_SERVICE, "OpenSession")
     att = method(ENCLAVE_SERVICE, "Attest")
 
     def req(**kw) -> bytes:
-        return preprocess_request(sid or "", kw.pop("x", x), **kw).SerializeToString()
+        return _module_request(target, sid or "", kw.pop("x", x), **kw)[1]
 
     def lic_body(token: str) -> bytes:
         return enclave_pb2.OpenSessionRequest(license=token).SerializeToString()
 
     cases = [
-        ("no session id", pre, preprocess_request("", x).SerializeToString(), None, {S.UNAUTHENTICATED}),
-        ("guessed session id", pre, preprocess_request(secrets.token_urlsafe(24), x).SerializeToString(), None,
+        ("no session id", pre, _module_request(target, "", x)[1], None, {S.UNAUTHENTICATED}),
+        ("guessed session id", pre, _module_request(target, secrets.token_urlsafe(24), x)[1], None,
          {S.UNAUTHENTICATED}),
         ("empty license", opn, lic_body(""), client_md("malformed"), {S.INVALID_ARGUMENT}),
         ("garbage license", opn, lic_body("not-a-license"), client_md("malformed"), {S.PERMISSION_DENIED}),
@@ -282,19 +305,24 @@ def _enclave_cases(target: Target, sid: str | None) -> list[tuple[str, str, byte
             (f"passport: items {max_batch} (max) is served", pp, items(max_batch), None, {S.OK}),
         ]
     elif sid:
-        no_input = enclave_pb2.PreprocessRequest(session_id=sid).SerializeToString()
+        no_input = (enclave_pb2.ClassifyRequest if target.method == "sealed-head"
+                    else enclave_pb2.PreprocessRequest)(session_id=sid).SerializeToString()
+        if target.method == "sealed-head":
+            cases.append(("sealed-head: Preprocess on a sealed-head bundle", method(ENCLAVE_SERVICE, "Preprocess"),
+                          preprocess_request(sid, _images(target, 2)).SerializeToString(), None,
+                          {S.FAILED_PRECONDITION}))
         cases += [
             ("no input tensor", pre, no_input, None, {S.INVALID_ARGUMENT}),
-            ("wrong rank", pre, req(shape=[2, int(np.prod(item))]), None, {S.INVALID_ARGUMENT}),
+            ("wrong rank", pre, req(shape=[2, *item, 1]), None, {S.INVALID_ARGUMENT}),
             ("wrong item shape", pre, req(shape=[2, *item[:-1], item[-1] + 1]), None, {S.INVALID_ARGUMENT}),
             ("batch 0", pre, req(shape=[0, *item], data=b""), None, {S.INVALID_ARGUMENT}),
             ("batch 2^62", pre, req(shape=[2**62, *item]), None, {S.INVALID_ARGUMENT}),
-            (f"batch {max_batch + 1} (max + 1)", pre, req(x=_images(target, max_batch + 1)), None,
+            (f"batch {max_batch + 1} (max + 1)", pre, req(x=_module_batch(target, max_batch + 1)), None,
              {S.INVALID_ARGUMENT}),
             ("data short", pre, req(data=x.tobytes()[:-4]), None, {S.INVALID_ARGUMENT}),
-            ("NaN input", pre, req(x=_images(target, 1, np.nan)), None, {S.INVALID_ARGUMENT}),
-            ("infinite input", pre, req(x=_images(target, 1, -np.inf)), None, {S.INVALID_ARGUMENT}),
-            (f"batch {max_batch} (max) is served", pre, req(x=_images(target, max_batch)), None, {S.OK}),
+            ("NaN input", pre, req(x=_module_batch(target, 1, np.nan)), None, {S.INVALID_ARGUMENT}),
+            ("infinite input", pre, req(x=_module_batch(target, 1, -np.inf)), None, {S.INVALID_ARGUMENT}),
+            (f"batch {max_batch} (max) is served", pre, req(x=_module_batch(target, max_batch)), None, {S.OK}),
         ]
     return cases
 
@@ -377,15 +405,19 @@ def _runtime_seeds(target: Target) -> list[Seed]:
 
 
 def _enclave_seeds(target: Target, sid: str | None) -> list[Seed]:
-    model, item, max_batch = _spec(target)
+    model, _, max_batch = _spec(target)
+    item = _module_item(target)
     owner = target.bundle.owner_public_key
     session = sid or secrets.token_urlsafe(24)
+    sealed_head = target.method == "sealed-head"
 
-    def structured(rng: np.random.Generator) -> enclave_pb2.PreprocessRequest:
+    def structured(rng: np.random.Generator):
         shape = random_shape(rng, item, max_batch)
         sess = str(rng.choice([session, session, "", random_text(rng, 32)]))
-        return enclave_pb2.PreprocessRequest(session_id=sess, input=enclave_pb2.Tensor(
-            shape=shape, data=random_floats(rng, shape)))
+        tensor = enclave_pb2.Tensor(shape=shape, data=random_floats(rng, shape))
+        if sealed_head:
+            return enclave_pb2.ClassifyRequest(session_id=sess, features=tensor)
+        return enclave_pb2.PreprocessRequest(session_id=sess, input=tensor)
 
     def license_ok(msg) -> bool:
         try:
@@ -406,7 +438,9 @@ def _enclave_seeds(target: Target, sid: str | None) -> list[Seed]:
                          ok_allowed=lambda msg: bool(sid) and msg.session_id == sid and 1 <= msg.items <= max_batch,
                          structured=structured_params)
     else:
-        data_seed = Seed(method(ENCLAVE_SERVICE, "Preprocess"), preprocess_request(session, _images(target, 2)),
+        rpc = "Classify" if sealed_head else "Preprocess"
+        request = (classify_request if sealed_head else preprocess_request)(session, _module_batch(target, 2))
+        data_seed = Seed(method(ENCLAVE_SERVICE, rpc), request,
                          ok_allowed=lambda msg: bool(sid) and msg.session_id == sid, structured=structured)
     return [
         data_seed,
@@ -601,7 +635,7 @@ def brute_force(target: Target, budget: Budget, out: Path) -> Outcome:
                                       float(good.code == S.RESOURCE_EXHAUSTED), "==", 1, unit="count",
                                       note=f"got {good.code.name}"))
                 if session:
-                    path, body = _data_call(target, session, _images(target, 1))
+                    path, body = _data_call(target, session, 1)
                     cached = wire.call(path, body, label)
                     metrics.append(Metric("enclave.locked_client_refused_on_its_open_session",
                                           float(cached.code == S.RESOURCE_EXHAUSTED), "==", 1, unit="count",

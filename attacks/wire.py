@@ -156,6 +156,13 @@ def preprocess_request(session_id: str, x: np.ndarray, *, shape: list[int] | Non
     return enclave_pb2.PreprocessRequest(session_id=session_id, input=tensor)
 
 
+def classify_request(session_id: str, x: np.ndarray, *, shape: list[int] | None = None,
+                     data: bytes | None = None) -> enclave_pb2.ClassifyRequest:
+    tensor = enclave_pb2.Tensor(shape=list(x.shape) if shape is None else shape,
+                                data=np.ascontiguousarray(x, dtype="<f4").tobytes() if data is None else data)
+    return enclave_pb2.ClassifyRequest(session_id=session_id, features=tensor)
+
+
 def open_session(wire: Wire, token: str, label: str) -> Reply:
     body = enclave_pb2.OpenSessionRequest(license=token).SerializeToString()
     return wire.call(method(ENCLAVE_SERVICE, "OpenSession"), body, client_md(label))
