@@ -43,7 +43,8 @@ def protect(method: str, seed: int, work: Path) -> Path:
     elif method == "passport":
         _sealnet("protect", "--method", "passport", "--scheme", "v1", *common)
     elif method == "dsn":
-        _sealnet("license", "keygen", str(work / "dsn-owner.key"))
+        if not (work / "dsn-owner.key").exists():
+            _sealnet("license", "keygen", str(work / "dsn-owner.key"))
         _sealnet("protect", "--method", "dsn", "--owner-key", str(work / "dsn-owner.key"), "--company", "sealnet demo",
                  "--customer", "acme", "--model-id", "mnist-dsn", *common)
     else:
