@@ -240,9 +240,9 @@ def split_sealed_head(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path,
                       log: Callable[[str], None]) -> Split:
     """Sealed head: public.onnx is the published backbone exactly as given (features out); the head, trained on
     the owner's data, is sealed as an ONNX graph that only the trusted module runs, under an output policy."""
-    from sealnet.outputs import parse_policy, policy_outputs
+    from sealnet.outputs import DEFAULT_POLICY, parse_policy, policy_outputs
 
-    policy = parse_policy(ckpt.secret.get("output_policy", "label"), ckpt.num_classes)
+    policy = parse_policy(ckpt.secret.get("output_policy", DEFAULT_POLICY), ckpt.num_classes)
     backbone, head = ckpt.build_public_model(), ckpt.build_head()
     export_onnx(backbone, (torch.zeros(1, *ckpt.input_shape),), onnx_path, [INPUT_NAME], fold=False,
                 output_name=FEATURES_NAME)
