@@ -24,6 +24,7 @@ from attacks.onnx_torch import OnnxModule, penultimate
 from attacks.plots import grouped_bars
 from attacks.registry import register_attack
 from attacks.stealing import fit_steps, torch_accuracy
+from sealnet.outputs import predicted_labels
 
 RATIO_LIMIT = 1.05
 JUDGED_FRACTIONS = (0.01, 0.1)
@@ -89,14 +90,23 @@ def endpoint_labels(target: Target, x: np.ndarray) -> np.ndarray:
     """What a black-box user learns: the deployed endpoint's predicted class for each image."""
     if not (target.endpoint and target.license):
         raise Skip("needs the endpoint (--endpoint) and a valid license (--license-file) for black-box labels")
+    return predicted_labels(_endpoint_answers(target, x))
+
+
+def _endpoint_answers(target: Target, x: np.ndarray) -> dict[str, np.ndarray]:
     from runtime.client import InferenceClient
 
     client = InferenceClient(target.endpoint, target.bundle.model_id, timeout=120.0)
     try:
-        return np.concatenate([client.predict_labels(x[i : i + QUERY_BATCH], target.license)
-                               for i in range(0, len(x), QUERY_BATCH)])
+        return _in_chunks(lambda part: client.infer_outputs(part, target.license), x)
     finally:
         client.close()
+
+
+def _in_chunks(call, x: np.ndarray) -> dict[str, np.ndarray]:
+    """`call` (one query) over x in QUERY_BATCH slices, its named outputs concatenated."""
+    parts = [call(x[i : i + QUERY_BATCH]) for i in range(0, len(x), QUERY_BATCH)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 @register_attack(
@@ -144,11 +154,7 @@ def teeslice_stealing(target: Target, budget: Budget, out: Path) -> Outcome:
 
 def _answer_targets(answer: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
     """(hard labels, soft logits or None) from a module or endpoint answer under any output policy."""
-    if "logits" in answer:
-        return answer["logits"].argmax(1), answer["logits"]
-    if "classes" in answer:
-        return answer["classes"][:, 0], None
-    return answer["label"].reshape(-1), None
+    return predicted_labels(answer), answer.get("logits")
 
 
 def _fit_head(features: np.ndarray, labels: np.ndarray, soft: np.ndarray | None, num_classes: int, *,
@@ -166,23 +172,10 @@ def _module_answers(target: Target, features: np.ndarray) -> dict[str, np.ndarra
 
     client = EnclaveClient(target.enclave, tls_dir=target.enclave_tls, timeout=120.0)
     try:
-        parts = [client.classify(target.license, features[i : i + QUERY_BATCH], target.bundle.manifest["outputs"],
-                                 client=f"attack-insider-{target.seed}")
-                 for i in range(0, len(features), QUERY_BATCH)]
+        return _in_chunks(lambda part: client.classify(target.license, part, target.bundle.manifest["outputs"],
+                                                       client=f"attack-insider-{target.seed}"), features)
     finally:
         client.close()
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-
-
-def _endpoint_answers(target: Target, x: np.ndarray) -> dict[str, np.ndarray]:
-    from runtime.client import InferenceClient
-
-    client = InferenceClient(target.endpoint, target.bundle.model_id, timeout=120.0)
-    try:
-        parts = [client.infer_outputs(x[i : i + QUERY_BATCH], target.license) for i in range(0, len(x), QUERY_BATCH)]
-    finally:
-        client.close()
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 @register_attack(
