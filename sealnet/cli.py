@@ -247,10 +247,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sealnet.demo import run_demo
+    from sealnet.demo import run_demo, run_demo_seeds
 
-    return run_demo(args.workdir, epochs=args.epochs, json_path=args.json, seed=args.seed, keystore=args.keystore,
-                    method=args.method, engine=args.engine)
+    if args.seeds < 1:
+        raise SystemExit("sealnet demo: --seeds must be at least 1")
+    kwargs = {"epochs": args.epochs, "json_path": args.json, "seed": args.seed, "keystore": args.keystore,
+              "method": args.method, "engine": args.engine}
+    if args.seeds > 1:
+        return run_demo_seeds(args.workdir, args.seeds, **kwargs)
+    return run_demo(args.workdir, **kwargs)
 
 
 # -- parser ----------------------------------------------------------------------------------------------
@@ -396,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1,
+                   help="run the demo N times (training seeds SEED..SEED+N-1, a fresh owner key each) and report "
+                        "mean and min/max (WORKDIR/seed-i/)")
     p.add_argument("--json", type=Path, help="also write the result table as JSON")
     p.add_argument("--keystore", choices=["embedded", "tpm"], default="embedded",
                    help="tpm: seal to a software TPM (swtpm) started for the demo")

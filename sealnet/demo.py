@@ -75,6 +75,40 @@ def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, s
                     method=method, engine=engine)
 
 
+def run_demo_seeds(workdir: Path, seeds: int, *, seed: int = 0, json_path: Path | None = None,
+                   **kwargs) -> int:
+    """The demo `seeds` times (training seeds SEED, SEED+1, ...; a fresh owner key and keystore each run), then
+    mean and min/max of every number: one training run is an anecdote. 0 only if every run succeeded."""
+    from evaluate.multiseed import flatten, spread, summarize
+
+    workdir = Path(workdir)
+    codes, runs = [], []
+    for i in range(seeds):
+        _step(f"run {i + 1}/{seeds}: training seed {seed + i}")
+        run_json = workdir / f"seed-{i}" / "demo.json"
+        codes.append(run_demo(workdir / f"seed-{i}", seed=seed + i, json_path=run_json, **kwargs))
+        if run_json.exists():
+            runs.append(json.loads(run_json.read_text()))
+    summary = summarize([flatten(r) for r in runs])
+    report = {"seeds": seeds, "first_seed": seed, "runs_succeeded": codes.count(0), "summary": summary,
+              "runs": runs}
+    rows = [(k, spread(summary.get(k), percent=k.endswith("_acc"))) for k in SEED_ROWS if k in summary]
+    width = max([len(k) for k, _ in rows] + [10])
+    print(f"\n{f'sealnet demo over {seeds} seeds':<{width}}  mean [min, max]\n{'-' * width}  {'-' * 24}")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print(f"{codes.count(0)}/{seeds} runs succeeded; one run per {workdir}/seed-i/")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if codes and all(c == 0 for c in codes) else 1
+
+
+# The numbers `run_demo_seeds` summarises (when a run reports them), in table order.
+SEED_ROWS = ("baseline_acc", "authorized_acc", "pirate_raw_acc", "stealing_ratio_1pct", "stealing_ratio_10pct",
+             "insider_ratio", "seconds")
+
+
 def _protect(method: str, data, workdir: Path, epochs: int, seed: int) -> tuple[str, dict]:
     """Train the protected model into workdir/protected.pt: (model id, training metrics)."""
     if method == "transform":

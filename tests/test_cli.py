@@ -136,3 +136,28 @@ def test_sealed_head_demo_meets_the_black_box_targets(tmp_path):
     for path in [*(work / "bundle").iterdir(), *(work / "logs").iterdir(), out]:
         data = path.read_bytes()
         assert not any(n in data for n in needles), f"sealed head bytes in {path.name}"
+
+
+def test_demo_seeds_reports_mean_and_spread_and_fails_if_any_run_fails(tmp_path, monkeypatch, capsys):
+    """`sealnet demo --seeds N`: one run per seed in WORKDIR/seed-i (the runs themselves are the demo tested
+    above), mean/min/max of each number, exit 1 when any run failed."""
+    import sealnet.demo as demo
+
+    seen = []
+
+    def one_run(workdir, *, seed, json_path, **kwargs):
+        seen.append((Path(workdir).name, seed, kwargs["method"]))
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"baseline_acc": 0.97, "authorized_acc": 0.95 + (seed - 10) / 100,
+                                         "pirate_raw_acc": 0.1, "seconds": 60.0}))
+        return 1 if seed == 12 else 0
+
+    monkeypatch.setattr(demo, "run_demo", one_run)
+    out = tmp_path / "seeds.json"
+    assert main(["demo", "--workdir", str(tmp_path / "w"), "--seeds", "2", "--seed", "10", "--json", str(out)]) == 0
+    assert seen == [("seed-0", 10, "transform"), ("seed-1", 11, "transform")]
+    r = json.loads(out.read_text())
+    assert r["runs_succeeded"] == 2
+    assert r["summary"]["authorized_acc"] == pytest.approx({"mean": 0.955, "min": 0.95, "max": 0.96, "n": 2})
+    assert "95.5% [95.0, 96.0]" in capsys.readouterr().out
+    assert main(["demo", "--workdir", str(tmp_path / "w"), "--seeds", "3", "--seed", "10"]) == 1
