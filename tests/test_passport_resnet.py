@@ -151,4 +151,4 @@ def test_cifar10_resnet18_p_exports_and_serves(tmp_path):
     # deploy: exported (so the --max-raw-acc gates passed), served over gRPC through the trusted module
     assert r["deployed_acc"] == pytest.approx(r["valid_acc"], abs=0.002)
     assert r["public_onnx_acc"] <= 0.15 and r["public_unit_params_acc"] <= 0.2
-    assert r["fake_max_acc"] <= 0.3 and r["fake_mean_acc"] <= 0.2
+    assert r["fake_max_acc"] <= r["valid_acc"] - 0.5 and r["fake_mean_acc"] <= 0.2  # the maximum, not the mean
