@@ -4,7 +4,8 @@
   on conv3 and conv4 (many input channels), never on the 1-channel first conv: a passport acts mostly
   through its per-channel means, and on a 1-channel layer every fake passport is the true one rescaled.
 - alexnet_p / alexnet_plain: AlexNet_p of the extended paper (Table III), passports on conv3, conv4, conv5.
-- resnet18_p / resnet18_plain: ResNet_p-18 (Table III), passports on every conv of Conv5_x (layer4).
+- resnet18_p / resnet18_plain: ResNet_p-18 (Table III), passports on every conv of Conv5_x (layer4), the 1x1
+  downsample shortcut included, so that no path around the passport layers carries the signal (see ResNetP18).
 
 Config (what checkpoints store): passport nets take `scheme` ("v1": BatchNorm, no public affine; "v2"/"v3":
 GroupNorm everywhere and a public gamma/beta branch for distribution) and `passport_fn` ("gamma", "beta",
@@ -122,11 +123,14 @@ class AlexNetP(_StemBody):
 
 
 class BasicBlock(nn.Module):
+    """relu(convbn_2(relu(convbnrelu_1(x))) + shortcut(x)); `passport_here` puts passports on every conv of the
+    block, the 1x1 downsample shortcut included."""
+
     def __init__(self, conv, in_planes: int, planes: int, stride: int, passport_here: bool):
         super().__init__()
         self.convbnrelu_1 = conv(in_planes, planes, 3, stride, 1, passport_here)
         self.convbn_2 = conv(planes, planes, 3, 1, 1, passport_here)
-        self.shortcut = (conv(in_planes, planes, 1, stride, 0, False) if stride != 1 or in_planes != planes
+        self.shortcut = (conv(in_planes, planes, 1, stride, 0, passport_here) if stride != 1 or in_planes != planes
                          else nn.Identity())
         self.relu = nn.ReLU()
 
@@ -136,7 +140,14 @@ class BasicBlock(nn.Module):
 
 
 class ResNetP18(_StemBody):
-    """ResNet_p-18 (Table III): CIFAR ResNet-18, passports on both convs of both Conv5_x blocks (not shortcuts)."""
+    """ResNet_p-18 (Table III): CIFAR ResNet-18, passports on every conv of Conv5_x (layer4, `body.0`).
+
+    That is both 3x3 convs of both blocks and the first block's 1x1 stride-2 downsample shortcut (the second
+    block's shortcut is the identity). The shortcut must be a passport layer too: with gamma = beta = 0 (what
+    public.onnx ships) block 1 then outputs relu(0 + 0) = 0 and block 2 relu(0 + 0) = 0, so the logits are the
+    fc bias for every input. With a plain shortcut the residual path carried layer3's features past the zeroed
+    passport layers and the shipped network kept a third of its accuracy. Capacity: 5 layers x 8*width bits.
+    """
 
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, passport: bool = True,
                  scheme: str = "v1", passport_fn: str = "both", norm: str | None = None, width: int = 64):

@@ -27,6 +27,8 @@ def add_protect_passport_arguments(p: argparse.ArgumentParser) -> None:
                    help="which of gamma/beta are derived from passports (Digital Passport V1/V2/V3)")
     g.add_argument("--signature", default=DEFAULT_SIGNATURE, help="ASCII signature embedded in sign(gamma)")
     g.add_argument("--model", default="cnn_p", choices=PASSPORT_MODELS)
+    g.add_argument("--width", type=int, default=None,
+                   help="resnet18_p: base channel width (default 64, the paper's; e.g. 16 trains fast on a CPU)")
     g.add_argument("--fake-weight", type=float, default=None, help="anti-fake term weight (0: the papers' loss)")
     g.add_argument("--decor-weight", type=float, default=None, help="decorrelation term weight (0: the papers')")
     g.add_argument("--sign-weight", type=float, default=None)
@@ -41,6 +43,9 @@ def cmd_protect_passport(args: argparse.Namespace) -> int:
     from protect.train import TrainConfig
     from sealnet.data import load_dataset
 
+    width = args.width
+    if width is not None and (args.model != "resnet18_p" or width < 1):
+        raise ValueError(f"--width {width}: only resnet18_p takes a width, a positive channel count")
     data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     overrides = {k: getattr(args, k) for k in ("fake_weight", "decor_weight", "sign_weight", "lr_schedule", "optimizer")
@@ -48,7 +53,8 @@ def cmd_protect_passport(args: argparse.Namespace) -> int:
     pcfg = PassportConfig(scheme=args.scheme, passport_type=args.passport_type, passport_fn=args.passport_fn,
                           signature=args.signature, **overrides)
     passport_out = args.passport_out or default_passport_path(args.out)
-    ckpt = protect_passport(data, args.out, cfg, pcfg, model_name=args.model, baseline=not args.no_baseline,
+    ckpt = protect_passport(data, args.out, cfg, pcfg, model_name=args.model,
+                            model_config=None if width is None else {"width": width}, baseline=not args.no_baseline,
                             passport_out=passport_out)
     m = ckpt.metrics
     print(f"checkpoint {args.out} (mode 0600: it holds the passports), passport file {passport_out}")

@@ -150,7 +150,7 @@ def test_registry_has_passport_nets_and_plain_counterparts():
     assert [layer.out_channels for layer in passport_layers(alex).values()] == [384, 256, 256]  # conv3-5
     assert signature_capacity(alex) == 896
     res = create_model("resnet18_p", (3, 32, 32), 10, width=8)  # width 64 is the paper's; 8 keeps the test light
-    assert len(passport_layers(res)) == 4 and all(n.startswith("body.0.") for n in passport_layers(res))
+    assert len(passport_layers(res)) == 5 and all(n.startswith("body.0.") for n in passport_layers(res))
     for name in ("cnn_plain", "alexnet_plain", "resnet18_plain"):
         plain = create_model(name, (3, 32, 32), 10, **({"width": 8} if "resnet" in name else {}))
         assert not passport_layers(plain)
