@@ -35,6 +35,8 @@ def add_protect_passport_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-schedule", choices=["cosine", "constant"], default=None)
     g.add_argument("--optimizer", choices=["adam", "sgd"], default=None,
                    help="adam (default) or sgd with momentum 0.9 (the papers' CIFAR recipe: --lr 0.01)")
+    g.add_argument("--no-warm-start", dest="warm_start", action="store_false", default=None,
+                   help="train the passport net from scratch instead of from the trained baseline's weights")
     g.add_argument("--passport-out", type=Path, help="passport file (default: OUT with suffix .passport.pt)")
 
 
@@ -48,7 +50,8 @@ def cmd_protect_passport(args: argparse.Namespace) -> int:
         raise ValueError(f"--width {width}: only resnet18_p takes a width, a positive channel count")
     data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    overrides = {k: getattr(args, k) for k in ("fake_weight", "decor_weight", "sign_weight", "lr_schedule", "optimizer")
+    overrides = {k: getattr(args, k) for k in ("fake_weight", "decor_weight", "sign_weight", "lr_schedule", "optimizer",
+                                                 "warm_start")
                  if getattr(args, k, None) is not None}
     pcfg = PassportConfig(scheme=args.scheme, passport_type=args.passport_type, passport_fn=args.passport_fn,
                           signature=args.signature, **overrides)
