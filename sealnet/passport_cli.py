@@ -169,7 +169,7 @@ def add_passport_eval_parser(sub: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--signature", help="also verify this claimed signature")
     p.add_argument("--skip", action="append", default=[],
-                   choices=["svd", "reverse", "reverse_svd", "insider", "forgery", "pruning", "finetune",
+                   choices=["svd", "reverse", "reverse_svd", "insider", "forgery", "cerb", "pruning", "finetune",
                             "image_fakes", "deploy"], help="leave out a measurement (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1,
