@@ -179,12 +179,16 @@ def verify_checkpoint(checkpoint: Path, passport_file: Path, signature: str, dat
     ckpt = load_checkpoint(checkpoint)
     secret = load_passport_file(passport_file)
     model = passport_model(ckpt, secret)
-    recorded = secret.get("valid_acc", ckpt.metrics.get("valid_acc"))
+    # The fidelity reference and tolerance come from the checkpoint (the owner's record), not from the claimant's
+    # passport file: a forger (CERB) would write their own accuracy there.
+    recorded = ckpt.metrics.get("valid_acc", secret.get("valid_acc"))
+    if eps_f is None:
+        eps_f = ckpt.secret.get("eps_f", 0.03) if ckpt.secret else 0.03
     trigger = None
     if secret.get("trigger_x") is not None:
         trigger = (secret["trigger_x"].numpy(), secret["trigger_y"].numpy())
     return verify_ownership(model, secret["passports"], signature, data.x_test, data.y_test, recorded,
-                            eps_f=secret.get("eps_f", 0.03) if eps_f is None else eps_f, trigger=trigger,
+                            eps_f=eps_f, trigger=trigger,
                             trigger_predict=trigger_predict, trigger_threshold=trigger_threshold,
                             recorded_bits=secret["bits"].numpy())
 
@@ -195,7 +199,9 @@ def verify_bundle(bundle_dir: Path, passport_file: Path, signature: str, data: D
 
     gamma/beta come from the claimed passport and the weights public.onnx carries under their parameter names
     (the same computation as the trusted module's); sign(gamma) must decode to the signature and public.onnx
-    run with those gamma/beta must reach the recorded accuracy within eps_f."""
+    run with those gamma/beta must reach the accuracy recorded in the owner-signed manifest at export
+    (checks.authorized_acc) within eps_f (default 3%). Neither comes from the claimant's passport file: a forger
+    who solved a passport for trained gamma/beta (CERB) would record their own accuracy there."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -229,8 +235,10 @@ def verify_bundle(bundle_dir: Path, passport_file: Path, signature: str, data: D
         arrays[f"{layer}/beta"] = passports["beta"].numpy()
     params = derive_params({"layers": specs}, arrays)
     bits = np.concatenate([np.where(params[f"gamma_{i}"] >= 0, 1, -1) for i in range(len(specs))]).astype(np.int8)
-    res = _signature_check(bits, signature, secret.get("valid_acc"), secret.get("eps_f", 0.03) if eps_f is None
-                           else eps_f)
+    recorded = bundle.manifest.get("checks", {}).get("authorized_acc")
+    if recorded is None:
+        raise ValueError(f"{bundle_dir}: the manifest records no authorized accuracy to check fidelity against")
+    res = _signature_check(bits, signature, float(recorded), 0.03 if eps_f is None else eps_f)
     session = session_from_model(with_params(model, params))
     name_in = session.get_inputs()[0].name
     _fidelity_check(res, callable_accuracy(lambda x: session.run(None, {name_in: x})[0], data.x_test, data.y_test))

@@ -88,7 +88,8 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--signature", help="the claimed ASCII signature")
     p.add_argument("--dataset", choices=DATASETS, help="test data for fidelity (default: the checkpoint's)")
     p.add_argument("--data-dir", type=Path)
-    p.add_argument("--epsilon", type=float, help="fidelity threshold eps_f (default: the passport file's, 0.03)")
+    p.add_argument("--epsilon", type=float,
+                   help="fidelity threshold eps_f (default: the checkpoint's, 0.03; --bundle: 0.03)")
     p.add_argument("--trigger-threshold", type=float, default=0.95)
     p.add_argument("--json", type=Path, help="also write the result as JSON")
     p.set_defaults(func=cmd_verify)

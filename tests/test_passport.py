@@ -320,7 +320,7 @@ def test_explicit_params_model_exports_to_onnx_with_gamma_beta_inputs(v1, digits
 def test_passport_eval_report(v1, digits, tmp_path):
     r = run_passport_eval(v1["ckpt"], load_passport_file(v1["passport_path"]), digits, tmp_path, n_fakes=10,
                           rev_epochs=1, finetune_epochs=1, signature=SIGNATURE, progress=False,
-                          checkpoint_path=v1["path"])
+                          checkpoint_path=v1["path"], cerb_steps=30)
     for key in ("baseline_acc", "valid_acc", "fake_max_acc", "fake_mean_acc", "signature_match",
                 "reverse_engineered_acc", "deployed_acc", "public_onnx_acc"):
         assert r[key] is not None, key
@@ -329,6 +329,12 @@ def test_passport_eval_report(v1, digits, tmp_path):
     assert r["signature_match"] and r["signature_claim_verified"]
     assert len(r["fake_accs"]) == 10 and [row["rate"] for row in r["pruning"]][0] == 0.1
     assert {"new_task_acc", "signature_detection"} <= set(r["finetune"])
+    assert [row["fraction"] for row in r["cerb"]] == [0.02, 0.1]
+    for row in r["cerb"]:
+        assert {"accessory", "direct", "reverse", "keep_owner"} <= set(row)
+        assert row["accessory"]["accessory"] and not row["direct"]["accessory"]
+        assert "verified" in row["keep_owner"] and "verified" not in row["reverse"]
+    assert "CERB forgery" in (tmp_path / "passport_eval.md").read_text()
     for name in ("passport_eval.json", "passport_eval.md", "passport_hist.png", "passport_attacks.png"):
         assert (tmp_path / name).stat().st_size > 0
 
