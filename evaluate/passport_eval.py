@@ -102,6 +102,7 @@ class VerificationResult:
     trigger_acc: float | None = None
     trigger_threshold: float = 0.95
     trigger_ok: bool | None = None
+    passport_in_range: bool | None = None  # checked when verify_ownership gets passport_bound
     reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,16 +137,24 @@ def verify_ownership(model: nn.Module, passports: dict[str, dict[str, torch.Tens
                      x: np.ndarray | None = None, y: np.ndarray | None = None, recorded_acc: float | None = None,
                      eps_f: float = 0.03, predict: Predict | None = None,
                      trigger: tuple[np.ndarray, np.ndarray] | None = None, trigger_predict: Predict | None = None,
-                     trigger_threshold: float = 0.95, recorded_bits: np.ndarray | None = None) -> VerificationResult:
+                     trigger_threshold: float = 0.95, recorded_bits: np.ndarray | None = None,
+                     passport_bound: float | None = None) -> VerificationResult:
     """White-box passport verification (+ black-box trigger check for V3).
 
     model: the suspect network's public weights as a passport net; passports: the claimant's passports.
     predict: inference *with the claimed passport* (default: `model` with `passports` installed);
     trigger_predict: the deployed network as a black box (default: the model's public branch when it has one).
+    passport_bound (not in the papers): every passport element must lie in [-bound, bound], the range random
+    (T1) passports are drawn from; a passport solved for forged gamma/beta (CERB) usually does not.
     """
     bits = extract_bits(model, passports)
     res = _signature_check(bits, signature, recorded_acc, eps_f)
     res.trigger_threshold = trigger_threshold
+    if passport_bound is not None:
+        worst = max(float(torch.as_tensor(p).abs().max()) for pp in passports.values() for p in pp.values())
+        res.passport_in_range = worst <= passport_bound * (1 + 1e-6)
+        if not res.passport_in_range:
+            res.reasons.append(f"passport out of range: max |P| = {worst:.3g} > {passport_bound:g}")
     if recorded_bits is not None:
         rb = np.asarray(recorded_bits).reshape(-1)
         res.channel_bits_matched = int((rb == bits[: len(rb)]).sum())
@@ -167,7 +176,8 @@ def verify_ownership(model: nn.Module, passports: dict[str, dict[str, torch.Tens
         if not res.trigger_ok:
             res.reasons.append(f"trigger set: {res.trigger_acc:.2%} detected < {trigger_threshold:.0%}")
     res.verified = bool(res.signature_match and res.fidelity_ok is not False and res.trigger_ok is not False
-                        and (res.fidelity_ok is not None or recorded_acc is None))
+                        and (res.fidelity_ok is not None or recorded_acc is None)
+                        and res.passport_in_range is not False)
     return res
 
 
@@ -513,7 +523,6 @@ def train_forged_params(start: Params, trainable: dict[str, tuple[bool, bool]],
                 blocks.append(AccessoryBlock(len(vec)))
             else:
                 leaves.append(nn.Parameter(vec.detach().clone()))
-    params = list(blocks.parameters()) if accessory else leaves
 
     def current() -> Params:
         out, k = {}, 0
@@ -528,6 +537,14 @@ def train_forged_params(start: Params, trainable: dict[str, tuple[bool, bool]],
             out[name] = (pair[0], pair[1])
         return out
 
+    return optimise_forgery(list(blocks.parameters()) if accessory else leaves, current, ce, n, target_bits,
+                            steps=steps, lr=lr, batch_size=batch_size, gamma0=gamma0, gen=gen)
+
+
+def optimise_forgery(params: list[nn.Parameter], current: Callable[[], Params],
+                     ce: Callable[[Params, torch.Tensor], torch.Tensor], n: int, target_bits: torch.Tensor | None,
+                     steps: int, lr: float, batch_size: int, gamma0: float, gen: torch.Generator) -> Params:
+    """Adam on `params` for CE of the network run with current() + sign loss towards target_bits."""
     opt = torch.optim.Adam(params, lr=lr)
     for _ in range(steps):
         idx = torch.randint(n, (min(batch_size, n),), generator=gen)
@@ -559,8 +576,9 @@ def attack_subset(n_total: int, fraction: float, seed: int) -> torch.Tensor:
 
 def cerb_forgery(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarray, signature_nbits: int,
                  fraction: float = 0.1, seed: int = 0, claim: str = "attacker", signature: str | None = None,
-                 accessory: bool = True, steps: int = 300, lr: float = 1e-2, recorded_acc: float | None = None,
-                 eps_f: float = 0.03, gamma0: float = 0.1, scale: float = 1.0) -> dict[str, Any]:
+                 accessory: bool = True, steps: int = 300, lr: float | None = None, recorded_acc: float | None = None,
+                 eps_f: float = 0.03, gamma0: float = 0.1, scale: float = 1.0, boxed: bool = False
+                 ) -> dict[str, Any]:
     """CERB (Chen, Tian, Chen & Zhou, CVPR 2023): forge a passport that passes `verify_ownership`.
 
     The attacker holds the public weights and `fraction` of the labelled training set, not the passport. A fake
@@ -573,8 +591,15 @@ def cerb_forgery(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarra
     length); 'owner': keep the owner's signs (the owner's string, read from `bits`); 'none': no sign loss
     (then `accessory=False` is the paper's fake2 reverse engineering on the same data). `accessory=False` trains
     the vectors directly: the ablation that says whether the block matters (same data, fake, steps and lr).
+    boxed (an adaptive forger against the range check, not in the paper): the passport itself is trained, as
+    scale * tanh(Q) so that it stays in the owner's range [-scale, scale], starting from the fake; no solve.
+    lr: 1e-2, boxed 3e-2 (the passport acts through tanh and the map; 1e-2 was slow on both nets measured).
+
+    verified: the papers' check (signature exact, accuracy within eps_f); verified_with_range: also every
+    passport element within [-scale, scale] (`verify_ownership(passport_bound=scale)`).
     """
     t0 = time.perf_counter()
+    lr = lr if lr is not None else 3e-2 if boxed else 1e-2
     owner_sig = bits_to_signature(bits[:signature_nbits])
     if claim == "attacker":
         signature = signature or attacker_signature(owner_sig)
@@ -609,18 +634,33 @@ def cerb_forgery(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarra
                 return F.cross_entropy(run(hs[idx]), y[idx])
 
         with passport_branch(model, True):
-            forged = train_forged_params(start, trainable, ce, len(y), target, accessory=accessory, steps=steps,
-                                         lr=lr,
-                                         gamma0=gamma0, seed=seed)
+            if boxed:
+                qs = {n: [nn.Parameter(torch.atanh((fake[n][k] / scale).clamp(-0.99, 0.99))) for k in ("gamma", "beta")]
+                      for n in layers}
+
+                def boxed_params() -> Params:
+                    return {n: layers[n].passport_params(scale * torch.tanh(q[0]), scale * torch.tanh(q[1]))
+                            for n, q in qs.items()}
+
+                forged = optimise_forgery([q for pair in qs.values() for q in pair], boxed_params, ce, len(y), target,
+                                          steps=steps, lr=lr, batch_size=64, gamma0=gamma0,
+                                          gen=torch.Generator().manual_seed(seed + 31))
+            else:
+                forged = train_forged_params(start, trainable, ce, len(y), target, accessory=accessory, steps=steps,
+                                             lr=lr, gamma0=gamma0, seed=seed)
     finally:
         for p in model.parameters():
             p.requires_grad_(True)
     passports, residual = {}, 0.0
     with torch.no_grad():
         for name, layer in layers.items():
-            jac = passport_jacobian(layer)
-            passports[name] = {k: solve_passport(jac, forged[name][i], fake[name][k]) if trainable[name][i]
-                               else fake[name][k] for i, k in enumerate(("gamma", "beta"))}
+            if boxed:
+                passports[name] = {k: scale * torch.tanh(q.detach()) for k, q in zip(("gamma", "beta"), qs[name],
+                                                                                     strict=True)}
+            else:
+                jac = passport_jacobian(layer)
+                passports[name] = {k: solve_passport(jac, forged[name][i], fake[name][k]) if trainable[name][i]
+                                   else fake[name][k] for i, k in enumerate(("gamma", "beta"))}
             got = layer.passport_params(passports[name]["gamma"], passports[name]["beta"])
             residual = max(residual, *(float((got[i] - forged[name][i]).abs().max()) for i in range(2)
                                        if trainable[name][i]))
@@ -628,18 +668,21 @@ def cerb_forgery(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarra
     signs = np.where(sig_gamma >= 0, 1, -1)[:signature_nbits]
     flipped = int((signs != bits[:signature_nbits]).sum())
     out: dict[str, Any] = {
-        "fraction": fraction, "train_images": int(len(y)), "accessory": accessory, "claim": claim, "steps": steps,
+        "fraction": fraction, "train_images": int(len(y)), "accessory": accessory and not boxed, "boxed": boxed,
+        "claim": claim, "steps": steps,
         "params_acc": ev.accuracy(forged), "owner_bits_flipped": flipped,
         "owner_bits_flipped_frac": flipped / signature_nbits, "passport_residual": residual,
         "passport_max_abs": max(float(p.abs().max()) for pp in passports.values() for p in pp.values()),
     }
     if signature is not None:
-        res = verify_ownership(model, passports, signature, data.x_test, data.y_test, recorded_acc, eps_f=eps_f)
+        res = verify_ownership(model, passports, signature, data.x_test, data.y_test, recorded_acc, eps_f=eps_f,
+                               passport_bound=scale)
         out.update({"signature": signature, "asked_flips": int((target.numpy()[:signature_nbits]
                                                                  != bits[:signature_nbits]).sum()),
                     "acc": res.accuracy, "signature_exact": res.signature_match,
-                    "signature_bits_matched": res.signature_bits_matched, "verified": res.verified,
-                    "fidelity_ok": res.fidelity_ok})
+                    "signature_bits_matched": res.signature_bits_matched, "fidelity_ok": res.fidelity_ok,
+                    "verified": bool(res.signature_match and res.fidelity_ok),
+                    "passport_in_range": res.passport_in_range, "verified_with_range": res.verified})
     else:
         with use_passports(model, passports):
             out["acc"] = callable_accuracy(model_predict(model, "passport"), data.x_test, data.y_test)
@@ -648,9 +691,10 @@ def cerb_forgery(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarra
 
 
 CERB_FRACTIONS = (0.02, 0.1)  # the attacker's share of the training set (the paper: 2% and 10%)
-CERB_VARIANTS = (  # (row key, accessory blocks, claim): CERB, the same without blocks, fake2, keep the owner's signs
+CERB_VARIANTS = (  # (row key, accessory blocks, claim): CERB, the same without blocks, fake2, keep the owner's
+    # signs; "boxed": the passport trained inside the owner's range (an adaptive forger against the range check)
     ("accessory", True, "attacker"), ("direct", False, "attacker"), ("reverse", False, "none"),
-    ("keep_owner", True, "owner"),
+    ("keep_owner", True, "owner"), ("boxed", False, "attacker"),
 )
 
 
@@ -663,7 +707,7 @@ def cerb_table(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarray,
         row: dict[str, Any] = {"fraction": frac}
         for key, accessory, claim in CERB_VARIANTS:
             row[key] = cerb_forgery(model, data, ev, bits, signature_nbits, fraction=frac, seed=seed, claim=claim,
-                                    accessory=accessory, steps=steps, **kwargs)
+                                    accessory=accessory, steps=steps, boxed=key == "boxed", **kwargs)
         rows.append(row)
     return rows
 
@@ -892,10 +936,12 @@ def markdown_report(r: dict[str, Any]) -> str:
                   "passes verify_ownership with the claimed signature (signs exact and accuracy within eps_f of the "
                   "owner's recorded one).", "",
                   "| data | variant | claimed signature | accuracy | owner's bits flipped | signature exact | "
-                  "verified | passport max abs (residual) |", "|---|---|---|---|---|---|---|---|"]
+                  "verified | passport max abs (residual) | verified with range check |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in r["cerb"]:
             for key, label in (("accessory", "CERB (accessory blocks)"), ("direct", "same, vectors trained directly"),
-                               ("reverse", "fake2: no sign loss, vectors"), ("keep_owner", "CERB, owner's signs kept")):
+                               ("reverse", "fake2: no sign loss, vectors"), ("keep_owner", "CERB, owner's signs kept"),
+                               ("boxed", "passport trained in [-1, 1]")):
                 if key not in row:
                     continue
                 c = row[key]
@@ -903,7 +949,8 @@ def markdown_report(r: dict[str, Any]) -> str:
                              f"{c.get('signature', 'none')!r} | {_pct(c['acc'])} | {c['owner_bits_flipped']}/"
                              f"{r['signature_bits']} | {c.get('signature_exact', 'n/a')} | "
                              f"{c.get('verified', 'n/a')} | "
-                             f"{c['passport_max_abs']:.3g} ({c['passport_residual']:.1e}) |")
+                             f"{c['passport_max_abs']:.3g} ({c['passport_residual']:.1e}) | "
+                             f"{c.get('verified_with_range', 'n/a')} |")
     if "pruning" in r:
         lines += ["", "## Pruning (class-blind, global magnitude)", "",
                   "| rate | accuracy | signature bits detected | exact |", "|---|---|---|---|"]
@@ -983,9 +1030,12 @@ SEED_TABLE = (  # (flattened metric, label) for the Markdown summary of `passpor
     *((f"cerb@{f:g}.{key}.{m}", f"CERB, {f:.0%} of the training data, {label}: {what}")
       for f in CERB_FRACTIONS
       for key, label in (("accessory", "attacker's signature"), ("direct", "attacker's signature, no blocks"),
-                         ("reverse", "fake2 (no sign loss, no blocks)"), ("keep_owner", "owner's signs kept"))
+                         ("reverse", "fake2 (no sign loss, no blocks)"), ("keep_owner", "owner's signs kept"),
+                         ("boxed", "attacker's signature, passport trained in [-1, 1]"))
       for m, what in (("acc", "accuracy"), ("owner_bits_flipped_frac", "owner's bits flipped"),
-                      ("verified", "forgery verified (share of runs)")) if not (key == "reverse" and m == "verified")),
+                      ("verified", "forgery verified (share of runs)"),
+                      ("verified_with_range", "verified with the range check (share of runs)"))
+      if not (key == "reverse" and m.startswith("verified"))),
     ("trigger_acc", "V3 trigger set detected"),
     ("deployed_acc", "deployed over gRPC"), ("public_onnx_acc", "public.onnx alone"),
 )

@@ -265,6 +265,13 @@ def test_cerb_forgery_passes_verification_with_the_attackers_signature(v1, digit
     fakes = fake_accuracies(model, ev, 20, seed=123, progress=False)
     assert r["acc"] >= fakes.max() + 0.3, (r["acc"], fakes.max())
     assert r["verified"] == (r["signature_exact"] and abs(r["acc"] - recorded) <= 0.03)
+    assert r["passport_in_range"] == (r["passport_max_abs"] <= 1.0)
+    assert r["verified_with_range"] == (r["verified"] and r["passport_in_range"])
+    # the adaptive forger trains the passport itself inside [-1, 1]: no solve needed, the range check passes
+    boxed = cerb_forgery(model, digits, ev, bits, nsig, fraction=0.1, steps=300, boxed=True, accessory=False,
+                         recorded_acc=recorded)
+    assert boxed["passport_in_range"] and boxed["passport_max_abs"] <= 1.0 and boxed["passport_residual"] < 1e-4
+    assert boxed["acc"] >= fakes.max() + 0.3, (boxed["acc"], fakes.max())
     # without the sign loss nothing is claimed; the owner's signs kept: the owner's string decodes
     none = cerb_forgery(model, digits, ev, bits, nsig, fraction=0.1, steps=50, claim="none", accessory=False)
     assert "verified" not in none and none["accessory"] is False
@@ -331,7 +338,7 @@ def test_passport_eval_report(v1, digits, tmp_path):
     assert {"new_task_acc", "signature_detection"} <= set(r["finetune"])
     assert [row["fraction"] for row in r["cerb"]] == [0.02, 0.1]
     for row in r["cerb"]:
-        assert {"accessory", "direct", "reverse", "keep_owner"} <= set(row)
+        assert {"accessory", "direct", "reverse", "keep_owner", "boxed"} <= set(row)
         assert row["accessory"]["accessory"] and not row["direct"]["accessory"]
         assert "verified" in row["keep_owner"] and "verified" not in row["reverse"]
     assert "CERB forgery" in (tmp_path / "passport_eval.md").read_text()
