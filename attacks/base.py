@@ -80,6 +80,7 @@ class Budget:
     fuzz_seconds: float
     session_guesses: int
     dead_requests: int
+    forge_steps: int = 300  # training steps of a passport forgery (passport-cerb-forgery)
 
 
 BUDGETS: dict[str, Budget] = {
@@ -88,7 +89,7 @@ BUDGETS: dict[str, Budget] = {
                     fuzz_seconds=240.0, session_guesses=1_000, dead_requests=20),
     "full": Budget("full", input_only_trials=100, one_pair_trials=20, pair_fractions=(0.1, 0.5, 1.0), pair_trials=10,
                    pair_steps=3000, steal_fractions=(0.01, 0.1, 0.5), steal_steps=600, fuzz_requests=50_000,
-                   fuzz_seconds=1200.0, session_guesses=10_000, dead_requests=100),
+                   fuzz_seconds=1200.0, session_guesses=10_000, dead_requests=100, forge_steps=1000),
 }
 
 

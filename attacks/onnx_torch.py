@@ -8,6 +8,7 @@ Only the operators sealnet's exported networks use are interpreted; any other is
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -138,10 +139,13 @@ class OnnxModule(nn.Module):
     def named_onnx_weights(self) -> dict[str, nn.Parameter]:
         return {name: self.weights[i] for name, (kind, i) in self._slots.items() if kind == "w"}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, overrides: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """overrides: initializers replaced by these tensors for this pass (e.g. passport gamma/beta computed by
+        a trainable block, so gradients reach it)."""
         env: dict[str, torch.Tensor] = {self.input_name: x}
         for name, (kind, i) in self._slots.items():
             env[name] = self.weights[i] if kind == "w" else getattr(self, f"const_{i}")
+        env.update(overrides or {})
         for node in self.nodes:
             attrs = _attrs(node)
             if node.op_type == "Constant":

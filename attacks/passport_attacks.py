@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
-from attacks.base import Budget, Metric, Outcome, Target, pct, progress
+from attacks.base import Budget, Metric, Outcome, Skip, Target, pct, progress, torch_threads
 from attacks.plots import histogram
 from attacks.registry import register_attack
 
@@ -95,3 +97,157 @@ def passport_insider_params(target: Target, budget: Budget, out: Path) -> Outcom
                            note="gamma/beta do not depend on the input: one call gives a working model")],
                    notes=["Expected to FAIL: scheme V1 deployed with the runtime on the edge host hands gamma/beta "
                           "to that host; see docs/passport.md, 'What an insider on the edge host (A2) sees'."])
+
+
+CERB_FRACTIONS = (0.02, 0.1)  # the attacker's share of the training set, as in the CERB paper
+REVERSE_MARGIN = 0.20  # docs/security.md: reverse-engineered gamma/beta <= baseline - 20 pts
+_SHAPE_OPS = ("Reshape", "Unsqueeze", "Expand", "Identity", "Cast")
+_NORM_OPS = ("BatchNormalization", "InstanceNormalization", "GroupNormalization", "Identity")
+
+
+def passport_convs(model: onnx.ModelProto, gamma_names: list[str]) -> list[onnx.NodeProto]:
+    """The convolution whose normalised output each gamma scales, traced through public.onnx (gamma -> reshape ->
+    Mul <- normalisation <- Conv): what a holder of the file reads off to solve passports for its layers."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    convs = []
+    for gamma in gamma_names:
+        name, node = gamma, None
+        while True:
+            users = consumers.get(name, [])
+            if len(users) != 1:
+                raise ValueError(f"public.onnx: {gamma} feeds {len(users)} nodes at {name!r}, expected one")
+            node = users[0]
+            if node.op_type not in _SHAPE_OPS:
+                break
+            name = node.output[0]
+        if node.op_type != "Mul":
+            raise ValueError(f"public.onnx: {gamma} scales nothing (reaches a {node.op_type} node)")
+        src = producer.get(next(i for i in node.input if i != name))
+        while src is not None and src.op_type in _NORM_OPS:
+            src = producer.get(src.input[0])
+        if src is None or src.op_type != "Conv":
+            raise ValueError(f"public.onnx: no convolution before the layer {gamma} scales")
+        convs.append(src)
+    return convs
+
+
+def passport_maps(model: onnx.ModelProto, convs: list[onnx.NodeProto], input_shape: tuple[int, ...]) -> list:
+    """Per passport convolution: (passport shape = its input's shape, P -> Avg(W * P), that map as a matrix)."""
+    import torch
+    import torch.nn.functional as F
+
+    from attacks.onnx_torch import OnnxModule
+
+    weights = {i.name: i for i in model.graph.initializer}
+    maps = []
+    for conv in convs:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in conv.attribute}
+        with torch.no_grad():
+            shape = tuple(OnnxModule(model, output=conv.input[0])(torch.zeros(1, *input_shape)).shape[1:])
+        w = torch.from_numpy(np.array(numpy_helper.to_array(weights[conv.input[1]]), copy=True))
+        stride, pads = tuple(attrs.get("strides", (1, 1))), tuple(list(attrs.get("pads", [0, 0, 0, 0]))[:2])
+
+        def avg(p, w=w, stride=stride, pads=pads):
+            return F.conv2d(p[None], w, None, stride, pads).mean((2, 3))[0]
+
+        maps.append((shape, avg, torch.func.jacrev(avg)(torch.zeros(shape)).reshape(w.shape[0], -1).detach()))
+    return maps
+
+
+@register_attack(
+    "passport-cerb-forgery", suite="model", methods=("passport",),
+    title="CERB ambiguity attack: accessory FC blocks on a fake passport, then a passport solved for the result",
+    targets="forged accuracy <= baseline - 20 pts, and no forged passport passes `sealnet verify --bundle`",
+    knowledge="A1 forger (Chen et al., CVPR 2023): public.onnx (conv weights, BatchNorm statistics) and 2% / 10% "
+              "of the labelled training set; no passport, no license. Draws a U[-1, 1] fake passport, trains "
+              "g(v) = v + FC2(LeakyReLU(FC1(v))) on its gamma/beta with every weight frozen (CE + sign loss "
+              "towards the forger's own signature), solves a passport whose Avg(W * P) is the result, and claims "
+              "ownership with it through `sealnet verify --bundle` (its passport file records its own accuracy).")
+def passport_cerb_forgery(target: Target, budget: Budget, out: Path) -> Outcome:
+    import torch
+    import torch.nn.functional as F
+
+    from attacks.onnx_torch import OnnxModule
+    from evaluate.passport_eval import (
+        attack_subset,
+        attacker_signature,
+        solve_passport,
+        train_forged_params,
+        verify_bundle,
+    )
+    from protect.passport import signature_to_bits
+    from protect.passport_train import save_passport_file
+
+    manifest = target.bundle.manifest
+    if manifest.get("passport_fn", "both") != "both":
+        raise Skip(f"passport function {manifest.get('passport_fn')!r}: `verify --bundle` checks function 'both' only")
+    names = list(manifest["passport_params"])
+    gammas, betas = names[0::2], names[1::2]
+    model = target.public_model
+    convs = passport_convs(model, gammas)
+    layer_names = []
+    for conv in convs:
+        w = conv.input[1]
+        if not (w.startswith("model.") and w.endswith(".conv.weight")):
+            raise Skip(f"conv weight {w!r} is not named model.<layer>.conv.weight, which `verify --bundle` reads")
+        layer_names.append(w[len("model.") : -len(".conv.weight")])
+    input_shape = tuple(manifest["input"]["shape"][1:])
+    owner_acc, source = target.authorized_accuracy()
+    baseline = manifest.get("training", {}).get("baseline_acc")
+    shapes = _param_shapes(target)
+    capacity = sum(int(np.prod(shapes[g])) for g in gammas)
+    signature = attacker_signature("?" * min(13, capacity // 8))
+    bits = torch.from_numpy(signature_to_bits(signature).astype(np.float32))
+    data = target.data
+    metrics, details = [Metric("owner_acc", owner_acc, note=source)], {"signature": signature, "fractions": {}}
+    with torch_threads(1):
+        net = OnnxModule(model).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        maps = passport_maps(model, convs, input_shape)
+        for frac in progress(CERB_FRACTIONS, desc="CERB forgery", unit="fraction"):
+            idx = attack_subset(len(data.y_train), frac, target.seed).numpy()
+            x, y = torch.from_numpy(data.x_train[idx]), torch.from_numpy(data.y_train[idx])
+            gen = torch.Generator().manual_seed(target.seed + 53)
+            fake = {layer: {k: torch.rand(shape, generator=gen) * 2 - 1 for k in ("gamma", "beta")}
+                    for layer, (shape, _, _) in zip(layer_names, maps, strict=True)}
+            start = {layer: (avg(fake[layer]["gamma"]), avg(fake[layer]["beta"]))
+                     for layer, (_, avg, _) in zip(layer_names, maps, strict=True)}
+
+            def ce(params, i, x=x, y=y):
+                feed = {n: t for layer, g, b in zip(layer_names, gammas, betas, strict=True)
+                        for n, t in ((g, params[layer][0]), (b, params[layer][1]))}
+                return F.cross_entropy(net(x[i], feed), y[i])
+
+            forged = train_forged_params(start, {layer: (True, True) for layer in layer_names}, ce, len(y), bits,
+                                         steps=budget.forge_steps, seed=target.seed)
+            with torch.no_grad():
+                passports = {layer: {k: solve_passport(jac, forged[layer][i], fake[layer][k])
+                                     for i, k in enumerate(("gamma", "beta"))}
+                             for layer, (_, _, jac) in zip(layer_names, maps, strict=True)}
+            # The forger's passport file records the forger's own accuracy and a generous tolerance; the verifier
+            # must judge fidelity against the owner's record instead (verify_bundle: the signed manifest).
+            own_acc = target.accuracy_with_params({n: t.numpy() for layer, g, b in zip(layer_names, gammas, betas,
+                                                                                      strict=True)
+                                                   for n, t in ((g, forged[layer][0]), (b, forged[layer][1]))})
+            path = save_passport_file({"passport_fn": "both", "passports": passports, "eps_f": 1.0},
+                                      out / f"cerb-forged-{frac:g}.passport.pt", valid_acc=own_acc)
+            res = verify_bundle(target.bundle_dir, path, signature, data)
+            details["fractions"][f"{frac:g}"] = {"train_images": int(len(y)), "steps": budget.forge_steps,
+                                                 "forger_recorded_acc": own_acc, **res.to_dict(),
+                                                 "passport_file": path.name}
+            acc_note = f"{len(y)} labelled images; the forged passport on public.onnx"
+            metrics.append(Metric(f"forged_acc@{frac:g}", float(res.accuracy), *(
+                ("<=", baseline - REVERSE_MARGIN) if baseline is not None else (None, None)), note=acc_note))
+            metrics.append(Metric(f"forgery_verified@{frac:g}", float(res.verified), "==", 0.0, unit="count",
+                                  note=f"`sealnet verify --bundle` with {signature!r}: signature "
+                                       f"{'exact' if res.signature_match else 'wrong'}, accuracy within eps_f of "
+                                       f"the owner's {pct(owner_acc)}: {res.fidelity_ok}"))
+    return Outcome(metrics, details=details, notes=[
+        "A verified forgery is a second passport that passes the paper's ownership check with another signature: "
+        "the claim then rests on who registered a signature first, not on holding the passport."])

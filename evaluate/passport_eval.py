@@ -15,6 +15,10 @@ so the same checks run on a bundle or a gRPC endpoint (wrap it as `predict(x) ->
   trained on the training set, started from a random passport; accuracy and signature bits that survive;
 - fake3: insider who knows passport and signature, forges a signature with x% of signs flipped;
 - V2/V3 forgery: a passport solved by least squares so that Avg(W * P) equals the *public* gamma/beta;
+- cerb: the ambiguity attack of Chen et al. (CVPR 2023) with 2% and 10% of the training data: accessory FC blocks
+  trained on a fake passport's gamma/beta (weights frozen, sign loss towards the attacker's signature), a
+  passport solved for the result and checked with `verify_ownership`; with the vectors trained directly, without
+  the sign loss (fake2 on the same data) and keeping the owner's signs, for comparison;
 - pruning 10-90% (class-blind, global magnitude) and fine-tuning to another task: accuracy and signature.
 """
 
@@ -98,6 +102,7 @@ class VerificationResult:
     trigger_acc: float | None = None
     trigger_threshold: float = 0.95
     trigger_ok: bool | None = None
+    passport_in_range: bool | None = None  # checked when verify_ownership gets passport_bound
     reasons: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,16 +137,24 @@ def verify_ownership(model: nn.Module, passports: dict[str, dict[str, torch.Tens
                      x: np.ndarray | None = None, y: np.ndarray | None = None, recorded_acc: float | None = None,
                      eps_f: float = 0.03, predict: Predict | None = None,
                      trigger: tuple[np.ndarray, np.ndarray] | None = None, trigger_predict: Predict | None = None,
-                     trigger_threshold: float = 0.95, recorded_bits: np.ndarray | None = None) -> VerificationResult:
+                     trigger_threshold: float = 0.95, recorded_bits: np.ndarray | None = None,
+                     passport_bound: float | None = None) -> VerificationResult:
     """White-box passport verification (+ black-box trigger check for V3).
 
     model: the suspect network's public weights as a passport net; passports: the claimant's passports.
     predict: inference *with the claimed passport* (default: `model` with `passports` installed);
     trigger_predict: the deployed network as a black box (default: the model's public branch when it has one).
+    passport_bound (not in the papers): every passport element must lie in [-bound, bound], the range random
+    (T1) passports are drawn from; a passport solved for forged gamma/beta (CERB) usually does not.
     """
     bits = extract_bits(model, passports)
     res = _signature_check(bits, signature, recorded_acc, eps_f)
     res.trigger_threshold = trigger_threshold
+    if passport_bound is not None:
+        worst = max(float(torch.as_tensor(p).abs().max()) for pp in passports.values() for p in pp.values())
+        res.passport_in_range = worst <= passport_bound * (1 + 1e-6)
+        if not res.passport_in_range:
+            res.reasons.append(f"passport out of range: max |P| = {worst:.3g} > {passport_bound:g}")
     if recorded_bits is not None:
         rb = np.asarray(recorded_bits).reshape(-1)
         res.channel_bits_matched = int((rb == bits[: len(rb)]).sum())
@@ -163,7 +176,8 @@ def verify_ownership(model: nn.Module, passports: dict[str, dict[str, torch.Tens
         if not res.trigger_ok:
             res.reasons.append(f"trigger set: {res.trigger_acc:.2%} detected < {trigger_threshold:.0%}")
     res.verified = bool(res.signature_match and res.fidelity_ok is not False and res.trigger_ok is not False
-                        and (res.fidelity_ok is not None or recorded_acc is None))
+                        and (res.fidelity_ok is not None or recorded_acc is None)
+                        and res.passport_in_range is not False)
     return res
 
 
@@ -175,12 +189,16 @@ def verify_checkpoint(checkpoint: Path, passport_file: Path, signature: str, dat
     ckpt = load_checkpoint(checkpoint)
     secret = load_passport_file(passport_file)
     model = passport_model(ckpt, secret)
-    recorded = secret.get("valid_acc", ckpt.metrics.get("valid_acc"))
+    # The fidelity reference and tolerance come from the checkpoint (the owner's record), not from the claimant's
+    # passport file: a forger (CERB) would write their own accuracy there.
+    recorded = ckpt.metrics.get("valid_acc", secret.get("valid_acc"))
+    if eps_f is None:
+        eps_f = ckpt.secret.get("eps_f", 0.03) if ckpt.secret else 0.03
     trigger = None
     if secret.get("trigger_x") is not None:
         trigger = (secret["trigger_x"].numpy(), secret["trigger_y"].numpy())
     return verify_ownership(model, secret["passports"], signature, data.x_test, data.y_test, recorded,
-                            eps_f=secret.get("eps_f", 0.03) if eps_f is None else eps_f, trigger=trigger,
+                            eps_f=eps_f, trigger=trigger,
                             trigger_predict=trigger_predict, trigger_threshold=trigger_threshold,
                             recorded_bits=secret["bits"].numpy())
 
@@ -191,7 +209,9 @@ def verify_bundle(bundle_dir: Path, passport_file: Path, signature: str, data: D
 
     gamma/beta come from the claimed passport and the weights public.onnx carries under their parameter names
     (the same computation as the trusted module's); sign(gamma) must decode to the signature and public.onnx
-    run with those gamma/beta must reach the recorded accuracy within eps_f."""
+    run with those gamma/beta must reach the accuracy recorded in the owner-signed manifest at export
+    (checks.authorized_acc) within eps_f (default 3%). Neither comes from the claimant's passport file: a forger
+    who solved a passport for trained gamma/beta (CERB) would record their own accuracy there."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -225,8 +245,10 @@ def verify_bundle(bundle_dir: Path, passport_file: Path, signature: str, data: D
         arrays[f"{layer}/beta"] = passports["beta"].numpy()
     params = derive_params({"layers": specs}, arrays)
     bits = np.concatenate([np.where(params[f"gamma_{i}"] >= 0, 1, -1) for i in range(len(specs))]).astype(np.int8)
-    res = _signature_check(bits, signature, secret.get("valid_acc"), secret.get("eps_f", 0.03) if eps_f is None
-                           else eps_f)
+    recorded = bundle.manifest.get("checks", {}).get("authorized_acc")
+    if recorded is None:
+        raise ValueError(f"{bundle_dir}: the manifest records no authorized accuracy to check fidelity against")
+    res = _signature_check(bits, signature, float(recorded), 0.03 if eps_f is None else eps_f)
     session = session_from_model(with_params(model, params))
     name_in = session.get_inputs()[0].name
     _fidelity_check(res, callable_accuracy(lambda x: session.run(None, {name_in: x})[0], data.x_test, data.y_test))
@@ -455,6 +477,241 @@ def public_affine_forgery(model: nn.Module, ev: Evaluator, bits: np.ndarray, sig
             "forged_channel_bits_matched": int((fb[: len(bits)] == bits).sum())}
 
 
+# -- CERB: ambiguity attack through fully connected layer substitution (Chen et al., CVPR 2023) ---------------------
+class AccessoryBlock(nn.Module):
+    """The accessory block CERB puts ahead of a passport-derived parameter: g(v) = v + FC2(LeakyReLU(FC1(v))),
+    FC1: C -> C/4, FC2: C/4 -> C, no bias. Its input is a fixed vector (a fake passport's gamma or beta), so it
+    only reparameterises the forged vector; the paper's point is that this trains far better than the vector."""
+
+    def __init__(self, channels: int, slope: float = 0.01):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, max(channels // 4, 1), bias=False)
+        self.fc2 = nn.Linear(max(channels // 4, 1), channels, bias=False)
+        self.slope = slope
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return v + self.fc2(F.leaky_relu(self.fc1(v), self.slope))
+
+
+def attacker_signature(owner: str, prefix: str = "forged:") -> str:
+    """A printable ASCII string as long as the owner's and different from it: the forger's default claim."""
+    n = len(owner)
+    pad = "abcdefghijklmnopqrstuvwxyz0123456789"
+    claim = (prefix + pad * (n // len(pad) + 1))[:n]
+    return claim if claim != owner else claim[::-1] if claim[::-1] != owner else claim.swapcase()
+
+
+def train_forged_params(start: Params, trainable: dict[str, tuple[bool, bool]],
+                        ce: Callable[[Params, torch.Tensor], torch.Tensor], n: int, target_bits: torch.Tensor | None,
+                        accessory: bool = True, steps: int = 300, lr: float = 1e-2, batch_size: int = 64,
+                        gamma0: float = 0.1, seed: int = 0) -> Params:
+    """The forger's training, shared by the checkpoint evaluation and the deployed-bundle attack.
+
+    start: per layer the fake passport's (gamma', beta'); trainable: which of the two the passport derives (the
+    others stay as given); ce(params, idx): cross-entropy of the frozen network run with these gamma/beta on
+    items idx of the attacker's n labelled images; target_bits: +-1 signs the forged gammas (concatenated in
+    layer order) are pushed to with the sign loss, or None. accessory True: CERB's blocks on gamma'/beta';
+    False: the vectors themselves are trained (reverse engineering). Returns the forged gamma/beta, detached."""
+    gen = torch.Generator().manual_seed(seed + 31)
+    torch.manual_seed(seed + 37)  # the blocks' initialisation
+    blocks, leaves = nn.ModuleList(), []
+    for name, (g, b) in start.items():
+        for i, vec in enumerate((g, b)):
+            if not trainable[name][i]:
+                continue
+            if accessory:
+                blocks.append(AccessoryBlock(len(vec)))
+            else:
+                leaves.append(nn.Parameter(vec.detach().clone()))
+
+    def current() -> Params:
+        out, k = {}, 0
+        for name, (g, b) in start.items():
+            pair = []
+            for i, vec in enumerate((g, b)):
+                if trainable[name][i]:
+                    pair.append(blocks[k](vec.detach()) if accessory else leaves[k])
+                    k += 1
+                else:
+                    pair.append(vec.detach())
+            out[name] = (pair[0], pair[1])
+        return out
+
+    return optimise_forgery(list(blocks.parameters()) if accessory else leaves, current, ce, n, target_bits,
+                            steps=steps, lr=lr, batch_size=batch_size, gamma0=gamma0, gen=gen)
+
+
+def optimise_forgery(params: list[nn.Parameter], current: Callable[[], Params],
+                     ce: Callable[[Params, torch.Tensor], torch.Tensor], n: int, target_bits: torch.Tensor | None,
+                     steps: int, lr: float, batch_size: int, gamma0: float, gen: torch.Generator) -> Params:
+    """Adam on `params` for CE of the network run with current() + sign loss towards target_bits."""
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(n, (min(batch_size, n),), generator=gen)
+        cur = current()
+        loss = ce(cur, idx)
+        if target_bits is not None:
+            loss = loss + sign_loss(torch.cat([g.reshape(-1) for g, _ in cur.values()]), target_bits, gamma0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return {name: (g.detach().clone(), b.detach().clone()) for name, (g, b) in current().items()}
+
+
+def solve_passport(jacobian: torch.Tensor, target: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """The passport closest to `start` (the forger's random fake, so it still looks like one) whose image under
+    the linear map P -> Avg(W * P) is `target`: start + pinv(M) (target - M start). M has far more columns
+    (C_in * H * W) than rows (C_out), so with full row rank every target is reached exactly."""
+    flat = start.reshape(-1).to(jacobian.dtype)
+    p = flat + torch.linalg.pinv(jacobian) @ (target.to(jacobian.dtype) - jacobian @ flat)
+    return p.reshape(start.shape)
+
+
+def attack_subset(n_total: int, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of the attacker's labelled images: a seeded `fraction` of the training set (at least one)."""
+    n = max(1, int(round(fraction * n_total)))
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed + 4049))[:n]
+
+
+def cerb_forgery(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarray, signature_nbits: int,
+                 fraction: float = 0.1, seed: int = 0, claim: str = "attacker", signature: str | None = None,
+                 accessory: bool = True, steps: int = 300, lr: float | None = None, recorded_acc: float | None = None,
+                 eps_f: float = 0.03, gamma0: float = 0.1, scale: float = 1.0, boxed: bool = False
+                 ) -> dict[str, Any]:
+    """CERB (Chen, Tian, Chen & Zhou, CVPR 2023): forge a passport that passes `verify_ownership`.
+
+    The attacker holds the public weights and `fraction` of the labelled training set, not the passport. A fake
+    passport P' (random, the owner's kind) gives gamma' = Avg(W * P'), beta' likewise; every conv weight stays
+    frozen and only accessory blocks g(gamma'), g(beta') are trained (CE + sign loss towards the claimed
+    signs). The forged gamma/beta are then fixed vectors, and a real passport reproducing them is solved
+    (`solve_passport`); it is checked with `verify_ownership` against the owner's recorded accuracy.
+
+    claim 'attacker': a signature of the attacker's (`signature`, default `attacker_signature` of the owner's
+    length); 'owner': keep the owner's signs (the owner's string, read from `bits`); 'none': no sign loss
+    (then `accessory=False` is the paper's fake2 reverse engineering on the same data). `accessory=False` trains
+    the vectors directly: the ablation that says whether the block matters (same data, fake, steps and lr).
+    boxed (an adaptive forger against the range check, not in the paper): the passport itself is trained, as
+    scale * tanh(Q) so that it stays in the owner's range [-scale, scale], starting from the fake; no solve.
+    lr: 1e-2, boxed 3e-2 (the passport acts through tanh and the map; 1e-2 was slow on both nets measured).
+
+    verified: the papers' check (signature exact, accuracy within eps_f); verified_with_range: also every
+    passport element within [-scale, scale] (`verify_ownership(passport_bound=scale)`).
+    """
+    t0 = time.perf_counter()
+    lr = lr if lr is not None else 3e-2 if boxed else 1e-2
+    owner_sig = bits_to_signature(bits[:signature_nbits])
+    if claim == "attacker":
+        signature = signature or attacker_signature(owner_sig)
+    elif claim == "owner":
+        signature = owner_sig
+    elif claim == "none":
+        signature = None
+    else:
+        raise ValueError(f"unknown claim {claim!r}; choose attacker, owner or none")
+    target = None if signature is None else torch.from_numpy(signature_to_bits(signature).astype(np.float32))
+    layers = passport_layers(model)
+    if target is not None and len(target) > sum(layer.out_channels for layer in layers.values()):
+        raise ValueError(f"signature {signature!r} needs {len(target)} bits, more than the model carries")
+    gen = torch.Generator().manual_seed(seed + 53)
+    fake = random_passports(model, gen, scale)
+    start = compute_params(model, fake)
+    trainable = {n: (layer.passport_fn in ("gamma", "both"), layer.passport_fn in ("beta", "both"))
+                 for n, layer in layers.items()}
+    idx_all = attack_subset(len(data.y_train), fraction, seed)
+    x, y = torch.from_numpy(data.x_train[idx_all.numpy()]), torch.from_numpy(data.y_train[idx_all.numpy()])
+    split = _stem_in_body(model)
+    run = model.body if split else model
+    model.eval()  # BatchNorm keeps the owner's running statistics (they are public weights)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            hs = model.stem(x) if split else x
+
+        def ce(params: Params, idx: torch.Tensor) -> torch.Tensor:
+            with use_params(model, params):
+                return F.cross_entropy(run(hs[idx]), y[idx])
+
+        with passport_branch(model, True):
+            if boxed:
+                qs = {n: [nn.Parameter(torch.atanh((fake[n][k] / scale).clamp(-0.99, 0.99))) for k in ("gamma", "beta")]
+                      for n in layers}
+
+                def boxed_params() -> Params:
+                    return {n: layers[n].passport_params(scale * torch.tanh(q[0]), scale * torch.tanh(q[1]))
+                            for n, q in qs.items()}
+
+                forged = optimise_forgery([q for pair in qs.values() for q in pair], boxed_params, ce, len(y), target,
+                                          steps=steps, lr=lr, batch_size=64, gamma0=gamma0,
+                                          gen=torch.Generator().manual_seed(seed + 31))
+            else:
+                forged = train_forged_params(start, trainable, ce, len(y), target, accessory=accessory, steps=steps,
+                                             lr=lr, gamma0=gamma0, seed=seed)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    passports, residual = {}, 0.0
+    with torch.no_grad():
+        for name, layer in layers.items():
+            if boxed:
+                passports[name] = {k: scale * torch.tanh(q.detach()) for k, q in zip(("gamma", "beta"), qs[name],
+                                                                                     strict=True)}
+            else:
+                jac = passport_jacobian(layer)
+                passports[name] = {k: solve_passport(jac, forged[name][i], fake[name][k]) if trainable[name][i]
+                                   else fake[name][k] for i, k in enumerate(("gamma", "beta"))}
+            got = layer.passport_params(passports[name]["gamma"], passports[name]["beta"])
+            residual = max(residual, *(float((got[i] - forged[name][i]).abs().max()) for i in range(2)
+                                       if trainable[name][i]))
+    sig_gamma = torch.cat([g.reshape(-1) for g, _ in forged.values()]).numpy()
+    signs = np.where(sig_gamma >= 0, 1, -1)[:signature_nbits]
+    flipped = int((signs != bits[:signature_nbits]).sum())
+    out: dict[str, Any] = {
+        "fraction": fraction, "train_images": int(len(y)), "accessory": accessory and not boxed, "boxed": boxed,
+        "claim": claim, "steps": steps,
+        "params_acc": ev.accuracy(forged), "owner_bits_flipped": flipped,
+        "owner_bits_flipped_frac": flipped / signature_nbits, "passport_residual": residual,
+        "passport_max_abs": max(float(p.abs().max()) for pp in passports.values() for p in pp.values()),
+    }
+    if signature is not None:
+        res = verify_ownership(model, passports, signature, data.x_test, data.y_test, recorded_acc, eps_f=eps_f,
+                               passport_bound=scale)
+        out.update({"signature": signature, "asked_flips": int((target.numpy()[:signature_nbits]
+                                                                 != bits[:signature_nbits]).sum()),
+                    "acc": res.accuracy, "signature_exact": res.signature_match,
+                    "signature_bits_matched": res.signature_bits_matched, "fidelity_ok": res.fidelity_ok,
+                    "verified": bool(res.signature_match and res.fidelity_ok),
+                    "passport_in_range": res.passport_in_range, "verified_with_range": res.verified})
+    else:
+        with use_passports(model, passports):
+            out["acc"] = callable_accuracy(model_predict(model, "passport"), data.x_test, data.y_test)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+CERB_FRACTIONS = (0.02, 0.1)  # the attacker's share of the training set (the paper: 2% and 10%)
+CERB_VARIANTS = (  # (row key, accessory blocks, claim): CERB, the same without blocks, fake2, keep the owner's
+    # signs; "boxed": the passport trained inside the owner's range (an adaptive forger against the range check)
+    ("accessory", True, "attacker"), ("direct", False, "attacker"), ("reverse", False, "none"),
+    ("keep_owner", True, "owner"), ("boxed", False, "attacker"),
+)
+
+
+def cerb_table(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarray, signature_nbits: int,
+               fractions: tuple[float, ...] = CERB_FRACTIONS, seed: int = 0, steps: int = 300,
+               progress: bool = True, **kwargs: Any) -> list[dict[str, Any]]:
+    """`cerb_forgery` at each data fraction, in every CERB_VARIANTS setting, on the same images and fake."""
+    rows = []
+    for frac in tqdm(fractions, desc="CERB forgery", disable=not progress, unit="fraction"):
+        row: dict[str, Any] = {"fraction": frac}
+        for key, accessory, claim in CERB_VARIANTS:
+            row[key] = cerb_forgery(model, data, ev, bits, signature_nbits, fraction=frac, seed=seed, claim=claim,
+                                    accessory=accessory, steps=steps, boxed=key == "boxed", **kwargs)
+        rows.append(row)
+    return rows
+
+
 def prune_global(model: nn.Module, rate: float) -> None:
     """Class-blind pruning (See et al.): zero the `rate` fraction of smallest-magnitude conv/linear weights."""
     weights = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
@@ -527,7 +784,8 @@ def run_passport_eval(ckpt: ProtectedCheckpoint, secret: dict[str, Any], data: D
                       n_fakes: int = 200, seed: int = 0, rev_epochs: int = 3, rev_target: str = "params",
                       finetune_epochs: int = 2, signature: str | None = None, skip: tuple[str, ...] = (),
                       progress: bool = True, checkpoint_path: Path | None = None,
-                      data_dir: Path | None = None) -> dict[str, Any]:
+                      data_dir: Path | None = None, cerb_fractions: tuple[float, ...] = CERB_FRACTIONS,
+                      cerb_steps: int = 300) -> dict[str, Any]:
     """Every measurement of the module docstring; writes passport_eval.{json,md} and PNG plots to out_dir.
 
     With `checkpoint_path` (scheme V1) the checkpoint is also exported and served locally: deployed_acc is
@@ -589,6 +847,10 @@ def run_passport_eval(ckpt: ProtectedCheckpoint, secret: dict[str, Any], data: D
                                          progress=progress)
     if scheme != "v1" and "forgery" not in skip:
         r.update(public_affine_forgery(model, ev, bits, nsig))
+    if "cerb" not in skip:
+        r["cerb"] = cerb_table(model, data, ev, bits, nsig, cerb_fractions, seed=seed, steps=cerb_steps,
+                               recorded_acc=r["recorded_valid_acc"] or valid, eps_f=secret.get("eps_f", 0.03),
+                               gamma0=secret.get("gamma0", 0.1), scale=scale, progress=progress)
     if "pruning" not in skip:
         r["pruning"] = pruning_curve(model, data, bits, nsig, progress=progress)
     if "finetune" not in skip:
@@ -667,6 +929,29 @@ def markdown_report(r: dict[str, Any]) -> str:
                   "| flipped (asked) | flipped (achieved) | accuracy |", "|---|---|---|"]
         lines += [f"| {row['flip_fraction']:.0%} | {row['achieved_flip_fraction']:.1%} | {_pct(row['acc'])} |"
                   for row in r["insider_flip"]]
+    if "cerb" in r:
+        lines += ["", "## CERB forgery (Chen et al., CVPR 2023): accessory FC blocks on a fake passport's gamma/beta, "
+                  "then a passport solved for them", "",
+                  "Attacker: public weights + a fraction of the labelled training set. `verified`: the solved passport "
+                  "passes verify_ownership with the claimed signature (signs exact and accuracy within eps_f of the "
+                  "owner's recorded one).", "",
+                  "| data | variant | claimed signature | accuracy | owner's bits flipped | signature exact | "
+                  "verified | passport max abs (residual) | verified with range check |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in r["cerb"]:
+            for key, label in (("accessory", "CERB (accessory blocks)"), ("direct", "same, vectors trained directly"),
+                               ("reverse", "fake2: no sign loss, vectors"), ("keep_owner", "CERB, owner's signs kept"),
+                               ("boxed", "passport trained in [-1, 1]")):
+                if key not in row:
+                    continue
+                c = row[key]
+                lines.append(f"| {row['fraction']:.0%} ({c['train_images']} images) | {label} | "
+                             f"{repr(c['signature']) if 'signature' in c else '-'} | {_pct(c['acc'])} | "
+                             f"{c['owner_bits_flipped']}/"
+                             f"{r['signature_bits']} | {c.get('signature_exact', 'n/a')} | "
+                             f"{c.get('verified', 'n/a')} | "
+                             f"{c['passport_max_abs']:.3g} ({c['passport_residual']:.1e}) | "
+                             f"{c.get('verified_with_range', 'n/a')} |")
     if "pruning" in r:
         lines += ["", "## Pruning (class-blind, global magnitude)", "",
                   "| rate | accuracy | signature bits detected | exact |", "|---|---|---|---|"]
@@ -742,7 +1027,21 @@ SEED_TABLE = (  # (flattened metric, label) for the Markdown summary of `passpor
     ("signature_match", "signature recovered exactly (share of runs)"), ("svd_attack_acc", "SVD attack, data-free"),
     ("reverse_engineered_acc", "fake2: reverse-engineered, random start"),
     ("reverse_engineered_svd_acc", "fake2: reverse-engineered, SVD start"),
-    ("forged_passport_acc", "V2/V3 forgery"), ("trigger_acc", "V3 trigger set detected"),
+    ("forged_passport_acc", "V2/V3 forgery"),
+    *((f"cerb@{f:g}.{key}.{m}", f"{f:.0%} of the training data: {label}: {what}") for f in CERB_FRACTIONS
+      for key, m, label, what in (
+          ("accessory", "acc", "CERB (accessory blocks), attacker's signature", "accuracy"),
+          ("accessory", "verified", "CERB (accessory blocks), attacker's signature", "verified (share of runs)"),
+          ("direct", "acc", "same, vectors trained directly", "accuracy"),
+          ("direct", "verified", "same, vectors trained directly", "verified (share of runs)"),
+          ("reverse", "acc", "fake2 (no sign loss, vectors)", "accuracy"),
+          ("keep_owner", "acc", "CERB keeping the owner's signs", "accuracy"),
+          ("keep_owner", "verified", "CERB keeping the owner's signs", "verified (share of runs)"),
+          ("keep_owner", "verified_with_range", "CERB keeping the owner's signs", "verified with the range check"),
+          ("boxed", "acc", "passport trained in [-1, 1]", "accuracy"),
+          ("boxed", "signature_exact", "passport trained in [-1, 1]", "attacker's signature exact"),
+          ("boxed", "verified_with_range", "passport trained in [-1, 1]", "verified with the range check"))),
+    ("trigger_acc", "V3 trigger set detected"),
     ("deployed_acc", "deployed over gRPC"), ("public_onnx_acc", "public.onnx alone"),
 )
 

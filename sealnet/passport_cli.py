@@ -97,7 +97,8 @@ def add_verify_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--signature", help="the claimed ASCII signature")
     p.add_argument("--dataset", choices=DATASETS, help="test data for fidelity (default: the checkpoint's)")
     p.add_argument("--data-dir", type=Path)
-    p.add_argument("--epsilon", type=float, help="fidelity threshold eps_f (default: the passport file's, 0.03)")
+    p.add_argument("--epsilon", type=float,
+                   help="fidelity threshold eps_f (default: the checkpoint's, 0.03; --bundle: 0.03)")
     p.add_argument("--trigger-threshold", type=float, default=0.95)
     p.add_argument("--json", type=Path, help="also write the result as JSON")
     p.set_defaults(func=cmd_verify)
@@ -176,9 +177,10 @@ def add_passport_eval_parser(sub: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--rev-target", choices=["params", "passport"], default="params",
                    help="reverse-engineer gamma/beta directly or a new passport")
     p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--cerb-steps", type=int, default=300, help="training steps of each CERB forgery")
     p.add_argument("--signature", help="also verify this claimed signature")
     p.add_argument("--skip", action="append", default=[],
-                   choices=["svd", "reverse", "reverse_svd", "insider", "forgery", "pruning", "finetune",
+                   choices=["svd", "reverse", "reverse_svd", "insider", "forgery", "cerb", "pruning", "finetune",
                             "image_fakes", "deploy"], help="leave out a measurement (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, default=1,
@@ -207,7 +209,7 @@ def cmd_passport_eval(args: argparse.Namespace) -> int:
                                     log=lambda m: print(m, file=sys.stderr), n_fakes=args.fakes,
                                     rev_epochs=args.rev_epochs, rev_target=args.rev_target,
                                     finetune_epochs=args.finetune_epochs, skip=tuple(args.skip), progress=False,
-                                    data_dir=args.data_dir)
+                                    data_dir=args.data_dir, cerb_steps=args.cerb_steps)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(r, indent=2))
@@ -216,7 +218,8 @@ def cmd_passport_eval(args: argparse.Namespace) -> int:
     r = run_passport_eval(ckpt, secret, data, args.out, n_fakes=args.fakes, seed=args.seed,
                           rev_epochs=args.rev_epochs, rev_target=args.rev_target,
                           finetune_epochs=args.finetune_epochs, signature=args.signature, skip=tuple(args.skip),
-                          progress=True, checkpoint_path=args.checkpoint, data_dir=args.data_dir)
+                          progress=True, checkpoint_path=args.checkpoint, data_dir=args.data_dir,
+                          cerb_steps=args.cerb_steps)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(r, indent=2))

@@ -41,7 +41,7 @@ def _metrics(outcome) -> dict:
 def test_registry_has_passport_and_dsn_attacks():
     assert [a.name for a in select("model") if a.applies_to("passport")] == [
         "passport-utility", "passport-direct-piracy", "passport-random-params", "passport-insider-params",
-        "teeslice-stealing"]
+        "passport-cerb-forgery", "teeslice-stealing"]
     assert [a.name for a in select("model") if a.applies_to("dsn")] == [
         "dsn-utility", "dsn-direct-piracy", "dsn-pattern-search", "dsn-recenter", "dsn-stamp-copy", "model-stealing",
         "teeslice-stealing"]
@@ -62,6 +62,33 @@ def test_passport_attacks(served, passport_bundle, passport_v1, tmp_path):
     insider = _metrics(get_attack("passport-insider-params").run(target, BUDGET, tmp_path))
     assert insider["stolen_params_acc"].value == pytest.approx(authorized)  # the documented leak
     assert insider["stolen_params_acc"].passed is False
+
+
+def test_passport_cerb_forgery(served, passport_bundle, tmp_path, capsys):
+    """The forger works from public.onnx alone (graph traced to the passport convolutions, lifted to torch) and
+    a slice of the training data; the passport it solves goes through the real `sealnet verify --bundle`."""
+    from sealnet.cli import main
+
+    target = served(passport_bundle["bundle"], customer_id="tester", model_id=PASSPORT_MODEL_ID,
+                    serial_number="SN-T")
+    outcome = get_attack("passport-cerb-forgery").run(target, BUDGET, tmp_path)
+    m = _metrics(outcome)
+    signature = outcome.details["signature"]
+    assert len(signature) == 13 and signature.isprintable()
+    for frac in ("0.02", "0.1"):
+        d = outcome.details["fractions"][frac]
+        assert d["signature_match"] and d["signature_claimed"] == signature  # the forger's own signs, exactly
+        assert m[f"forged_acc@{frac}"].value == d["accuracy"]
+        assert m[f"forgery_verified@{frac}"].value == float(d["verified"])
+        assert m[f"forgery_verified@{frac}"].passed is (not d["verified"])
+        # fidelity is judged against the owner's signed record, not the accuracy the forger's file claims
+        assert d["recorded_acc"] == passport_bundle["manifest"]["checks"]["authorized_acc"]
+        assert d["forger_recorded_acc"] == pytest.approx(d["accuracy"], abs=0.005) and d["eps_f"] == 0.03
+    assert m["forged_acc@0.1"].value > 0.6  # random gamma/beta stay near chance on this net (passport-random-params)
+    rc = main(["verify", "--bundle", str(passport_bundle["bundle"]), "--passport",
+               str(tmp_path / "cerb-forged-0.1.passport.pt"), "--signature", signature])
+    assert rc == (0 if outcome.details["fractions"]["0.1"]["verified"] else 1)
+    assert "signature: 104/104 bits match" in capsys.readouterr().out
 
 
 def test_dsn_attacks(served, dsn_student, tmp_path):

@@ -12,10 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from evaluate.passport_eval import (
+    AccessoryBlock,
     Evaluator,
+    attacker_signature,
     callable_accuracy,
+    cerb_forgery,
     fake_accuracies,
+    passport_jacobian,
     run_passport_eval,
+    solve_passport,
     verify_ownership,
 )
 from protect.checkpoint import load_checkpoint
@@ -276,6 +281,67 @@ def test_verification_accepts_the_owner_and_rejects_fakes(v1, digits):
     assert callable_accuracy(lambda x: np.zeros(len(x), np.int64), digits.x_test, digits.y_test) < 0.2
 
 
+def test_solved_passport_reproduces_any_gamma_and_stays_near_the_fake(v1):
+    """The forgery's last step: M P = target has far more unknowns than equations, so a passport exists for any
+    gamma, and the one solved from the attacker's random fake is that fake plus a correction in M's row space."""
+    model = passport_model(v1["ckpt"])
+    gen = torch.Generator().manual_seed(5)
+    for layer in passport_layers(model).values():
+        jac = passport_jacobian(layer)
+        assert jac.shape[0] < jac.shape[1] and torch.linalg.matrix_rank(jac) == layer.out_channels
+        fake = torch.rand(layer.passport_shape, generator=gen) * 2 - 1
+        target = torch.randn(layer.out_channels, generator=gen)
+        p = solve_passport(jac, target, fake)
+        with torch.no_grad():
+            assert torch.allclose(layer.avg_response(p), target, atol=1e-3)
+        residual = (p - fake).reshape(-1)
+        assert torch.allclose(torch.linalg.pinv(jac) @ (jac @ residual), residual, atol=1e-3)
+
+
+def test_accessory_block_is_a_residual_bottleneck():
+    block = AccessoryBlock(64)
+    assert block.fc1.weight.shape == (16, 64) and block.fc2.weight.shape == (64, 16)
+    assert block.fc1.bias is None and block.fc2.bias is None
+    v = torch.randn(64)
+    with torch.no_grad():
+        block.fc2.weight.zero_()
+        assert torch.equal(block(v), v)  # the skip connection
+    sig = attacker_signature(SIGNATURE)
+    assert len(sig) == len(SIGNATURE) and sig != SIGNATURE and sig.isprintable()
+
+
+def test_cerb_forgery_passes_verification_with_the_attackers_signature(v1, digits):
+    """CERB on the tiny net: 10% of the training data, weights frozen; the forged gamma/beta are reproduced by a
+    solved passport, carry the attacker's signature, and recover far more than fake passports do."""
+    ckpt = v1["ckpt"]
+    model = passport_model(ckpt)
+    ev = Evaluator(model, digits.x_test, digits.y_test)
+    bits, nsig = ckpt.secret["bits"].numpy(), int(ckpt.secret["signature_nbits"])
+    recorded = ckpt.metrics["valid_acc"]
+    r = cerb_forgery(model, digits, ev, bits, nsig, fraction=0.1, steps=200, recorded_acc=recorded)
+    assert r["train_images"] == round(0.1 * len(digits.y_train)) and r["claim"] == "attacker"
+    assert r["passport_residual"] < 1e-3  # the solved passport gives the forged gamma/beta
+    assert r["acc"] == pytest.approx(r["params_acc"], abs=0.005)
+    assert r["signature"] == attacker_signature(SIGNATURE) and r["signature_exact"]
+    assert 0 < r["owner_bits_flipped"] == r["asked_flips"] < nsig
+    assert r["owner_bits_flipped_frac"] == pytest.approx(r["owner_bits_flipped"] / nsig)
+    fakes = fake_accuracies(model, ev, 20, seed=123, progress=False)
+    assert r["acc"] >= fakes.max() + 0.3, (r["acc"], fakes.max())
+    assert r["verified"] == (r["signature_exact"] and abs(r["acc"] - recorded) <= 0.03)
+    assert r["passport_in_range"] == (r["passport_max_abs"] <= 1.0)
+    assert r["verified_with_range"] == (r["verified"] and r["passport_in_range"])
+    # the adaptive forger trains the passport itself inside [-1, 1]: no solve needed, the range check passes
+    boxed = cerb_forgery(model, digits, ev, bits, nsig, fraction=0.1, steps=300, boxed=True, accessory=False,
+                         recorded_acc=recorded)
+    assert boxed["passport_in_range"] and boxed["passport_max_abs"] <= 1.0 and boxed["passport_residual"] < 1e-4
+    assert boxed["acc"] >= fakes.max() + 0.3, (boxed["acc"], fakes.max())
+    # without the sign loss nothing is claimed; the owner's signs kept: the owner's string decodes
+    none = cerb_forgery(model, digits, ev, bits, nsig, fraction=0.1, steps=50, claim="none", accessory=False)
+    assert "verified" not in none and none["accessory"] is False
+    with pytest.raises(ValueError, match="unknown claim"):
+        cerb_forgery(model, digits, ev, bits, nsig, claim="nope")
+
+
 def test_checkpoint_round_trip(v1, digits):
     path, ppath = v1["path"], v1["passport_path"]
     for p in (path, ppath):
@@ -324,7 +390,7 @@ def test_explicit_params_model_exports_to_onnx_with_gamma_beta_inputs(v1, digits
 def test_passport_eval_report(v1, digits, tmp_path):
     r = run_passport_eval(v1["ckpt"], load_passport_file(v1["passport_path"]), digits, tmp_path, n_fakes=10,
                           rev_epochs=1, finetune_epochs=1, signature=SIGNATURE, progress=False,
-                          checkpoint_path=v1["path"])
+                          checkpoint_path=v1["path"], cerb_steps=30)
     for key in ("baseline_acc", "valid_acc", "fake_max_acc", "fake_mean_acc", "signature_match",
                 "reverse_engineered_acc", "deployed_acc", "public_onnx_acc"):
         assert r[key] is not None, key
@@ -333,6 +399,12 @@ def test_passport_eval_report(v1, digits, tmp_path):
     assert r["signature_match"] and r["signature_claim_verified"]
     assert len(r["fake_accs"]) == 10 and [row["rate"] for row in r["pruning"]][0] == 0.1
     assert {"new_task_acc", "signature_detection"} <= set(r["finetune"])
+    assert [row["fraction"] for row in r["cerb"]] == [0.02, 0.1]
+    for row in r["cerb"]:
+        assert {"accessory", "direct", "reverse", "keep_owner", "boxed"} <= set(row)
+        assert row["accessory"]["accessory"] and not row["direct"]["accessory"]
+        assert "verified" in row["keep_owner"] and "verified" not in row["reverse"]
+    assert "CERB forgery" in (tmp_path / "passport_eval.md").read_text()
     for name in ("passport_eval.json", "passport_eval.md", "passport_hist.png", "passport_attacks.png"):
         assert (tmp_path / name).stat().st_size > 0
 
