@@ -247,7 +247,8 @@ def passport_cerb_forgery(target: Target, budget: Budget, out: Path) -> Outcome:
             metrics.append(Metric(f"forgery_verified@{frac:g}", float(res.verified), "==", 0.0, unit="count",
                                   note=f"`sealnet verify --bundle` with {signature!r}: signature "
                                        f"{'exact' if res.signature_match else 'wrong'}, accuracy within eps_f of "
-                                       f"the owner's {pct(owner_acc)}: {res.fidelity_ok}"))
+                                       f"the owner's {pct(owner_acc)}: {res.fidelity_ok}; passport within the "
+                                       f"owner's range: {res.passport_in_range}"))
     return Outcome(metrics, details=details, notes=[
         "A verified forgery is a second passport that passes the paper's ownership check with another signature: "
         "the claim then rests on who registered a signature first, not on holding the passport."])

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-ROW_KEYS = ("fraction", "rate")  # a list of dicts keyed by one of these is a table: rows named by that value
+# A list of dicts keyed by one of these is a table: rows named by that value.
+ROW_KEYS = ("fraction", "rate", "flip_fraction")
 
 
 def flatten(report: Any, prefix: str = "") -> dict[str, float]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +133,14 @@ def _fidelity_check(res: VerificationResult, accuracy: float) -> None:
                                f"{res.eps_f:.0%} of the recorded {res.recorded_acc:.2%}")
 
 
+def _range_check(res: VerificationResult, passports: Iterable[Any], bound: float) -> None:
+    """Every element of the claimed passports within [-bound, bound] (the owner's T1 range; not in the papers)."""
+    worst = max(float(np.abs(np.asarray(p)).max()) for p in passports)
+    res.passport_in_range = worst <= bound * (1 + 1e-6)
+    if not res.passport_in_range:
+        res.reasons.append(f"passport out of range: max |P| = {worst:.3g} > {bound:g}")
+
+
 def verify_ownership(model: nn.Module, passports: dict[str, dict[str, torch.Tensor]], signature: str,
                      x: np.ndarray | None = None, y: np.ndarray | None = None, recorded_acc: float | None = None,
                      eps_f: float = 0.03, predict: Predict | None = None,
@@ -151,10 +159,7 @@ def verify_ownership(model: nn.Module, passports: dict[str, dict[str, torch.Tens
     res = _signature_check(bits, signature, recorded_acc, eps_f)
     res.trigger_threshold = trigger_threshold
     if passport_bound is not None:
-        worst = max(float(torch.as_tensor(p).abs().max()) for pp in passports.values() for p in pp.values())
-        res.passport_in_range = worst <= passport_bound * (1 + 1e-6)
-        if not res.passport_in_range:
-            res.reasons.append(f"passport out of range: max |P| = {worst:.3g} > {passport_bound:g}")
+        _range_check(res, (p for pp in passports.values() for p in pp.values()), passport_bound)
     if recorded_bits is not None:
         rb = np.asarray(recorded_bits).reshape(-1)
         res.channel_bits_matched = int((rb == bits[: len(rb)]).sum())
@@ -194,13 +199,16 @@ def verify_checkpoint(checkpoint: Path, passport_file: Path, signature: str, dat
     recorded = ckpt.metrics.get("valid_acc", secret.get("valid_acc"))
     if eps_f is None:
         eps_f = ckpt.secret.get("eps_f", 0.03) if ckpt.secret else 0.03
+    bound = None  # a claimed random (T1) passport must lie in the range the owner's record says it was drawn from
+    if ckpt.secret and ckpt.secret.get("passport_type") == "random":
+        bound = float(ckpt.secret.get("passport_scale", 1.0))
     trigger = None
     if secret.get("trigger_x") is not None:
         trigger = (secret["trigger_x"].numpy(), secret["trigger_y"].numpy())
     return verify_ownership(model, secret["passports"], signature, data.x_test, data.y_test, recorded,
                             eps_f=eps_f, trigger=trigger,
                             trigger_predict=trigger_predict, trigger_threshold=trigger_threshold,
-                            recorded_bits=secret["bits"].numpy())
+                            recorded_bits=secret["bits"].numpy(), passport_bound=bound)
 
 
 def verify_bundle(bundle_dir: Path, passport_file: Path, signature: str, data: Dataset,
@@ -249,10 +257,13 @@ def verify_bundle(bundle_dir: Path, passport_file: Path, signature: str, data: D
     if recorded is None:
         raise ValueError(f"{bundle_dir}: the manifest records no authorized accuracy to check fidelity against")
     res = _signature_check(bits, signature, float(recorded), 0.03 if eps_f is None else eps_f)
+    if bundle.manifest.get("passport_type") == "random":  # the owner-signed range of a genuine T1 passport
+        _range_check(res, (arrays[f"{s['layer']}/{k}"] for s in specs for k in ("gamma", "beta")),
+                     float(bundle.manifest.get("passport_scale", 1.0)))
     session = session_from_model(with_params(model, params))
     name_in = session.get_inputs()[0].name
     _fidelity_check(res, callable_accuracy(lambda x: session.run(None, {name_in: x})[0], data.x_test, data.y_test))
-    res.verified = bool(res.signature_match and res.fidelity_ok)
+    res.verified = bool(res.signature_match and res.fidelity_ok and res.passport_in_range is not False)
     return res
 
 
@@ -1042,7 +1053,13 @@ SEED_TABLE = (  # (flattened metric, label) for the Markdown summary of `passpor
           ("boxed", "signature_exact", "passport trained in [-1, 1]", "attacker's signature exact"),
           ("boxed", "verified_with_range", "passport trained in [-1, 1]", "verified with the range check"))),
     ("trigger_acc", "V3 trigger set detected"),
-    ("deployed_acc", "deployed over gRPC"), ("public_onnx_acc", "public.onnx alone"),
+    *((f"insider_flip@{f:g}.acc", f"fake3: insider flips {f:.0%} of the signs: accuracy") for f in (0.1, 0.5, 1.0)),
+    ("pruning@0.5.acc", "pruning 50%: accuracy"), ("pruning@0.5.signature_match", "pruning 50%: signature exact"),
+    ("pruning@0.9.signature_detection", "pruning 90%: signature bits detected"),
+    ("finetune.new_task_acc", "fine-tuned to a new task: its accuracy"),
+    ("finetune.signature_detection", "fine-tuned to a new task: signature bits detected"),
+    ("deployed_acc", "deployed over gRPC"), ("public_onnx_acc", "public.onnx alone (shipped zeros)"),
+    ("public_unit_params_acc", "public.onnx with gamma=1, beta=0"),
 )
 
 

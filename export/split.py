@@ -178,7 +178,11 @@ def split_passport(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, ma
     passports = ckpt.secret["passports"]
     specs = [_layer_spec(name, layer, i, arrays, passports[name]) for i, (name, layer) in enumerate(layers.items())]
     config = {"method": "passport", "layers": specs}
+    # The passport type and range go into the signed manifest: `sealnet verify --bundle` refuses a claimed random
+    # passport outside the range the owner's were drawn from (passports solved for forged gamma/beta are).
     return Split(config, arrays, checks, {"scheme": scheme, "passport_fn": ckpt.secret.get("passport_fn"),
+                                          "passport_type": ckpt.secret.get("passport_type"),
+                                          "passport_scale": float(ckpt.secret.get("passport_scale", 1.0)),
                                           "passport_params": names})
 
 

@@ -231,7 +231,7 @@ def test_warm_start_is_the_baseline_reparametrised_and_no_constant_guess(model_n
         params[name] = (sign * factor * norm.weight.detach(), factor * norm.bias.detach())
     with use_params(model, params), torch.no_grad():
         assert torch.allclose(model(x), plain(x), atol=1e-4)
-    unit = {n: (torch.ones(l.weight().shape[0]), torch.zeros(l.weight().shape[0])) for n, l in layers.items()}
+    unit = {n: (torch.ones(p.weight().shape[0]), torch.zeros(p.weight().shape[0])) for n, p in layers.items()}
     with use_params(model, unit), torch.no_grad():
         assert not torch.allclose(model(x), plain(x), atol=1e-1)
 
@@ -516,3 +516,24 @@ def test_cifar10_reproduction(tmp_path, model_name):
     r = json.loads((tmp_path / "eval" / "passport_eval.json").read_text())
     assert r["valid_acc"] >= r["baseline_acc"] - 0.03 and r["signature_match"]
     assert r["fake_mean_acc"] <= 0.2
+
+
+def test_verify_refuses_a_claimed_random_passport_outside_the_owners_range(v1, passport_bundle, digits, tmp_path):
+    """The owner's own passport scaled by 1.5: gamma and beta scale alike, so the signature still decodes; the
+    range check refuses it: a T1 passport is drawn from U[-scale, scale] and the owner's record (checkpoint,
+    signed manifest) says which scale."""
+    from evaluate.passport_eval import verify_bundle, verify_checkpoint
+    from protect.passport_train import save_passport_file
+
+    secret = load_passport_file(v1["passport_path"])
+    assert passport_bundle["manifest"]["passport_type"] == "random"
+    assert passport_bundle["manifest"]["passport_scale"] == 1.0
+    genuine = verify_bundle(passport_bundle["bundle"], v1["passport_path"], SIGNATURE, digits)
+    assert genuine.verified and genuine.passport_in_range
+    scaled = {k: v for k, v in secret.items() if k != "format"}
+    scaled["passports"] = {n: {k: t * 1.5 for k, t in pp.items()} for n, pp in secret["passports"].items()}
+    path = save_passport_file(scaled, tmp_path / "scaled.passport.pt")
+    for res in (verify_bundle(passport_bundle["bundle"], path, SIGNATURE, digits),
+                verify_checkpoint(v1["path"], path, SIGNATURE, digits)):
+        assert res.signature_match and res.passport_in_range is False and not res.verified
+        assert any("out of range" in r for r in res.reasons)
