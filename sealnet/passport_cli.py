@@ -63,7 +63,8 @@ def cmd_protect_passport(args: argparse.Namespace) -> int:
     print(f"checkpoint {args.out} (mode 0600: it holds the passports), passport file {passport_out}")
     if "baseline_acc" in m:
         print(f"  baseline  accuracy {m['baseline_acc']:.2%}  (plain counterpart, same recipe)")
-    print(f"  passport  accuracy {m['valid_acc']:.2%}  (scheme {args.scheme}, {args.passport_type} passports)")
+    print(f"  passport  accuracy {m['valid_acc']:.2%}  (scheme {args.scheme}, {args.passport_type} passports, "
+          f"{'started from the baseline, reparametrised' if m.get('warm_start') else 'trained from scratch'})")
     if "public_acc" in m:
         print(f"  public    accuracy {m['public_acc']:.2%}  (distributed network, no passport)")
     print(f"  signature {'recovered' if m['signature_match'] else 'NOT recovered'} "
