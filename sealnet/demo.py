@@ -92,9 +92,10 @@ def run_demo_seeds(workdir: Path, seeds: int, *, seed: int = 0, json_path: Path 
     summary = summarize([flatten(r) for r in runs])
     report = {"seeds": seeds, "first_seed": seed, "runs_succeeded": codes.count(0), "summary": summary,
               "runs": runs}
-    rows = [(k, spread(summary.get(k), percent=k.endswith("_acc"))) for k in SEED_ROWS if k in summary]
-    width = max([len(k) for k, _ in rows] + [10])
-    print(f"\n{f'sealnet demo over {seeds} seeds':<{width}}  mean [min, max]\n{'-' * width}  {'-' * 24}")
+    title = f"sealnet demo over {seeds} seeds"
+    rows = [(label, spread(summary[k], percent=k.endswith("_acc"))) for k, label in SEED_ROWS if k in summary]
+    width = max(len(title), *(len(label) for label, _ in rows))
+    print(f"\n{title:<{width}}  mean [min, max]\n{'-' * width}  {'-' * 24}")
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     print(f"{codes.count(0)}/{seeds} runs succeeded; one run per {workdir}/seed-i/")
@@ -105,8 +106,12 @@ def run_demo_seeds(workdir: Path, seeds: int, *, seed: int = 0, json_path: Path 
 
 
 # The numbers `run_demo_seeds` summarises (when a run reports them), in table order.
-SEED_ROWS = ("baseline_acc", "authorized_acc", "pirate_raw_acc", "stealing_ratio_1pct", "stealing_ratio_10pct",
-             "insider_ratio", "seconds")
+SEED_ROWS = (("baseline_acc", "baseline (unprotected CNN, torch)"),
+             ("authorized_acc", "authorized: gRPC + license + trusted module"),
+             ("pirate_raw_acc", "pirate: public.onnx on raw inputs"),
+             ("stealing_ratio_1pct", "thief with 1% of the labels / black-box"),
+             ("stealing_ratio_10pct", "thief with 10% of the labels / black-box"),
+             ("insider_ratio", "insider (module queries) / black-box"), ("seconds", "seconds"))
 
 
 def _protect(method: str, data, workdir: Path, epochs: int, seed: int) -> tuple[str, dict]:
