@@ -131,7 +131,7 @@ def teeslice_stealing(target: Target, budget: Budget, out: Path) -> Outcome:
         x = data.x_train[idx]
         thief = copy_accuracies(target, x, data.y_train[idx], steps=budget.steal_steps, seed=target.seed)
         box = copy_accuracies(target, x, blackbox_y[:n], steps=budget.steal_steps, seed=target.seed,
-                              strategies=(FROZEN, SCRATCH) if public_anyway else (SCRATCH,))
+                              strategies=(FROZEN, TUNED, SCRATCH) if public_anyway else (SCRATCH,))
         t, b = max(thief.values()), max(box.values())
         ratio = t / max(b, 1e-9)
         label = f"{frac:.1%}".replace(".0%", "%")
