@@ -42,11 +42,20 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def spread(s: dict[str, float] | None, percent: bool = True) -> str:
-    """'97.0% [96.8, 97.3]' (mean [min, max]); one run: '97.0%'; missing: 'n/a'."""
+def spread(s: dict[str, float] | None, percent: bool = True, digits: int | None = None) -> str:
+    """'97.0% [96.8, 97.3]' (mean [min, max]); one run: '97.0%'; missing: 'n/a'. Not a percentage: 3 significant
+    digits, or `digits` decimals (ratios: '1.004 [1.000, 1.008]')."""
     if not s:
         return "n/a"
-    f = (lambda v: f"{100 * v:.1f}") if percent else (lambda v: f"{v:.3g}")
+    if percent:
+        def f(v: float) -> str:
+            return f"{100 * v:.1f}"
+    elif digits is not None:
+        def f(v: float) -> str:
+            return f"{v:.{digits}f}"
+    else:
+        def f(v: float) -> str:
+            return f"{v:.3g}"
     unit = "%" if percent else ""
     if s["n"] == 1 or s["min"] == s["max"]:
         return f"{f(s['mean'])}{unit}"

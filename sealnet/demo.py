@@ -93,7 +93,8 @@ def run_demo_seeds(workdir: Path, seeds: int, *, seed: int = 0, json_path: Path 
     report = {"seeds": seeds, "first_seed": seed, "runs_succeeded": codes.count(0), "summary": summary,
               "runs": runs}
     title = f"sealnet demo over {seeds} seeds"
-    rows = [(label, spread(summary[k], percent=k.endswith("_acc"))) for k, label in SEED_ROWS if k in summary]
+    rows = [(label, spread(summary[k], percent=k.endswith("_acc"), digits=0 if k == "seconds" else 3))
+            for k, label in SEED_ROWS if k in summary]
     width = max(len(title), *(len(label) for label, _ in rows))
     print(f"\n{title:<{width}}  mean [min, max]\n{'-' * width}  {'-' * 24}")
     for name, value in rows:
