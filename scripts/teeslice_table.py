@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,9 @@ def protect(method: str, seed: int, work: Path) -> Path:
 
 def measure(method: str, seed: int, work: Path) -> dict:
     ckpt = protect(method, seed, work)
-    with local_deployment(ckpt, workdir=work / f"{method}-deploy") as dep:
+    deploy = work / f"{method}-deploy"
+    shutil.rmtree(deploy, ignore_errors=True)  # a row measured again gets a fresh owner key and keystore
+    with local_deployment(ckpt, workdir=deploy) as dep:
         manifest = dep.manifest
         token = (dep.license(manifest["customer_id"], manifest["serial_number"]) if method == "dsn"
                  else dep.license())
