@@ -100,8 +100,10 @@ def summarise(rows: list[dict], out: Path, seeds: int) -> None:
         lines.append(f"| {method} | {_spread(acc)} | " + " | ".join(cells)
                      + f" | {_spread(insider) if insider else 'see the method attacks'} |")
     (out / "teeslice.md").write_text("\n".join(lines) + "\n")
+    top = max(v for values in means.values() for v in values)
     grouped_bars(out / "teeslice.png", [f"{f:.1%}" for f in fractions], means,
-                 title="Best copy / best black-box copy (mean over seeds)", ylabel="ratio", lines={"1.05": 1.05})
+                 title="Best copy / best black-box copy (mean over seeds)", ylabel="ratio", lines={"1.05": 1.05},
+                 ylim=(0.9, max(1.1, top + 0.05)))  # ratios sit near 1: an axis from 0 would hide them
     print("\n".join(lines))
 
 
