@@ -41,6 +41,7 @@ from protect.models import create_model
 from protect.serial import (
     DSNConfig,
     DSNTrainingError,
+    PatternCollisionError,
     grad_reverse,
     grl_ramp,
     make_gd,
@@ -522,19 +523,28 @@ def _recipe(ckpt: ProtectedCheckpoint, seed: int) -> TrainConfig:
                        seed=seed, progress=False)
 
 
+KEY_DRAWS = 20  # fresh keys tried for a DSN run before giving up (each collides with probability ~4%)
+
+
 def _retrain(kind: str, ckpt: ProtectedCheckpoint, data: Dataset, out: Path, seed: int,
              teacher_path: Path | None, attempts: int = 3) -> tuple[ProtectedCheckpoint, Ed25519PrivateKey]:
     """A new model with `ckpt`'s recipe, a fresh random owner key (so a new SN pattern / serial vector) and
-    training seed `seed`."""
+    training seed `seed`. A DSN key whose pattern equals another checked customer's (~4% of 3x3 keys) is
+    refused before training and replaced by the next fresh key: the run measures training, not key luck."""
     key = Ed25519PrivateKey.generate()
     cfg = _recipe(ckpt, seed)
     if kind == "dsn":
         spec = stamp_spec(ckpt)
         record = SerialRecord.from_dict({k: v for k, v in ckpt.secret["serial"].items() if k != "signature"})
-        return protect_dsn(data, out / "dsn.pt", cfg, key, record, dcfg=DSNConfig(**ckpt.secret["config"]),
-                           teacher_path=teacher_path, pattern_size=spec.pattern.shape, position=spec.position,
-                           model_name=ckpt.model_name, model_config=ckpt.model_config, attempts=attempts,
-                           log=lambda _: None), key
+        for _ in range(KEY_DRAWS):
+            try:
+                return protect_dsn(data, out / "dsn.pt", cfg, key, record, dcfg=DSNConfig(**ckpt.secret["config"]),
+                                   teacher_path=teacher_path, pattern_size=spec.pattern.shape,
+                                   position=spec.position, model_name=ckpt.model_name,
+                                   model_config=ckpt.model_config, attempts=attempts, log=lambda _: None), key
+            except PatternCollisionError:
+                key = Ed25519PrivateKey.generate()
+        raise DSNTrainingError(f"{KEY_DRAWS} fresh owner keys in a row gave SN patterns equal to other customers'")
     record = SerialRecord.from_dict(ckpt.secret["record"])
     return protect_watermark(data, out / "wm.pt", cfg, key, record, wcfg=WatermarkConfig(**ckpt.secret["config"]),
                              model_name=ckpt.model_name, model_config=ckpt.model_config), key

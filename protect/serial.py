@@ -61,6 +61,11 @@ class DSNTrainingError(RuntimeError):
     """Every attempt at training the student collapsed; the message names the seeds and what to change."""
 
 
+class PatternCollisionError(DSNTrainingError):
+    """The customer's SN pattern equals another checked customer's: refused before any training (a property of
+    the owner key and the record, not of training; another key or timestamp gives a new pattern)."""
+
+
 @dataclass(frozen=True)
 class DSNConfig:
     temperature: float = 2.0  # distillation temperature (KL scaled by T^2, as Hinton et al.)
@@ -311,7 +316,7 @@ def train_student_checked(teacher: nn.Module, teacher_acc: float, spec: StampSpe
     same = [i + 1 for i, o in enumerate(others) if np.array_equal(o.pattern, spec.pattern)]
     if same:  # 420 balanced 3x3 patterns: 1 - (419/420)^20 = 4.7% of keys meet one of 20 other customers' exactly
         h, w = spec.pattern.shape
-        raise DSNTrainingError(
+        raise PatternCollisionError(
             f"this customer's {h}x{w} SN pattern equals that of other customer(s) {same} of the {len(others)} "
             f"checked ({2 ** (h * w)} patterns in all): no student can tell equal stamps apart, so their SNs would "
             f"unlock it; use a larger --pattern-size (e.g. 4x4) or another --timestamp (a new pattern)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -80,3 +81,33 @@ def test_passport_eval_over_seeds_reports_mean_min_max(passport_v1, tmp_path, ca
     assert "| valid passport |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="give --signature"):
         main(["passport-eval", "--checkpoint", str(passport_v1["path"]), "--seeds", "2"])
+
+
+def test_a_fresh_key_whose_pattern_collides_is_replaced_not_a_failed_run(dsn_student, digits, tmp_path,
+                                                                             monkeypatch):
+    """About 4% of fresh owner keys give an SN pattern equal to one of the 20 other customers' that training
+    checks; protect_dsn refuses those before training. --seeds draws the next key instead of failing the run."""
+    import evaluate.serial_eval as se
+    from protect.serial import other_customer_specs, stamp_spec
+    from sealnet.serial import SerialRecord, derive_pattern, sign_record
+    from sealnet.stamp import StampSpec
+
+    ckpt = load_checkpoint(dsn_student["path"])
+    record = SerialRecord.from_dict({k: v for k, v in ckpt.secret["serial"].items() if k != "signature"})
+    spec = stamp_spec(ckpt)
+
+    def collides(key: Ed25519PrivateKey) -> bool:
+        mine = StampSpec(derive_pattern(sign_record(key, record), spec.pattern.shape), spec.position, spec.scale)
+        return any(np.array_equal(o.pattern, mine.pattern) for o in other_customer_specs(key, record, mine, 20))
+
+    candidates = [Ed25519PrivateKey.from_private_bytes(bytes([i]) * 32) for i in range(1, 256)]
+    bad = next(k for k in candidates if collides(k))
+    good = next(k for k in candidates if not collides(k))
+    keys = iter([bad, good])
+    monkeypatch.setattr(se, "Ed25519PrivateKey", type("Keys", (), {"generate": staticmethod(lambda: next(keys))}))
+    r = se.run_serial_eval_seeds(digits, tmp_path, 1, dsn=ckpt,
+                                 teacher_path=dsn_student["teacher"], deploy=False,
+                                 dsn_kwargs={"fractions": (0.1,), "steps": 5, "n_others": 3, "progress": False},
+                                 log=lambda _: None)
+    assert r["completed"] == 1 and r["failed"] == []
+    assert next(keys, None) is None  # both keys drawn: the colliding one was replaced
