@@ -99,7 +99,6 @@ def passport_insider_params(target: Target, budget: Budget, out: Path) -> Outcom
                           "to that host; see docs/passport.md, 'What an insider on the edge host (A2) sees'."])
 
 
-CERB_FRACTIONS = (0.02, 0.1)  # the attacker's share of the training set, as in the CERB paper
 REVERSE_MARGIN = 0.20  # docs/security.md: reverse-engineered gamma/beta <= baseline - 20 pts
 _SHAPE_OPS = ("Reshape", "Unsqueeze", "Expand", "Identity", "Cast")
 _NORM_OPS = ("BatchNormalization", "InstanceNormalization", "GroupNormalization", "Identity")
@@ -174,6 +173,7 @@ def passport_cerb_forgery(target: Target, budget: Budget, out: Path) -> Outcome:
 
     from attacks.onnx_torch import OnnxModule
     from evaluate.passport_eval import (
+        CERB_FRACTIONS,
         attack_subset,
         attacker_signature,
         solve_passport,

@@ -47,15 +47,10 @@ def spread(s: dict[str, float] | None, percent: bool = True, digits: int | None 
     digits, or `digits` decimals (ratios: '1.004 [1.000, 1.008]')."""
     if not s:
         return "n/a"
-    if percent:
-        def f(v: float) -> str:
-            return f"{100 * v:.1f}"
-    elif digits is not None:
-        def f(v: float) -> str:
-            return f"{v:.{digits}f}"
-    else:
-        def f(v: float) -> str:
-            return f"{v:.3g}"
+    scale, spec = (100, ".1f") if percent else (1, ".3g" if digits is None else f".{digits}f")
+
+    def f(v: float) -> str:
+        return f"{scale * v:{spec}}"
     unit = "%" if percent else ""
     if s["n"] == 1 or s["min"] == s["max"]:
         return f"{f(s['mean'])}{unit}"

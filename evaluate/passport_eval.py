@@ -27,7 +27,8 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -368,6 +369,19 @@ def svd_init_params(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Param
     return best_params
 
 
+@contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """Every weight of the owner's network fixed while an attack trains only what it forges (gamma/beta, a
+    passport, accessory blocks); trainable again afterwards, also when the attack fails."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+
 def reverse_engineer(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarray, signature_nbits: int,
                      epochs: int = 3, lr: float = 0.01, seed: int = 0, target: str = "params", init: str = "random",
                      scale: float = 1.0, progress: bool = True) -> dict[str, Any]:
@@ -379,8 +393,6 @@ def reverse_engineer(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.nd
     """
     gen = torch.Generator().manual_seed(seed + 77)
     model.eval()  # BatchNorm keeps the owner's running statistics; the attacker trains the affine only
-    for p in model.parameters():
-        p.requires_grad_(False)
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     if init == "svd":
         if target != "params":
@@ -397,7 +409,7 @@ def reverse_engineer(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.nd
     with torch.no_grad():
         hs = torch.cat([model.stem(x[i : i + 500]) if split else x[i : i + 500] for i in range(0, len(x), 500)])
     run = model.body if split else model
-    try:
+    with frozen_weights(model):
         with passport_branch(model, True):
             for ep in range(epochs):
                 for idx in tqdm(torch.randperm(len(x), generator=gen).split(128), disable=not progress,
@@ -410,9 +422,6 @@ def reverse_engineer(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.nd
                     opt.step()
         with torch.no_grad():
             final = {n: (g.detach(), b.detach()) for n, (g, b) in current().items()}
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
     got = np.where(torch.cat([g.reshape(-1) for g, _ in final.values()]).numpy() >= 0, 1, -1)
     return {"acc": ev.accuracy(final), "target": target, "init": init, "epochs": epochs,
             "signature_bits_matched": int((got[:signature_nbits] == bits[:signature_nbits]).sum()),
@@ -432,10 +441,8 @@ def insider_flip(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarra
     split = _stem_in_body(model)
     run = model.body if split else model
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     out = []
-    try:
+    with frozen_weights(model):
         for frac in tqdm(fractions, desc="insider sign flips", disable=not progress, unit="fraction"):
             target = torch.from_numpy(bits.astype(np.float32)).clone()
             flip = torch.randperm(len(target), generator=gen)[: int(round(frac * len(target)))]
@@ -460,9 +467,6 @@ def insider_flip(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarra
             got = torch.cat([g.reshape(-1) for g, _ in final.values()])[: len(bits)]
             achieved = float(((got >= 0).float() * 2 - 1 != torch.from_numpy(bits.astype(np.float32))).float().mean())
             out.append({"flip_fraction": frac, "achieved_flip_fraction": achieved, "acc": ev.accuracy(final)})
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
     return out
 
 
@@ -634,9 +638,7 @@ def cerb_forgery(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarra
     split = _stem_in_body(model)
     run = model.body if split else model
     model.eval()  # BatchNorm keeps the owner's running statistics (they are public weights)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen_weights(model):
         with torch.no_grad():
             hs = model.stem(x) if split else x
 
@@ -659,9 +661,6 @@ def cerb_forgery(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarra
             else:
                 forged = train_forged_params(start, trainable, ce, len(y), target, accessory=accessory, steps=steps,
                                              lr=lr, gamma0=gamma0, seed=seed)
-    finally:
-        for p in model.parameters():
-            p.requires_grad_(True)
     passports, residual = {}, 0.0
     with torch.no_grad():
         for name, layer in layers.items():

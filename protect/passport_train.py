@@ -228,13 +228,13 @@ def warm_start(model: nn.Module, plain: nn.Module, bits: np.ndarray, gen: torch.
     if consumers is None:
         return False
     layers = passport_layers(model)
-    if len(bits) != sum(_input_weight(layer).shape[0] for layer in layers.values()):
+    if len(bits) != sum(layer.weight().shape[0] for layer in layers.values()):
         raise ValueError(f"warm start needs one designated sign per passport channel, got {len(bits)}")
     own, theirs = model.state_dict(), plain.state_dict()
     model.load_state_dict({k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}, strict=False)
     start = 0
     for name, layer in layers.items():
-        weight = _input_weight(layer)
+        weight = layer.weight()
         channels = weight.shape[0]
         sign = torch.from_numpy(bits[start : start + channels].astype(np.float32))
         start += channels

@@ -36,6 +36,21 @@ def _step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+def _print_table(title: str, column: str, rows: list[tuple[str, str]], rule: int) -> None:
+    """Two aligned columns under a title (`rule` dashes under the second): what each demo run, and the summary
+    over seeds, prints."""
+    width = max(len(title), *(len(name) for name, _ in rows))
+    print(f"\n{title:<{width}}  {column}\n{'-' * width}  {'-' * rule}")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def _write_json(path: Path | None, obj: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+
+
 def _query(
     client: InferenceClient, x: np.ndarray, token: str | None, batch: int = 100
 ) -> tuple[np.ndarray | None, str]:
@@ -95,14 +110,9 @@ def run_demo_seeds(workdir: Path, seeds: int, *, seed: int = 0, json_path: Path 
     title = f"sealnet demo over {seeds} seeds"
     rows = [(label, spread(summary[k], percent=k.endswith("_acc"), digits=0 if k == "seconds" else 3))
             for k, label in SEED_ROWS if k in summary]
-    width = max(len(title), *(len(label) for label, _ in rows))
-    print(f"\n{title:<{width}}  mean [min, max]\n{'-' * width}  {'-' * 24}")
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    _print_table(title, "mean [min, max]", rows, rule=24)
     print(f"{codes.count(0)}/{seeds} runs succeeded; one run per {workdir}/seed-i/")
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    _write_json(json_path, report)
     return 0 if codes and all(c == 0 for c in codes) else 1
 
 
@@ -241,14 +251,9 @@ def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *,
         rows += [(f"thief with {p} of the labels / black-box", f"{extra[f'stealing_ratio_{k}']:.3f}x")
                  for p, k in (("1%", "1pct"), ("10%", "10pct"))]
         rows.append(("insider (module queries) / black-box", f"{extra['insider_ratio']:.3f}x"))
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'sealnet demo (1,000 test images)':<{width}}  result\n{'-' * width}  {'-' * 16}")
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    _print_table("sealnet demo (1,000 test images)", "result", rows, rule=16)
     print(f"\nfinished in {result['seconds']} s; artefacts in {workdir}/")
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(json_path, result)
     ok = status_ok == "OK" and status_none != "OK" and status_other != "OK"
     ok = ok and (engine != "triton" or result["http_status"] == 200)
     if extra:
