@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from protect.backbones import SOURCES, make_public_backbone
-from protect.sealed_head import SealedHeadConfig, protect_sealed_head
-from protect.train import TrainConfig, accuracy, train_new_model
 from sealnet.data import load_dataset
+from sealnet.protect.backbones import SOURCES, make_public_backbone
+from sealnet.protect.sealed_head import SealedHeadConfig, protect_sealed_head
+from sealnet.protect.train import TrainConfig, accuracy, train_new_model
 
 
 def _stats(vals: list[float]) -> dict:

@@ -23,10 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attacks.base import BUDGETS, Target  # noqa: E402
-from attacks.plots import grouped_bars  # noqa: E402
-from attacks.teeslice import insider_imitation, teeslice_stealing  # noqa: E402
-from evaluate.deployment import local_deployment  # noqa: E402
+from sealnet.attacks.base import BUDGETS, Target  # noqa: E402
+from sealnet.attacks.plots import grouped_bars  # noqa: E402
+from sealnet.attacks.teeslice import insider_imitation, teeslice_stealing  # noqa: E402
+from sealnet.deployment.local import local_deployment  # noqa: E402
 
 METHODS = ("transform", "passport", "dsn", "sealed-head")
 

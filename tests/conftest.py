@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enclave_sim.keystore import init_keystore
-from enclave_sim.keystore_spec import KeystoreSpec
-from export.build_engine import build_bundle
-from protect.pipeline import protect_transform
-from protect.train import TrainConfig
 from sealnet.data import digits_tiny
+from sealnet.enclave_sim.keystore import init_keystore
+from sealnet.enclave_sim.keystore_spec import KeystoreSpec
+from sealnet.export.build_engine import build_bundle
 from sealnet.licenses import load_owner_key, write_key_pair
+from sealnet.protect.pipeline import protect_transform
+from sealnet.protect.train import TrainConfig
 
 TINY = {"hidden": 128}
 TINY_TRAIN = TrainConfig(epochs=10, batch_size=64, lr=2e-3, seed=0, progress=False)
@@ -75,7 +75,7 @@ DSN_TEACHER_TRAIN = TrainConfig(epochs=20, batch_size=64, lr=2e-3, seed=0, progr
 @pytest.fixture(scope="session")
 def passport_v1(tmp_path_factory, digits):
     """A tiny V1 passport CNN (random passports) and its plain baseline, trained once per test session."""
-    from protect.passport_train import PassportConfig, default_passport_path, protect_passport
+    from sealnet.protect.passport_train import PassportConfig, default_passport_path, protect_passport
 
     root = tmp_path_factory.mktemp("passport")
     ckpt = protect_passport(digits, root / "v1.pt", PASSPORT_TRAIN,
@@ -95,7 +95,7 @@ def passport_bundle(tmp_path_factory, passport_v1, artefacts):
 @pytest.fixture(scope="session")
 def dsn_student(tmp_path_factory, digits, artefacts):
     """A tiny DSN student for customer "acme", exported with the session's owner key and keystore."""
-    from protect.serial import protect_dsn
+    from sealnet.protect.serial import protect_dsn
     from sealnet.serial import SerialRecord, license_serial_number
 
     root = tmp_path_factory.mktemp("dsn")
@@ -117,10 +117,10 @@ SEALED_HEAD_BACKBONE = {"widths": [16, 32], "tap_grid": [2, 2]}  # 1x8x8 digits:
 def sealed_head(tmp_path_factory, digits, artefacts):
     """A tiny sealed-head model (seeded random public backbone, head trained on the digits), its teacher and
     its bundle (default `label` policy), exported with the session's owner key and keystore."""
-    from protect.backbones import make_public_backbone
-    from protect.checkpoint import save_checkpoint
-    from protect.sealed_head import SealedHeadConfig, protect_sealed_head
-    from protect.train import train_new_model
+    from sealnet.protect.backbones import make_public_backbone
+    from sealnet.protect.checkpoint import save_checkpoint
+    from sealnet.protect.sealed_head import SealedHeadConfig, protect_sealed_head
+    from sealnet.protect.train import train_new_model
 
     root = tmp_path_factory.mktemp("sealed-head")
     weights = make_public_backbone("tap_cnn", 0, root / "backbone.pt", kind="random", input_shape=(1, 8, 8),
@@ -152,8 +152,8 @@ def serving(bundle: Path, keystore, sock_dir: Path) -> Iterator[dict]:
     stock tritonclient; everything is stopped on exit."""
     import tritonclient.grpc as triton
 
-    from enclave_sim import service as enclave_service
-    from runtime import server as runtime_server
+    from sealnet.enclave_sim import service as enclave_service
+    from sealnet.runtime import server as runtime_server
 
     enclave_addr = f"unix:{sock_dir / 'enclave.sock'}"
     enclave, module = enclave_service.serve(bundle, enclave_addr, keystore)

@@ -22,16 +22,16 @@ import tritonclient.grpc as triton
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tritonclient.utils import InferenceServerException
 
-from enclave_sim import service as enclave_service
-from enclave_sim.policy import AccessPolicy, AuditLog, PolicyConfig, PolicyRefusal
-from runtime import server as runtime_server
-from runtime.attestation import AttestationError
-from runtime.batching import BatchingConfig, DynamicBatcher
-from runtime.errors import ServingError
-from runtime.pipeline import Request
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import MANIFEST, BundleError, owner_key_field, sign_manifest
+from sealnet.enclave_sim import service as enclave_service
+from sealnet.enclave_sim.policy import AccessPolicy, AuditLog, PolicyConfig, PolicyRefusal
 from sealnet.licenses import LicenseError, issue_license, verify_license
+from sealnet.runtime import server as runtime_server
+from sealnet.runtime.attestation import AttestationError
+from sealnet.runtime.batching import BatchingConfig, DynamicBatcher
+from sealnet.runtime.errors import ServingError
+from sealnet.runtime.pipeline import Request
 from tests.conftest import MODEL_ID, OWNER_KEY, kserve_infer
 
 X = np.zeros((1, 1, 8, 8), np.float32)
@@ -122,8 +122,8 @@ def test_remote_clients_cannot_lock_out_an_innocent_client(artefacts, short_tmp)
 def test_untrusted_caller_cannot_dodge_the_lockout_by_naming_fresh_clients(artefacts, tmp_path):
     """Only the runtime (Unix socket, or its mTLS certificate) may name end clients; another certificate's
     forwarded names are ignored, so rotating them does not buy it more guesses."""
-    from runtime.enclave_client import client_credentials
     from sealnet.certs import write_certs
+    from sealnet.runtime.enclave_client import client_credentials
 
     write_certs(tmp_path / "tls", clients=("runtime", "tester"))
     server, module = enclave_service.serve(artefacts["bundle"], "127.0.0.1:0", artefacts["keystore"],
@@ -235,7 +235,7 @@ def test_a_token_has_one_spelling(artefacts):
 
 # -- the endpoint ---------------------------------------------------------------------------------------------
 def test_huge_requests_are_refused_fast_and_do_not_delay_licensed_clients(artefacts, short_tmp):
-    from attacks.wire import Wire, huge_shape_request, license_md, method
+    from sealnet.attacks.wire import Wire, huge_shape_request, license_md, method
 
     token = _license(artefacts)
     infer = method("inference.GRPCInferenceService", "ModelInfer")
@@ -279,7 +279,7 @@ def test_huge_requests_are_refused_fast_and_do_not_delay_licensed_clients(artefa
 def test_client_strings_are_clipped_in_error_messages(artefacts, short_tmp):
     """A 20,000-character model name, tensor name or datatype is answered with its own status and a short
     message (unclipped, stock clients got 'received metadata size exceeds hard limit')."""
-    from attacks.wire import Wire, infer_request, license_md, method
+    from sealnet.attacks.wire import Wire, infer_request, license_md, method
 
     token = _license(artefacts)
     long = "x" * 20_000
@@ -300,7 +300,7 @@ def test_client_strings_are_clipped_in_error_messages(artefacts, short_tmp):
 
 
 def test_contents_and_raw_input_contents_together_are_refused(artefacts, short_tmp):
-    from attacks.wire import Wire, infer_request, license_md, method
+    from sealnet.attacks.wire import Wire, infer_request, license_md, method
 
     request = infer_request(MODEL_ID, X)
     request.inputs[0].contents.fp32_contents.extend(X.ravel().tolist())
@@ -470,7 +470,7 @@ def test_serve_refuses_a_manifest_resigned_by_another_key(artefacts, short_tmp, 
 
 
 def test_build_engine_script_reports_a_missing_keystore_or_owner_key(artefacts, tmp_path, capsys):
-    from export.build_engine import main
+    from sealnet.export.build_engine import main
 
     base = [str(artefacts["checkpoint_path"]), str(tmp_path / "out")]
     assert main([*base, "--owner-key", str(artefacts["owner_key_path"]), "--keystore-dir",

@@ -8,25 +8,22 @@ import re
 import sys
 from pathlib import Path
 
-from enclave_sim.measure import PROJECT_PACKAGES, import_closure
+from sealnet.enclave_sim.measure import import_closure
 
 ROOT = Path(__file__).resolve().parent.parent
-# Stages, lowest first (docs/architecture.md). A package imports only lower ranks, never a sibling of its rank.
-RANK = {"sealnet": 0, "protect": 1, "enclave_sim": 1, "runtime": 1, "export": 2, "evaluate": 3, "attacks": 4,
-        "bench": 4}
-# Entry points (the CLIs and the demo) may import every stage; nothing but another entry imports them.
-ENTRIES = {"sealnet.__main__", "sealnet.cli", "sealnet.passport_cli", "sealnet.serial_cli", "sealnet.attack_cli",
-           "sealnet.sealed_head_cli",
-           "sealnet.demo"}
-TOP = max(RANK.values()) + 1
+PACKAGE = ROOT / "sealnet"
+# Stages, lowest first (docs/architecture.md): the core (modules directly in sealnet/) is 0, each subpackage has
+# its rank. A module imports only lower ranks, never a sibling package of its rank; nothing imports the CLI.
+RANK = {"protect": 1, "enclave_sim": 1, "runtime": 1, "export": 2, "deployment": 3, "evaluate": 4, "attacks": 5,
+        "bench": 5, "demo": 6, "cli": 7, "__main__": 8}
+CORE = 0
 
 
 def _modules() -> dict[str, Path]:
     out = {}
-    for path in ROOT.rglob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         rel = path.relative_to(ROOT)
-        if rel.parts[0] not in RANK or "_grpc" in rel.parts or any(part.startswith(".") for part in rel.parts):
-            # hidden directories are environments (bench/.kserve-venv), not the project's code
+        if "_grpc" in rel.parts or any(part.startswith(".") for part in rel.parts):
             continue
         name = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
         out[name] = path
@@ -104,8 +101,14 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def _stage(module: str) -> str:
+    """The stage a module belongs to: its subpackage of sealnet, or "core"."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in RANK else "core"
+
+
 def _rank(module: str) -> int:
-    return TOP if module in ENTRIES else RANK[module.partition(".")[0]]
+    return RANK.get(_stage(module), CORE)
 
 
 def test_no_import_cycles():
@@ -119,25 +122,28 @@ def test_cycle_finder_finds_a_cycle():
 def test_no_upward_or_sideways_imports():
     bad = []
     for module, targets in _graph().items():
-        if module in ENTRIES:
-            continue
         for target in targets:
-            same_package = module.partition(".")[0] == target.partition(".")[0] and target not in ENTRIES
-            if not same_package and _rank(target) >= _rank(module):
+            if _stage(module) != _stage(target) and _rank(target) >= _rank(module):
                 bad.append(f"{module} -> {target}")
     assert sorted(bad) == []
 
 
-def test_every_package_has_a_stage():
-    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
-    assert packages == set(RANK) == set(PROJECT_PACKAGES)
+def test_the_package_root_imports_nothing():
+    """`import sealnet` (and so every stage, whose parent it is) loads no other project code."""
+    assert _graph()["sealnet"] == set()
+
+
+def test_every_subpackage_has_a_stage():
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()} - {"_grpc"}
+    assert packages == set(RANK) - {"__main__"}
     include = re.search(r"include = \[(.*?)\]", (ROOT / "pyproject.toml").read_text()).group(1)
-    assert {name.strip(' "*') for name in include.split(",")} == set(RANK)
+    assert include.strip() == '"sealnet*"'
 
 
 def test_trusted_module_code_is_enclave_sim_and_the_core():
     files, third_party = import_closure()
-    assert files and all(f.startswith(("enclave_sim/", "sealnet/")) for f in files)
-    assert not {f.removesuffix(".py").replace("/", ".") for f in files} & ENTRIES
+    assert files and all(f.startswith("sealnet/") for f in files)
+    assert {_stage(f.removesuffix(".py").removesuffix("/__init__").replace("/", ".")) for f in files} == {
+        "core", "enclave_sim"}
     assert "torch" not in {m.partition(".")[0] for m in third_party}
     assert sys.stdlib_module_names.isdisjoint(m.partition(".")[0] for m in third_party)

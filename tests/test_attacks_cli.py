@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from attacks.registry import all_attacks
-from enclave_sim import service as enclave_service
-from runtime import server as runtime_server
+from sealnet.attacks.registry import all_attacks
 from sealnet.cli import main
+from sealnet.enclave_sim import service as enclave_service
 from sealnet.licenses import issue_license
+from sealnet.runtime import server as runtime_server
 from tests.conftest import MODEL_ID
 
 

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from attacks.base import BUDGETS, Target
-from attacks.registry import get_attack, select
-from enclave_sim import service as enclave_service
+from sealnet.attacks.base import BUDGETS, Target
+from sealnet.attacks.registry import get_attack, select
+from sealnet.enclave_sim import service as enclave_service
 from sealnet.licenses import issue_license
 from tests.conftest import DSN_MODEL_ID, PASSPORT_MODEL_ID
 
@@ -114,7 +114,7 @@ def test_recentring_zeroes_the_mean_preactivation(dsn_student, digits):
     import numpy as np
     import onnx
 
-    from attacks.serial_attacks import recentred
+    from sealnet.attacks.serial_attacks import recentred
 
     x = np.ascontiguousarray(digits.x_train[:400], dtype=np.float32)
     model, before = recentred(onnx.load(dsn_student["bundle"] / "public.onnx"), x)

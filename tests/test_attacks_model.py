@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.base import BUDGETS, Skip, Target
-from attacks.registry import get_attack, select
-from attacks.stealing import public_torch_model
-from enclave_sim import service as enclave_service
-from enclave_sim.keystore import init_keystore
-from enclave_sim.keystore_spec import KeystoreSpec
-from export.build_engine import build_bundle
-from protect.pipeline import protect_transform
-from protect.train import TrainConfig
+from sealnet.attacks.base import BUDGETS, Skip, Target
+from sealnet.attacks.registry import get_attack, select
+from sealnet.attacks.stealing import public_torch_model
+from sealnet.enclave_sim import service as enclave_service
+from sealnet.enclave_sim.keystore import init_keystore
+from sealnet.enclave_sim.keystore_spec import KeystoreSpec
+from sealnet.export.build_engine import build_bundle
 from sealnet.licenses import issue_license
+from sealnet.protect.pipeline import protect_transform
+from sealnet.protect.train import TrainConfig
 from tests.conftest import MODEL_ID, TINY
 
 BUDGET = replace(BUDGETS["small"], input_only_trials=8, one_pair_trials=4, pair_fractions=(0.1, 1.0), pair_trials=2,

@@ -9,11 +9,11 @@ from dataclasses import replace
 import grpc
 import pytest
 
-from attacks.base import BUDGETS, Skip, Target
-from attacks.registry import get_attack
-from enclave_sim import service as enclave_service
-from runtime import server as runtime_server
+from sealnet.attacks.base import BUDGETS, Skip, Target
+from sealnet.attacks.registry import get_attack
+from sealnet.enclave_sim import service as enclave_service
 from sealnet.licenses import issue_license
+from sealnet.runtime import server as runtime_server
 from tests.conftest import MODEL_ID
 
 BUDGET = replace(BUDGETS["small"], fuzz_requests=300, fuzz_seconds=60, session_guesses=200, dead_requests=5)

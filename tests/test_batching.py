@@ -12,12 +12,12 @@ import torch
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from enclave_sim import service as enclave_service
-from runtime import server as runtime_server
-from runtime.batching import BatchingConfig, DynamicBatcher
-from runtime.errors import EnclaveError, ServingError
-from runtime.pipeline import Request, serve_module_first, serve_module_last
+from sealnet.enclave_sim import service as enclave_service
 from sealnet.licenses import issue_license
+from sealnet.runtime import server as runtime_server
+from sealnet.runtime.batching import BatchingConfig, DynamicBatcher
+from sealnet.runtime.errors import EnclaveError, ServingError
+from sealnet.runtime.pipeline import Request, serve_module_first, serve_module_last
 from tests.conftest import MODEL_ID
 
 

@@ -2,8 +2,8 @@
 
 import json
 
-from bench.run import main
-from runtime.triton.server import triton_unavailable_reason
+from sealnet.bench.run import main
+from sealnet.runtime.triton.server import triton_unavailable_reason
 
 
 def test_bench_smoke(tmp_path):

@@ -40,7 +40,7 @@ def test_enclave_refuses_to_start_on_a_tampered_bundle(bundle_copy, artefacts, s
     blob = bytearray((bundle_copy / "secrets.sealed").read_bytes())
     blob[40] ^= 0x80
     (bundle_copy / "secrets.sealed").write_bytes(bytes(blob))
-    from enclave_sim.__main__ import main as enclave_main  # what `sealnet enclave` execs, run in this process
+    from sealnet.enclave_sim.__main__ import main as enclave_main  # what `sealnet enclave` execs, run in this process
 
     code = enclave_main(["--bundle", str(bundle_copy), "--keystore-dir", str(artefacts["keystore"].directory),
                          "--listen", f"unix:{short_tmp / 's.sock'}", "--state-dir", str(short_tmp / "state")])
@@ -49,8 +49,8 @@ def test_enclave_refuses_to_start_on_a_tampered_bundle(bundle_copy, artefacts, s
 
 def test_protect_and_infer_commands(tmp_path, artefacts, short_tmp, capsys):
     """`sealnet protect` on the tiny data, then `sealnet infer` against a running endpoint."""
-    from enclave_sim import service as enclave_service
-    from runtime import server as runtime_server
+    from sealnet.enclave_sim import service as enclave_service
+    from sealnet.runtime import server as runtime_server
     from tests.conftest import MODEL_ID
 
     assert main(["protect", "--variant", "learned", "--dataset", "digits", "--epochs", "1", "--no-baseline",
@@ -98,7 +98,7 @@ def test_demo_runs_end_to_end_and_meets_the_acceptance_numbers(tmp_path):
     assert r["pirate_raw_acc"] <= 0.15
     assert "pirate: public.onnx on raw inputs" in proc.stdout
     # no byte of the sealed transform or the keystore's root key reaches what the edge host writes
-    from protect.checkpoint import load_checkpoint
+    from sealnet.protect.checkpoint import load_checkpoint
 
     work = tmp_path / "w"
     secret = load_checkpoint(work / "protected.pt").secret["state"]
@@ -127,7 +127,7 @@ def test_sealed_head_demo_meets_the_black_box_targets(tmp_path):
     assert r["pirate_raw_acc"] <= 0.15
     assert r["stealing_ratio_1pct"] <= 1.05 and r["stealing_ratio_10pct"] <= 1.05 and r["insider_ratio"] <= 1.05
     assert "insider (module queries) / black-box" in proc.stdout
-    from protect.checkpoint import load_checkpoint
+    from sealnet.protect.checkpoint import load_checkpoint
 
     work = tmp_path / "w"
     head = load_checkpoint(work / "protected.pt").secret["head_state"]

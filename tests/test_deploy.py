@@ -32,7 +32,7 @@ def _pod_spec(doc: dict) -> dict:
 
 
 def _enclave_parser() -> argparse.ArgumentParser:
-    from enclave_sim.__main__ import add_arguments
+    from sealnet.enclave_sim.__main__ import add_arguments
 
     parser = argparse.ArgumentParser(prog="sealnet enclave", exit_on_error=False)
     add_arguments(parser)
@@ -44,7 +44,7 @@ def _check_pod(spec: dict) -> None:
     triton, module = spec["containers"]
     serve = build_parser().parse_args(triton["args"])
     assert serve.command == "serve" and serve.engine == "triton" and module["args"][0] == "enclave"
-    enclave = _enclave_parser().parse_args(module["args"][1:])  # `sealnet enclave` execs python -m enclave_sim
+    enclave = _enclave_parser().parse_args(module["args"][1:])  # `sealnet enclave` execs python -m sealnet.enclave_sim
     assert serve.enclave == enclave.listen == f"unix:{SOCKET}"
     volumes = {v["name"]: v for v in spec["volumes"]}
     for container in (triton, module):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enclave_sim.keystore import KeystoreError
-from enclave_sim.service import TrustedModule
-from export.build_engine import ExportError, build_bundle, tensorrt_available
 from sealnet.bundle import MANIFEST, SECRETS, BundleError, load_bundle, sign_manifest
+from sealnet.enclave_sim.keystore import KeystoreError
+from sealnet.enclave_sim.service import TrustedModule
+from sealnet.export.build_engine import ExportError, build_bundle, tensorrt_available
 
 
 def test_bundle_contents_and_recorded_checks(artefacts):
@@ -92,7 +92,7 @@ def test_export_refuses_a_model_useless_even_with_its_secret(tmp_path, artefacts
 
     import torch
 
-    from protect.checkpoint import save_checkpoint
+    from sealnet.protect.checkpoint import save_checkpoint
 
     ckpt = artefacts["checkpoint"]
     dead = replace(ckpt, public_state={k: torch.zeros_like(v) for k, v in ckpt.public_state.items()})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.build_engine import tensorrt_available
+from sealnet.export.build_engine import tensorrt_available
 
 reason = tensorrt_available()
 if reason:
@@ -13,8 +13,8 @@ if reason:
 
 
 def test_tensorrt_engine_is_built_and_listed_in_the_manifest(tmp_path, artefacts):
-    from export.build_engine import build_bundle
     from sealnet.bundle import load_bundle
+    from sealnet.export.build_engine import build_bundle
 
     manifest = build_bundle(artefacts["checkpoint_path"], tmp_path / "b", owner_key=artefacts["owner_key_path"],
                             keystore=artefacts["keystore"], tensorrt=True, log=lambda *_: None)
@@ -25,7 +25,7 @@ def test_tensorrt_engine_is_built_and_listed_in_the_manifest(tmp_path, artefacts
 def test_runtime_picks_an_accelerated_provider_and_matches_cpu(artefacts, digits):
     import onnxruntime as ort
 
-    from runtime.onnx_session import ACCELERATED_PROVIDERS, ort_session
+    from sealnet.runtime.onnx_session import ACCELERATED_PROVIDERS, ort_session
 
     if not set(ACCELERATED_PROVIDERS) & set(ort.get_available_providers()):
         pytest.skip("this onnxruntime build has no CUDA / TensorRT execution provider (pip install onnxruntime-gpu)")

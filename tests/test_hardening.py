@@ -18,14 +18,14 @@ import torch
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from enclave_sim import service as enclave_service
-from enclave_sim.policy import AccessPolicy, PolicyConfig
-from runtime import server as runtime_server
-from runtime.attestation import AttestationError
-from runtime.enclave_client import EnclaveClient, EnclaveError
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.certs import write_certs
+from sealnet.enclave_sim import service as enclave_service
+from sealnet.enclave_sim.policy import AccessPolicy, PolicyConfig
 from sealnet.licenses import issue_license
+from sealnet.runtime import server as runtime_server
+from sealnet.runtime.attestation import AttestationError
+from sealnet.runtime.enclave_client import EnclaveClient, EnclaveError
 from tests.conftest import MODEL_ID
 
 
@@ -188,7 +188,7 @@ def test_tcp_requires_mtls_and_identifies_callers_by_certificate(artefacts, tmp_
         with pytest.raises(ValueError, match="TCP requires mTLS"):
             EnclaveClient(addr)
         # lockout counts the certificate's common name
-        from runtime.enclave_client import client_credentials
+        from sealnet.runtime.enclave_client import client_credentials
 
         tester = client_credentials(tmp_path / "tls", "tester")
         for _ in range(10):
@@ -214,8 +214,8 @@ def test_runtime_refuses_to_start_when_a_measurement_differs(enclave_factory, ar
 
 def test_runtime_refuses_a_module_with_another_keystore(artefacts, tmp_path, short_tmp):
     """A trusted module over another keystore cannot even unseal; one that fakes answers fails attestation."""
-    from enclave_sim.keystore import init_keystore
-    from enclave_sim.keystore_spec import KeystoreSpec
+    from sealnet.enclave_sim.keystore import init_keystore
+    from sealnet.enclave_sim.keystore_spec import KeystoreSpec
 
     init_keystore(tmp_path / "other")
     with pytest.raises(Exception, match="unseal refused"):

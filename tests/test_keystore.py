@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from enclave_sim.keystore import EmbeddedKeystore, KeystoreError, init_keystore
-from enclave_sim.measure import measurement_chain
+from sealnet.enclave_sim.keystore import EmbeddedKeystore, KeystoreError, init_keystore
+from sealnet.enclave_sim.measure import measurement_chain
 from sealnet.evidence import Measurement, chain_of
 
 
@@ -83,7 +83,7 @@ def test_chain_covers_code_interpreter_distributions_and_manifest(tmp_path):
     # a copy of the trusted code with one changed byte measures differently
     import shutil
 
-    from enclave_sim.measure import _ROOT, import_closure
+    from sealnet.enclave_sim.measure import _ROOT, import_closure
 
     for rel in import_closure()[0]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

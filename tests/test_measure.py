@@ -12,11 +12,11 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from enclave_sim.measure import _ROOT, PROJECT_PACKAGES, _installed, measurement_chain
-from runtime.attestation import attest, load_expected
-from runtime.enclave_client import EnclaveClient
 from sealnet.bundle import EXPECTED_MEASUREMENTS, core_digest, load_bundle
+from sealnet.enclave_sim.measure import _ROOT, PROJECT_PACKAGES, _installed, measurement_chain
 from sealnet.licenses import issue_license
+from sealnet.runtime.attestation import attest, load_expected
+from sealnet.runtime.enclave_client import EnclaveClient
 from tests.conftest import MODEL_ID
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from evaluate.multiseed import flatten, spread, summarize
-from protect.checkpoint import load_checkpoint
 from sealnet.cli import main
+from sealnet.evaluate.multiseed import flatten, spread, summarize
+from sealnet.protect.checkpoint import load_checkpoint
 
 
 def test_flatten_names_table_rows_and_drops_curves():
@@ -27,7 +27,7 @@ def test_flatten_names_table_rows_and_drops_curves():
 def test_serial_eval_over_seeds_reports_mean_min_max(dsn_student, tmp_path, capsys, monkeypatch):
     """--seeds 2: two new students with the checkpoint's recipe, each with a fresh owner key (fixed here, so the
     test is deterministic), each evaluated; the summary holds mean within [min, max]."""
-    import evaluate.serial_eval as se
+    import sealnet.evaluate.serial_eval as se
 
     keys = iter([Ed25519PrivateKey.from_private_bytes(bytes([i]) * 32) for i in (7, 8)])
     monkeypatch.setattr(se, "Ed25519PrivateKey", type("Keys", (), {"generate": staticmethod(lambda: next(keys))}))
@@ -50,7 +50,7 @@ def test_serial_eval_over_seeds_reports_mean_min_max(dsn_student, tmp_path, caps
 def test_a_student_that_misses_its_targets_is_a_listed_failed_run(dsn_student, digits, tmp_path):
     """A recipe that leaves the student as it started, the teacher (one attempt): the run is reported as failed,
     with protect's reason, and the summary covers only completed runs (none)."""
-    from evaluate.serial_eval import run_serial_eval_seeds
+    from sealnet.evaluate.serial_eval import run_serial_eval_seeds
 
     ckpt = load_checkpoint(dsn_student["path"])
     ckpt.secret["train"] |= {"epochs": 1, "lr": 1e-7}  # the student stays the teacher: raw inputs still work
@@ -62,7 +62,7 @@ def test_a_student_that_misses_its_targets_is_a_listed_failed_run(dsn_student, d
 
 
 def test_passport_eval_over_seeds_reports_mean_min_max(passport_v1, tmp_path, capsys):
-    from protect.passport_train import load_passport_file, save_passport_file
+    from sealnet.protect.passport_train import load_passport_file, save_passport_file
 
     secret = load_passport_file(passport_v1["passport_path"])
     pfile = tmp_path / "p.passport.pt"
@@ -87,8 +87,8 @@ def test_a_fresh_key_whose_pattern_collides_is_replaced_not_a_failed_run(dsn_stu
                                                                              monkeypatch):
     """About 4% of fresh owner keys give an SN pattern equal to one of the 20 other customers' that training
     checks; protect_dsn refuses those before training. --seeds draws the next key instead of failing the run."""
-    import evaluate.serial_eval as se
-    from protect.serial import other_customer_specs, stamp_spec
+    import sealnet.evaluate.serial_eval as se
+    from sealnet.protect.serial import other_customer_specs, stamp_spec
     from sealnet.serial import SerialRecord, derive_pattern, sign_record
     from sealnet.stamp import StampSpec
 

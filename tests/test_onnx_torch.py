@@ -8,9 +8,9 @@ import onnx
 import pytest
 import torch
 
-from attacks.onnx_torch import OnnxModule, penultimate
-from runtime.onnx_session import ort_session
+from sealnet.attacks.onnx_torch import OnnxModule, penultimate
 from sealnet.bundle import PUBLIC_ONNX
+from sealnet.runtime.onnx_session import ort_session
 
 
 @pytest.mark.parametrize("fixture", ["artefacts", "passport_bundle", "dsn_student"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluate.passport_eval import (
+from sealnet.evaluate.passport_eval import (
     AccessoryBlock,
     Evaluator,
     attacker_signature,
@@ -23,9 +23,9 @@ from evaluate.passport_eval import (
     solve_passport,
     verify_ownership,
 )
-from protect.checkpoint import load_checkpoint
-from protect.models import available_models, create_model
-from protect.passport import (
+from sealnet.protect.checkpoint import load_checkpoint
+from sealnet.protect.models import available_models, create_model
+from sealnet.protect.passport import (
     ExplicitParamsModel,
     PassportConv2d,
     PassportLinear,
@@ -45,14 +45,14 @@ from protect.passport import (
     signature_to_bits,
     use_params,
 )
-from protect.passport_train import (
+from sealnet.protect.passport_train import (
     PassportConfig,
     default_passport_path,
     load_passport_file,
     passport_model,
     protect_passport,
 )
-from protect.train import TrainConfig
+from sealnet.protect.train import TrainConfig
 from tests.conftest import PASSPORT_SIGNATURE as SIGNATURE
 from tests.conftest import PASSPORT_WIDTHS as TINY_WIDTHS
 
@@ -144,7 +144,7 @@ def test_signature_round_trip_and_capacity():
 
 
 def test_registry_has_passport_nets_and_plain_counterparts():
-    import protect.passport_models  # noqa: F401
+    import sealnet.protect.passport_models  # noqa: F401
 
     names = set(available_models())
     assert {"cnn_p", "cnn_plain", "alexnet_p", "alexnet_plain", "resnet18_p", "resnet18_plain"} <= names
@@ -196,8 +196,8 @@ def test_v1_is_accurate_with_its_passport_and_not_with_fakes(v1, digits):
 def test_warm_start_is_the_baseline_reparametrised_and_no_constant_guess(model_name):
     """After warm_start the passport net computes the plain net's function exactly when gamma = sign * factor *
     the plain BN weight (beta likewise): the reparametrisation is real, and gamma=1/beta=0 is not that point."""
-    from protect.passport_models import plain_config
-    from protect.passport_train import passport_consumers, warm_start
+    from sealnet.protect.passport_models import plain_config
+    from sealnet.protect.passport_train import passport_consumers, warm_start
 
     shape = (1, 28, 28) if model_name == "cnn_p" else (3, 32, 32)
     cfg = {"scheme": "v1", "passport_fn": "both", **(TINY_WIDTHS if model_name == "cnn_p" else {})}
@@ -242,7 +242,7 @@ def _consumer_name(model: torch.nn.Module, layer: torch.nn.Module) -> str:
 
 def _undone_factor(layer: torch.nn.Module, plain_layer: torch.nn.Module, channels: int) -> torch.Tensor:
     """The per-input-channel factor warm_start divided the consumer's weights by (plain / passport net)."""
-    from protect.passport_train import _input_weight
+    from sealnet.protect.passport_train import _input_weight
 
     new, old = _input_weight(layer).detach(), _input_weight(plain_layer).detach()
     ratio = (old / new).reshape(new.shape[0], channels, -1)
@@ -250,7 +250,7 @@ def _undone_factor(layer: torch.nn.Module, plain_layer: torch.nn.Module, channel
 
 
 def test_warm_start_leaves_nets_that_are_not_chains_alone():
-    from protect.passport_train import passport_consumers
+    from sealnet.protect.passport_train import passport_consumers
 
     assert passport_consumers(create_model("resnet18_p", (3, 32, 32), 10, width=4)) is None
 
@@ -443,10 +443,10 @@ def test_v2_v3_train_and_verify(tmp_path, digits, scheme):
 
 
 def _trigger_detected_over_grpc(tmp_path, public, model, ckpt, digits, trigger):
-    from export.split import export_onnx
-    from runtime.client import InferenceClient
-    from runtime.server import serve_unprotected
     from sealnet.cli import main
+    from sealnet.export.split import export_onnx
+    from sealnet.runtime.client import InferenceClient
+    from sealnet.runtime.server import serve_unprotected
 
     export_onnx(public, (torch.zeros(1, *ckpt.input_shape),), tmp_path / "suspect.onnx", ["input"])
     plain = create_model("cnn_plain", ckpt.input_shape, ckpt.num_classes, widths=TINY_WIDTHS["widths"])
@@ -522,8 +522,8 @@ def test_verify_refuses_a_claimed_random_passport_outside_the_owners_range(v1, p
     """The owner's own passport scaled by 1.5: gamma and beta scale alike, so the signature still decodes; the
     range check refuses it: a T1 passport is drawn from U[-scale, scale] and the owner's record (checkpoint,
     signed manifest) says which scale."""
-    from evaluate.passport_eval import verify_bundle, verify_checkpoint
-    from protect.passport_train import save_passport_file
+    from sealnet.evaluate.passport_eval import verify_bundle, verify_checkpoint
+    from sealnet.protect.passport_train import save_passport_file
 
     secret = load_passport_file(v1["passport_path"])
     assert passport_bundle["manifest"]["passport_type"] == "random"

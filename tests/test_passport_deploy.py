@@ -11,14 +11,14 @@ import torch
 from onnx import numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from enclave_sim import service as enclave_service
-from enclave_sim.passport_params import derive_params, mean_conv_response
-from export import ExportError
-from export.build_engine import build_bundle
-from protect.passport import compute_params, passport_layers
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import PUBLIC_ONNX
+from sealnet.enclave_sim import service as enclave_service
+from sealnet.enclave_sim.passport_params import derive_params, mean_conv_response
+from sealnet.export import ExportError
+from sealnet.export.build_engine import build_bundle
 from sealnet.licenses import issue_license
+from sealnet.protect.passport import compute_params, passport_layers
 from tests.conftest import PASSPORT_MODEL_ID as MODEL_ID
 from tests.conftest import kserve_infer, serving
 
@@ -55,7 +55,7 @@ def test_export_ships_zero_gamma_beta_and_records_the_checks(passport_bundle, pa
 def test_trusted_module_derives_the_same_gamma_beta_as_torch(passport_v1):
     model = passport_v1["ckpt"].build_passport_model()
     want = compute_params(model)
-    from export.split import _layer_spec
+    from sealnet.export.split import _layer_spec
 
     arrays: dict[str, np.ndarray] = {}
     passports = passport_v1["ckpt"].secret["passports"]
@@ -143,8 +143,8 @@ def test_transform_bundle_refuses_passport_params(artefacts, short_tmp):
 
 
 def test_v2_is_not_exported(tmp_path, digits, artefacts):
-    from protect.passport_train import PassportConfig, protect_passport
-    from protect.train import TrainConfig
+    from sealnet.protect.passport_train import PassportConfig, protect_passport
+    from sealnet.protect.train import TrainConfig
     from tests.conftest import PASSPORT_WIDTHS
 
     cfg = TrainConfig(epochs=1, batch_size=64, lr=3e-3, seed=0, progress=False)
@@ -168,8 +168,8 @@ def test_verify_a_deployed_bundle(passport_bundle, passport_v1, tmp_path):
     res = json.loads((tmp_path / "v.json").read_text())
     assert res["signature_match"] and res["accuracy"] == pytest.approx(passport_v1["ckpt"].metrics["valid_acc"])
     assert main([*base, "--signature", "tiny-sih"]) == 1  # one bit off
-    from protect.passport import random_passports
-    from protect.passport_train import load_passport_file, save_passport_file
+    from sealnet.protect.passport import random_passports
+    from sealnet.protect.passport_train import load_passport_file, save_passport_file
 
     secret = load_passport_file(passport_v1["passport_path"])
     model = passport_v1["ckpt"].build_public_model()

@@ -16,15 +16,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from enclave_sim.passport_params import derive_params
-from export.build_engine import build_bundle
-from export.split import _layer_spec
-from protect.models import create_model
-from protect.passport import PassportConv2d, compute_params, passport_layers, random_passports, set_passports
-from protect.passport_train import PassportConfig, default_passport_path, protect_passport
-from protect.train import TrainConfig
 from sealnet.bundle import PUBLIC_ONNX
+from sealnet.enclave_sim.passport_params import derive_params
+from sealnet.export.build_engine import build_bundle
+from sealnet.export.split import _layer_spec
 from sealnet.licenses import issue_license
+from sealnet.protect.models import create_model
+from sealnet.protect.passport import PassportConv2d, compute_params, passport_layers, random_passports, set_passports
+from sealnet.protect.passport_train import PassportConfig, default_passport_path, protect_passport
+from sealnet.protect.train import TrainConfig
 from tests.conftest import PASSPORT_SIGNATURE, kserve_infer, serving
 
 MODEL_ID = "digits-resnet-passport"

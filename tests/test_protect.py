@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from protect.checkpoint import load_checkpoint
-from protect.models import available_models, create_model
-from protect.pipeline import protect_transform
-from protect.train import TrainConfig, accuracy, transform_loss
-from protect.transform import (
+from sealnet.protect.checkpoint import load_checkpoint
+from sealnet.protect.models import available_models, create_model
+from sealnet.protect.pipeline import protect_transform
+from sealnet.protect.train import TrainConfig, accuracy, transform_loss
+from sealnet.protect.transform import (
     FixedPerturbation,
     create_transform,
     transform_to_arrays,
@@ -43,8 +43,8 @@ def test_generator_is_input_dependent_and_bounded():
 
 @pytest.mark.parametrize("variant", ["fixed", "learned", "generator"])
 def test_trusted_module_graph_computes_the_trained_transform(variant):
-    from enclave_sim.payload import pack, unpack
-    from enclave_sim.transform_graph import transform_session
+    from sealnet.enclave_sim.payload import pack, unpack
+    from sealnet.enclave_sim.transform_graph import transform_session
 
     t = create_transform(variant, (1, 8, 8), seed=5).eval()
     if variant == "generator":  # non-trivial weights, so a wrong wiring could not pass by accident

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from protect.backbones import (
+from sealnet.cli.sealed_head import BACKBONES as CLI_BACKBONES
+from sealnet.protect.backbones import (
     BACKBONES,
     backbone_digest,
     build_backbone,
@@ -24,12 +25,11 @@ from protect.backbones import (
     public_digits,
     train_on_public_digits,
 )
-from protect.checkpoint import load_checkpoint, save_checkpoint
-from protect.heads import flops
-from protect.models import create_model
-from protect.sealed_head import SealedHeadConfig, SealedHeadTrainingError, protect_sealed_head
-from protect.train import TrainConfig, train_new_model
-from sealnet.sealed_head_cli import BACKBONES as CLI_BACKBONES
+from sealnet.protect.checkpoint import load_checkpoint, save_checkpoint
+from sealnet.protect.heads import flops
+from sealnet.protect.models import create_model
+from sealnet.protect.sealed_head import SealedHeadConfig, SealedHeadTrainingError, protect_sealed_head
+from sealnet.protect.train import TrainConfig, train_new_model
 
 TINY_BACKBONE = {"widths": [16, 32], "tap_grid": [2, 2]}  # 1x8x8 digits: stage maps 4x4 and 2x2
 HEAD = SealedHeadConfig(hidden=(64,), epochs=30, batch_size=64, lr=3e-3, max_flops_ratio=10.0, attempts=1)

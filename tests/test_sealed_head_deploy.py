@@ -12,14 +12,14 @@ import pytest
 import torch
 from tritonclient.utils import InferenceServerException
 
-from export import ExportError
-from export.build_engine import build_bundle
-from protect.checkpoint import save_checkpoint
-from runtime.enclave_client import EnclaveClient
-from runtime.errors import EnclaveError
 from sealnet.bundle import PUBLIC_ONNX
+from sealnet.export import ExportError
+from sealnet.export.build_engine import build_bundle
 from sealnet.licenses import issue_license
 from sealnet.outputs import OutputPolicy, apply_policy
+from sealnet.protect.checkpoint import save_checkpoint
+from sealnet.runtime.enclave_client import EnclaveClient
+from sealnet.runtime.errors import EnclaveError
 from tests.conftest import SEALED_HEAD_MODEL_ID, kserve_infer, serving
 
 

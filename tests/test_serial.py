@@ -13,14 +13,14 @@ import torch
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from evaluate.serial_eval import deployed_predict, run_serial_eval
-from protect.checkpoint import load_checkpoint
-from protect.models import create_model
-from protect.serial import DSNTargets, DSNTrainingError, protect_dsn, stamp_torch, wrong_patterns
-from protect.train import TrainConfig, accuracy, train_plain
-from protect.watermark import WatermarkConfig, check_watermark, protect_watermark
 from sealnet.ca import CAError, endorse, find_endorsement, init_ca, load_ca_key, load_ca_public_key, load_registry
 from sealnet.cli import main
+from sealnet.evaluate.serial_eval import deployed_predict, run_serial_eval
+from sealnet.protect.checkpoint import load_checkpoint
+from sealnet.protect.models import create_model
+from sealnet.protect.serial import DSNTargets, DSNTrainingError, protect_dsn, stamp_torch, wrong_patterns
+from sealnet.protect.train import TrainConfig, accuracy, train_plain
+from sealnet.protect.watermark import WatermarkConfig, check_watermark, protect_watermark
 from sealnet.serial import (
     SerialError,
     SerialRecord,
@@ -341,7 +341,7 @@ def test_verify_watermark_on_onnx_files_with_the_ca(wm, tmp_path, intruder, caps
 
 
 def test_verify_watermark_over_a_kserve_endpoint(wm):
-    from runtime.server import serve_unprotected
+    from sealnet.runtime.server import serve_unprotected
 
     for name, want in (("wm", 0), ("plain", 1)):  # a suspect's unprotected deployment of each model
         server, service = serve_unprotected(wm["root"] / f"{name}.onnx", "suspect", "127.0.0.1:0")
@@ -387,7 +387,7 @@ def _fresh_owner_key_with_a_distinct_pattern(record: SerialRecord) -> tuple[Ed25
     has 512 patterns, so about 4% of random keys collide, and protect_dsn refuses those before training (tested
     by test_a_pattern_equal_to_another_customers_is_refused_before_training). Returns the key, the keys skipped
     and the nearest other pattern's distance in bits."""
-    from protect.serial import other_customer_specs
+    from sealnet.protect.serial import other_customer_specs
 
     skipped = 0
     while True:

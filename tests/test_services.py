@@ -14,11 +14,11 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from tritonclient.utils import InferenceServerException
 
-from runtime import server as runtime_server
-from runtime.enclave_client import EnclaveClient
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.evidence import EMBEDDED_QUOTE_CONTEXT
 from sealnet.licenses import issue_license
+from sealnet.runtime import server as runtime_server
+from sealnet.runtime.enclave_client import EnclaveClient
 from tests.conftest import MODEL_ID, kserve_infer, serving
 
 

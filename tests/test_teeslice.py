@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from attacks.base import BUDGETS, Target
-from attacks.registry import get_attack
-from attacks.teeslice import copy_accuracies
+from sealnet.attacks.base import BUDGETS, Target
+from sealnet.attacks.registry import get_attack
+from sealnet.attacks.teeslice import copy_accuracies
 from sealnet.licenses import issue_license
 from tests.conftest import MODEL_ID, SEALED_HEAD_MODEL_ID, serving
 

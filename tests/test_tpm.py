@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from enclave_sim.keystore import EmbeddedKeystore, Keystore, KeystoreError, init_keystore
-from enclave_sim.keystore_spec import KeystoreSpec
-from enclave_sim.swtpm import SwtpmProcess, swtpm_unavailable
+from sealnet.enclave_sim.keystore import EmbeddedKeystore, Keystore, KeystoreError, init_keystore
+from sealnet.enclave_sim.keystore_spec import KeystoreSpec
+from sealnet.enclave_sim.swtpm import SwtpmProcess, swtpm_unavailable
 from sealnet.evidence import Evidence, EvidenceError, Measurement, chain_of, verify_tpm_quote
 
 _REASON = swtpm_unavailable()
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key  # 
 from tpm2_pytss import ESAPI  # noqa: E402
 from tpm2_pytss.constants import TPM2_CAP, TPM2_HT  # noqa: E402
 
-from enclave_sim.tpm import MAGIC, TpmKeystore  # noqa: E402
+from sealnet.enclave_sim.tpm import MAGIC, TpmKeystore  # noqa: E402
 
 MEASURED = [Measurement("code:a.py", b"\x01" * 32), Measurement("bundle:manifest", b"\x02" * 32)]
 CHANGED = MEASURED[:1] + [Measurement("bundle:manifest", b"\x03" * 32)]
@@ -177,7 +177,7 @@ def test_swtpm_refuses_an_open_state_dir_and_a_busy_port(tmp_path):
 def test_unreachable_tpm_is_a_clear_error():
     with SwtpmProcess() as tpm:
         tcti = tpm.tcti
-    with pytest.raises(KeystoreError, match="cannot open the TPM.*python -m enclave_sim.swtpm"):
+    with pytest.raises(KeystoreError, match="cannot open the TPM.*python -m sealnet.enclave_sim.swtpm"):
         TpmKeystore(tcti)
 
 

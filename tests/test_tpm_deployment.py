@@ -7,20 +7,20 @@ import json
 import numpy as np
 import pytest
 
-from enclave_sim.swtpm import SwtpmProcess, swtpm_unavailable
+from sealnet.enclave_sim.swtpm import SwtpmProcess, swtpm_unavailable
 
 reason = swtpm_unavailable()
 if reason:
     pytest.skip(f"TPM backend not testable here: {reason}", allow_module_level=True)
 
-from enclave_sim import service as enclave_service  # noqa: E402
-from enclave_sim.keystore import KeystoreError  # noqa: E402
-from enclave_sim.keystore_spec import KeystoreSpec  # noqa: E402
-from export.build_engine import build_bundle  # noqa: E402
-from runtime import server as runtime_server  # noqa: E402
-from runtime.enclave_client import EnclaveClient  # noqa: E402
 from sealnet.bundle import MANIFEST, load_bundle, sign_manifest  # noqa: E402
+from sealnet.enclave_sim import service as enclave_service  # noqa: E402
+from sealnet.enclave_sim.keystore import KeystoreError  # noqa: E402
+from sealnet.enclave_sim.keystore_spec import KeystoreSpec  # noqa: E402
+from sealnet.export.build_engine import build_bundle  # noqa: E402
 from sealnet.licenses import issue_license  # noqa: E402
+from sealnet.runtime import server as runtime_server  # noqa: E402
+from sealnet.runtime.enclave_client import EnclaveClient  # noqa: E402
 
 
 @pytest.fixture(scope="module")

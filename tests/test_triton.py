@@ -23,15 +23,15 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from enclave_sim import service as enclave_service
-from enclave_sim.policy import PolicyConfig
-from runtime import server as runtime_server
-from runtime.errors import EnclaveError, RequestError
-from runtime.triton.protocol import client_identity, credentials, refusal_reason
-from runtime.triton.repo import RepoOptions, protected_config, write_repository
-from runtime.triton.server import TritonServer, triton_unavailable_reason
+from sealnet.enclave_sim import service as enclave_service
+from sealnet.enclave_sim.policy import PolicyConfig
 from sealnet.licenses import issue_license
 from sealnet.processes import free_port, sealnet_command
+from sealnet.runtime import server as runtime_server
+from sealnet.runtime.errors import EnclaveError, RequestError
+from sealnet.runtime.triton.protocol import client_identity, credentials, refusal_reason
+from sealnet.runtime.triton.repo import RepoOptions, protected_config, write_repository
+from sealnet.runtime.triton.server import TritonServer, triton_unavailable_reason
 from tests.conftest import DSN_MODEL_ID, MODEL_ID, PASSPORT_MODEL_ID, SEALED_HEAD_MODEL_ID
 
 MAX_FAILURES = 3  # the transform module's lockout threshold here (per end client)
@@ -46,7 +46,7 @@ def test_repository_has_the_protected_model_and_the_public_network_for_every_bac
     assert 'backend: "python"' in protected and "max_queue_delay_microseconds: 200" in protected
     assert f'string_value: "bls:{MODEL_ID}-public"' in protected
     assert (tmp_path / MODEL_ID / "bundle" / "manifest.json").is_file()
-    assert "runtime.triton.backend" in (tmp_path / MODEL_ID / "1" / "model.py").read_text()
+    assert "sealnet.runtime.triton.backend" in (tmp_path / MODEL_ID / "1" / "model.py").read_text()
     public = tmp_path / f"{MODEL_ID}-public"
     assert 'backend: "python"' in (public / "config.pbtxt").read_text()
     assert 'platform: "onnxruntime_onnx"' in (public / "configs" / "onnxruntime.pbtxt").read_text()

@@ -1,0 +1,262 @@
+"""`sealnet demo`: the whole data path on the embedded data, from nothing, in a few minutes.
+
+owner: train baseline + protected model, keygen, license -> integrator: keystore, export -> edge: trusted module
++ KServe endpoint as child processes -> client queries; pirate runs public.onnx. `--method transform` (default)
+protects with the Generator transform; `--method sealed-head` puts a sealed head behind a public backbone and
+also measures stealing and the insider against black-box access (TEESlice protocol).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from sealnet.attacks.direct_piracy import direct_piracy_accuracy
+from sealnet.data import mnist_embedded
+from sealnet.enclave_sim.keystore import init_keystore
+from sealnet.enclave_sim.keystore_spec import KeystoreSpec
+from sealnet.export.build_engine import build_bundle
+from sealnet.licenses import issue_license, load_owner_key, write_owner_key
+from sealnet.processes import DEMO_MODEL_ID as MODEL_ID
+from sealnet.processes import SEALED_HEAD_DEMO_MODEL_ID, free_port, sealnet_command, start_logged, stop_all
+from sealnet.protect.pipeline import protect_transform
+from sealnet.protect.train import TrainConfig
+from sealnet.runtime.client import InferenceClient
+
+
+def _step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def _print_table(title: str, column: str, rows: list[tuple[str, str]], rule: int) -> None:
+    """Two aligned columns under a title (`rule` dashes under the second): what each demo run, and the summary
+    over seeds, prints."""
+    width = max(len(title), *(len(name) for name, _ in rows))
+    print(f"\n{title:<{width}}  {column}\n{'-' * width}  {'-' * rule}")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def _write_json(path: Path | None, obj: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _query(
+    client: InferenceClient, x: np.ndarray, token: str | None, batch: int = 100
+) -> tuple[np.ndarray | None, str]:
+    """Predictions and 'OK', or (None, status name) when the server refuses; behind Triton, whose codes lack
+    sealnet's, the status is the first word of the message."""
+    try:
+        preds = [client.predict_labels(x[i : i + batch], token) for i in range(0, len(x), batch)]
+    except grpc.RpcError as exc:
+        first = (exc.details() or "").split(":", 1)[0]
+        return None, first if first in grpc.StatusCode.__members__ else exc.code().name
+    return np.concatenate(preds), "OK"
+
+
+def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, seed: int = 0,
+             keystore: str = "embedded", method: str = "transform", engine: str = "python") -> int:
+    workdir = Path(workdir)
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    (workdir / "logs").mkdir(parents=True)
+    # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so the services the demo started are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    with contextlib.ExitStack() as stack:
+        if keystore == "tpm":
+            from sealnet.enclave_sim.swtpm import SwtpmProcess, swtpm_unavailable
+
+            if reason := swtpm_unavailable():
+                print(f"error: --keystore tpm needs a software TPM: {reason}", file=sys.stderr)
+                return 2
+            tpm = stack.enter_context(SwtpmProcess(workdir / "swtpm"))
+            print(f"software TPM (swtpm) on {tpm.tcti}")
+            spec = KeystoreSpec("tpm", tcti=tpm.tcti)
+            enclave_keystore_args = ["--keystore", "tpm", "--tpm", tpm.tcti]
+        else:
+            spec = KeystoreSpec("embedded", workdir / "keystore")
+            enclave_keystore_args = ["--keystore-dir", str(workdir / "keystore")]
+        return _run(workdir, spec, enclave_keystore_args, epochs=epochs, json_path=json_path, seed=seed,
+                    method=method, engine=engine)
+
+
+def run_demo_seeds(workdir: Path, seeds: int, *, seed: int = 0, json_path: Path | None = None,
+                   **kwargs) -> int:
+    """The demo `seeds` times (training seeds SEED, SEED+1, ...; a fresh owner key and keystore each run), then
+    mean and min/max of every number: one training run is an anecdote. 0 only if every run succeeded."""
+    from sealnet.evaluate.multiseed import flatten, spread, summarize
+
+    workdir = Path(workdir)
+    codes, runs = [], []
+    for i in range(seeds):
+        _step(f"run {i + 1}/{seeds}: training seed {seed + i}")
+        run_json = workdir / f"seed-{i}" / "demo.json"
+        codes.append(run_demo(workdir / f"seed-{i}", seed=seed + i, json_path=run_json, **kwargs))
+        if run_json.exists():
+            runs.append(json.loads(run_json.read_text()))
+    summary = summarize([flatten(r) for r in runs])
+    report = {"seeds": seeds, "first_seed": seed, "runs_succeeded": codes.count(0), "summary": summary,
+              "runs": runs}
+    title = f"sealnet demo over {seeds} seeds"
+    rows = [(label, spread(summary[k], percent=k.endswith("_acc"), digits=0 if k == "seconds" else 3))
+            for k, label in SEED_ROWS if k in summary]
+    _print_table(title, "mean [min, max]", rows, rule=24)
+    print(f"{codes.count(0)}/{seeds} runs succeeded; one run per {workdir}/seed-i/")
+    _write_json(json_path, report)
+    return 0 if codes and all(c == 0 for c in codes) else 1
+
+
+# The numbers `run_demo_seeds` summarises (when a run reports them), in table order.
+SEED_ROWS = (("baseline_acc", "baseline (unprotected CNN, torch)"),
+             ("authorized_acc", "authorized: gRPC + license + trusted module"),
+             ("pirate_raw_acc", "pirate: public.onnx on raw inputs"),
+             ("stealing_ratio_1pct", "thief with 1% of the labels / black-box"),
+             ("stealing_ratio_10pct", "thief with 10% of the labels / black-box"),
+             ("insider_ratio", "insider (module queries) / black-box"), ("seconds", "seconds"))
+
+
+def _protect(method: str, data, workdir: Path, epochs: int, seed: int) -> tuple[str, dict]:
+    """Train the protected model into workdir/protected.pt: (model id, training metrics)."""
+    if method == "transform":
+        _step("owner: train the baseline and the Generator-protected model on the embedded MNIST subset")
+        ckpt = protect_transform(data, "generator", workdir / "protected.pt", TrainConfig(epochs=epochs, seed=seed))
+        return MODEL_ID, ckpt.metrics
+    from sealnet.protect.sealed_head import protect_demo_sealed_head
+
+    _step("owner: a public backbone trained only on public data (scikit-learn's 8x8 digits, upscaled), then the "
+          "baseline and the sealed head on the frozen backbone's taps (embedded MNIST)")
+    ckpt = protect_demo_sealed_head(data, workdir, epochs=epochs, seed=seed)
+    return SEALED_HEAD_DEMO_MODEL_ID, ckpt.metrics
+
+
+def _stealing(bundle: Path, server_addr: str, enclave_addr: str, token: str, seed: int) -> dict:
+    """TEESlice protocol against the running deployment: thief and insider, each relative to black-box."""
+    from sealnet.attacks.base import BUDGETS, Target
+    from sealnet.attacks.teeslice import insider_imitation, teeslice_stealing
+
+    target = Target(bundle, endpoint=server_addr, enclave=enclave_addr, license=token, seed=seed)
+    out = bundle.parent / "report"
+    out.mkdir(exist_ok=True)
+    steal = teeslice_stealing(target, BUDGETS["small"], out).details["rows"]
+    insider = insider_imitation(target, BUDGETS["small"], out)
+    by_fraction = {round(r["fraction"], 4): r for r in steal}
+    return {"stealing_ratio_1pct": by_fraction[0.01]["ratio"], "stealing_ratio_10pct": by_fraction[0.1]["ratio"],
+            "stealing": steal, "insider_ratio": next(m.value for m in insider.metrics if m.name == "insider_ratio"),
+            "insider": insider.details}
+
+
+def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *, epochs: int,
+         json_path: Path | None, seed: int, method: str, engine: str = "python") -> int:
+    started = time.perf_counter()
+    data = mnist_embedded(seed=0)
+    model_id, metrics = _protect(method, data, workdir, epochs, seed)
+    owner_key, _ = write_owner_key(workdir / "owner.key")
+    signer = load_owner_key(owner_key)
+    license_ok = issue_license(signer, customer_id="acme", model_id=model_id, serial_number="SN-0001",
+                               valid_seconds=3600)
+    license_other = issue_license(signer, customer_id="acme", model_id="another-model", serial_number="SN-0002",
+                                  valid_seconds=3600)
+
+    _step(f"integrator: set up the trusted module's keystore ({spec.backend}) and export the bundle")
+    if spec.backend == "embedded":
+        init_keystore(spec.directory)
+    manifest = build_bundle(workdir / "protected.pt", workdir / "bundle", owner_key=owner_key, keystore=spec,
+                            model_id=model_id)
+
+    _step("edge host: start the trusted module (Unix socket) and the KServe v2 endpoint (loopback TCP)")
+    enclave_addr = f"unix:{(workdir / 'enclave.sock').resolve()}"
+    server_addr = f"127.0.0.1:{free_port()}"
+    http_addr, metrics_url, engine_args = "", "", []
+    if engine == "triton":
+        http_addr, metrics_port = f"127.0.0.1:{free_port()}", free_port()
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        engine_args = ["--engine", "triton", "--http-port", http_addr.rsplit(":", 1)[1], "--metrics-port",
+                       str(metrics_port), "--triton-log", str(workdir / "logs" / "tritonserver.log")]
+    procs = [
+        start_logged(sealnet_command("enclave", "--bundle", str(workdir / "bundle"), *enclave_keystore_args,
+                                     "--listen", enclave_addr, "--state-dir", str(workdir / "state"),
+                                     "--audit-log", str(workdir / "logs" / "audit.jsonl")),
+                     workdir / "logs" / "enclave.log"),
+        start_logged(sealnet_command("serve", "--bundle", str(workdir / "bundle"), "--enclave", enclave_addr,
+                                     "--listen", server_addr, *engine_args), workdir / "logs" / "runtime.log"),
+    ]
+    client = InferenceClient(server_addr, model_id)
+    extra: dict = {}
+    try:
+        try:
+            client.wait_ready(timeout=60)
+        except TimeoutError:
+            for proc, name in zip(procs, ("enclave", "runtime"), strict=True):
+                if proc.poll() is not None:
+                    print(f"{name} exited ({proc.returncode}); see {workdir / 'logs' / (name + '.log')}")
+            raise
+        print(f"ready: {server_addr} -> {enclave_addr}")
+        _step("edge client: query the test split over gRPC")
+        preds, status_ok = _query(client, data.x_test, license_ok)
+        _, status_none = _query(client, data.x_test[:8], None)
+        _, status_other = _query(client, data.x_test[:8], license_other)
+        if engine == "triton":
+            from sealnet.runtime.triton.probe import http_infer, metric_families
+
+            triton = {"http_status": http_infer(http_addr, model_id, data.x_test[:8], license_ok)[0],
+                      "metrics": metric_families(metrics_url)}
+        if method == "sealed-head":
+            _step("thief and insider against black-box access (TEESlice protocol; trains small copies)")
+            extra = _stealing(workdir / "bundle", server_addr, enclave_addr, license_ok, seed)
+    finally:
+        client.close()
+        stop_all(procs)
+
+    _step("pirate: run the copied public.onnx on raw inputs")
+    pirate = direct_piracy_accuracy(workdir / "bundle", data.x_test, data.y_test)
+
+    authorized = float((preds == data.y_test).mean()) if preds is not None else float("nan")
+    result = {
+        "method": method,
+        "baseline_acc": metrics["baseline_acc"],
+        "authorized_acc": authorized,
+        "authorized_torch_acc": metrics["authorized_acc"],
+        "pirate_raw_acc": pirate,
+        "licensed_status": status_ok,
+        "no_license_status": status_none,
+        "wrong_license_status": status_other,
+        "onnx_max_abs_diff": manifest["checks"]["onnx_max_abs_diff"],
+        "test_items": int(len(data.y_test)),
+        **extra,
+        "seconds": round(time.perf_counter() - started, 1),
+        "engine": engine,
+        **(triton if engine == "triton" else {}),
+    }
+    rows = [
+        ("baseline (unprotected CNN, torch)", f"{result['baseline_acc']:.2%}"),
+        ("authorized: gRPC + license + trusted module", f"{authorized:.2%}" if preds is not None else status_ok),
+        ("pirate: public.onnx on raw inputs", f"{pirate:.2%}"),
+        ("no license", f"rejected: {status_none}"),
+        ("license for another model", f"rejected: {status_other}"),
+    ]
+    if engine == "triton":
+        rows += [("Triton HTTP, licensed", f"HTTP {result['http_status']}"),
+                 ("Triton metrics families (nv_*, sealnet_*)", str(len(result["metrics"])))]
+    if extra:
+        rows += [(f"thief with {p} of the labels / black-box", f"{extra[f'stealing_ratio_{k}']:.3f}x")
+                 for p, k in (("1%", "1pct"), ("10%", "10pct"))]
+        rows.append(("insider (module queries) / black-box", f"{extra['insider_ratio']:.3f}x"))
+    _print_table("sealnet demo (1,000 test images)", "result", rows, rule=16)
+    print(f"\nfinished in {result['seconds']} s; artefacts in {workdir}/")
+    _write_json(json_path, result)
+    ok = status_ok == "OK" and status_none != "OK" and status_other != "OK"
+    ok = ok and (engine != "triton" or result["http_status"] == 200)
+    if extra:
+        print("\n(ratios: accuracy of the best copy / accuracy of the best black-box copy; <= 1.05 means a copy is "
+              f"worth no more than query access; plots in {workdir / 'report'}/)")
+    return 0 if ok else 1

@@ -1,0 +1,1 @@
+"""One way to start a deployment: export, trusted module and endpoint, in this process or as processes."""
