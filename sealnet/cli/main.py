@@ -111,8 +111,8 @@ def cmd_keystore_init(args: argparse.Namespace) -> int:
 
 # -- services --------------------------------------------------------------------------------------------
 def exec_enclave(argv: list[str]) -> None:
-    """Replace this process by the trusted module's own entry (`python -m sealnet.enclave_sim`), so that the module's
-    process imports only its measured code (see enclave_sim/__main__.py for the interpreter flags)."""
+    """Replace this process by the trusted module's own entry (`python -m sealnet.enclave_sim`), so that the
+    module's process imports only its measured code (see enclave_sim/__main__.py for the interpreter flags)."""
     from sealnet.enclave_sim import default_state_dir
 
     parser = argparse.ArgumentParser(add_help=False)
@@ -121,7 +121,8 @@ def exec_enclave(argv: list[str]) -> None:
     pycache = (state_dir or default_state_dir()) / "pycache"
     pycache.mkdir(parents=True, exist_ok=True, mode=0o700)
     sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, "-P", "-X", f"pycache_prefix={pycache}", "-m", "enclave_sim", *argv])
+    os.execv(sys.executable,
+             [sys.executable, "-P", "-X", f"pycache_prefix={pycache}", "-m", "sealnet.enclave_sim", *argv])
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
