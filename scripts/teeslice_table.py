@@ -25,10 +25,12 @@ sys.path.insert(0, str(ROOT))
 
 from sealnet.attacks.base import BUDGETS, Target  # noqa: E402
 from sealnet.attacks.plots import grouped_bars  # noqa: E402
+from sealnet.attacks.registry import get_attack  # noqa: E402
 from sealnet.attacks.teeslice import insider_imitation, teeslice_stealing  # noqa: E402
-from sealnet.deployment.local import local_deployment  # noqa: E402
+from sealnet.deployment import LocalDeployment  # noqa: E402
+from sealnet.protect.methods import exportable, get_method  # noqa: E402
 
-METHODS = ("transform", "passport", "dsn", "sealed-head")
+METHODS = tuple(exportable())
 
 
 def _sealnet(*args: str) -> None:
@@ -36,21 +38,10 @@ def _sealnet(*args: str) -> None:
 
 
 def protect(method: str, seed: int, work: Path) -> Path:
-    """The checkpoint of `method` made with the documented command and this seed."""
+    """The checkpoint of `method` made with its documented commands and this seed."""
     out = work / f"{method}.pt"
-    common = ["--seed", str(seed), "--out", str(out)]
-    if method == "transform":
-        _sealnet("protect", "--method", "transform", "--variant", "generator", *common)
-    elif method == "passport":
-        _sealnet("protect", "--method", "passport", "--scheme", "v1", *common)
-    elif method == "dsn":
-        if not (work / "dsn-owner.key").exists():
-            _sealnet("license", "keygen", str(work / "dsn-owner.key"))
-        _sealnet("protect", "--method", "dsn", "--owner-key", str(work / "dsn-owner.key"), "--company", "sealnet demo",
-                 "--customer", "acme", "--model-id", "mnist-dsn", *common)
-    else:
-        _sealnet("backbone", "make", "--source", "digits", "--seed", str(seed), "--out", str(work / "backbone.pt"))
-        _sealnet("protect", "--method", "sealed-head", "--backbone-weights", str(work / "backbone.pt"), *common)
+    for args in get_method(method).example_commands(work, seed, out):
+        _sealnet(*args)
     return out
 
 
@@ -58,17 +49,17 @@ def measure(method: str, seed: int, work: Path) -> dict:
     ckpt = protect(method, seed, work)
     deploy = work / f"{method}-deploy"
     shutil.rmtree(deploy, ignore_errors=True)  # a row measured again gets a fresh owner key and keystore
-    with local_deployment(ckpt, workdir=deploy) as dep:
+    with LocalDeployment.export(ckpt, deploy) as dep:
         manifest = dep.manifest
-        token = (dep.license(manifest["customer_id"], manifest["serial_number"]) if method == "dsn"
-                 else dep.license())
+        fields = get_method(method).license_fields(manifest)
+        token = dep.license(fields["customer_id"], fields["serial_number"]) if fields else dep.license()
         target = Target(dep.bundle, endpoint=dep.endpoint, enclave=dep.enclave, license=token, seed=seed)
         report = work / f"{method}-report"
         report.mkdir(exist_ok=True)
         row = {"method": method, "seed": seed, "authorized_acc": dep.accuracy(target.data.x_test, target.data.y_test,
                                                                                 token),
                "stealing": teeslice_stealing(target, BUDGETS["small"], report).details["rows"]}
-        if method == "sealed-head":
+        if get_attack("insider-imitation").applies_to(method):
             insider = insider_imitation(target, BUDGETS["small"], report)
             row["insider_ratio"] = next(m.value for m in insider.metrics if m.name == "insider_ratio")
             row["insider"] = insider.details

@@ -18,9 +18,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sealnet.canonical import canonical_json
+from sealnet.errors import InvalidArgument
 from sealnet.licenses import public_from_raw, public_raw
 
-FORMAT = "sealnet-bundle/1"
+FORMAT = "sealnet-bundle/2"  # /2: the manifest names its module step
 MANIFEST = "manifest.json"
 PUBLIC_ONNX = "public.onnx"
 SECRETS = "secrets.sealed"
@@ -29,8 +30,15 @@ _SIGNING_CONTEXT = b"sealnet-manifest-v1\x00"
 # Manifest sections that depend on the measurement itself, so they are signed but not measured.
 UNMEASURED = ("sealed", "attestation", "signature")
 
+# What the trusted module does for a bundle (manifest field `module_step`), by data call of proto/enclave.proto.
+# The runtime's order follows from it, so neither the runtime nor Triton's repository needs the method's name.
+PREPROCESS = "preprocess"  # raw -> module (Preprocess) -> public network: input transform, DSN stamp
+PARAMS = "params"  # module (PassportParams) gives the public network its parameters; it then runs on raw inputs
+CLASSIFY = "classify"  # raw -> public network -> features -> module (Classify) -> answer: sealed head
+MODULE_STEPS = (PREPROCESS, PARAMS, CLASSIFY)
 
-class BundleError(Exception):
+
+class BundleError(InvalidArgument):
     """The bundle is incomplete, tampered with, or not signed by its owner key."""
 
 
@@ -74,6 +82,11 @@ class Bundle:
     def owner_public_key(self) -> Ed25519PublicKey:
         return public_from_raw(base64.b64decode(self.manifest["owner_public_key"]))
 
+    def require_method(self, method: str) -> None:
+        """For code that applies to one method's bundles: a clear error for any other."""
+        if self.manifest["method"] != method:
+            raise BundleError(f"{self.directory}: a {self.manifest['method']!r} bundle, not a {method!r} bundle")
+
     def path(self, name: str) -> Path:
         return self.directory / name
 
@@ -93,7 +106,11 @@ def load_bundle(directory: Path, *, expected_owner: Ed25519PublicKey | None = No
     except ValueError as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{path}: not a {FORMAT} manifest")
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        hint = "; re-export it with this version's `sealnet export`" if str(found).startswith("sealnet-bundle/") else ""
+        raise BundleError(f"{path}: not a {FORMAT} manifest (format {found!r}){hint}")
+    if manifest.get("module_step") not in MODULE_STEPS:
+        raise BundleError(f"{path}: module_step must be one of {', '.join(MODULE_STEPS)}")
     try:
         owner = public_from_raw(base64.b64decode(manifest["owner_public_key"], validate=True))
         signature = base64.b64decode(manifest["signature"], validate=True)

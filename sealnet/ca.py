@@ -20,15 +20,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sealnet.canonical import canonical_json
+from sealnet.errors import InvalidArgument
 from sealnet.licenses import key_id, public_raw, read_private_key, write_key_pair
-from sealnet.serial import verify_claim
+from sealnet.serial import DSN_CLAIM, WATERMARK_CLAIM, verify_claim
 
 REGISTRY_FORMAT = "sealnet-ca-registry/1"
 _REGISTRY_CONTEXT = b"sealnet-ca-registry-v1\x00"
 CA_KEY, CA_PUB, REGISTRY = "ca.key", "ca.pub", "registry.json"
 
 
-class CAError(ValueError):
+class CAError(InvalidArgument, ValueError):
     """A CA key, registry or endorsement request is wrong; the message names the file or field."""
 
 
@@ -112,7 +113,7 @@ def load_registry(path: Path, ca_public_key: Ed25519PublicKey) -> dict[str, Any]
 
 def _serial_of(claim: dict[str, Any]) -> tuple[str, Any]:
     """What makes a serial number unique: the commitment (dsn) or the vector (watermark)."""
-    return (claim["kind"], claim["commitment"] if claim["kind"] == "dsn" else tuple(claim["serial"]))
+    return (claim["kind"], claim["commitment"] if claim["kind"] == DSN_CLAIM else tuple(claim["serial"]))
 
 
 def endorse(registry_path: Path, ca_key: Ed25519PrivateKey, claim: dict[str, Any], *,
@@ -158,7 +159,8 @@ def find_endorsement(registry: dict[str, Any], *, kind: str, owner_public_key: E
             continue
         if claim is not None and c != claim:
             continue
-        if serial is not None and (kind != "watermark" or [float(v) for v in c["serial"]] != list(map(float, serial))):
+        if serial is not None and (kind != WATERMARK_CLAIM
+                                   or [float(v) for v in c["serial"]] != list(map(float, serial))):
             continue
         if owner_hex is not None and c["owner_public_key"] != owner_hex:
             continue

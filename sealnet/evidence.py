@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from sealnet.errors import Unauthenticated
+
 EMBEDDED_FORMAT = "sealnet-ed25519-v1"
 EMBEDDED_QUOTE_CONTEXT = b"sealnet-attest-v1\x00"
 TPM_QUOTE_FORMAT = "tpm2-quote-v1"
@@ -24,7 +26,7 @@ BACKEND_OF_FORMAT = {EMBEDDED_FORMAT: "embedded", TPM_QUOTE_FORMAT: "tpm"}
 MANIFEST_MEASUREMENT = "bundle:manifest"  # the name the bundle manifest's core digest is measured under
 
 
-class EvidenceError(Exception):
+class EvidenceError(Unauthenticated):
     """The evidence does not prove what it claims (signature, nonce, chain or format); the message says which."""
 
 

@@ -20,13 +20,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sealnet.canonical import canonical_json
+from sealnet.errors import PermissionDenied
 
 TOKEN_PREFIX = "sn1"
 _SIGNING_CONTEXT = b"sealnet-license-v1\x00"
 MAX_TOKEN_CHARS = 4096
 
 
-class LicenseError(Exception):
+class LicenseError(PermissionDenied):
     """A license was malformed, forged, expired or issued for something else; the message says which.
 
     `license_id` is set only when the owner's signature verified (expired, other model, ...): then the id is

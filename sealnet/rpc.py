@@ -1,18 +1,23 @@
 """gRPC plumbing shared by the trusted module and the runtime: the protocol's constants (defined here only),
 servicer registration so that unparseable request bytes get INVALID_ARGUMENT naming the message (instead of
 gRPC's INTERNAL / UNKNOWN with a parser exception's text), `clip` (the one way a client-supplied string is
-echoed in an error message), and serving until a signal."""
+echoed in an error message), the error interceptors both servers install (a SealnetError becomes its status, any
+other exception INTERNAL with a generic message), and serving until a signal."""
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import signal
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import grpc
+
+from sealnet.errors import SealnetError
 
 LICENSE_METADATA = "sealnet-license"  # request metadata key of an end client's license (KServe endpoint)
 CLIENT_METADATA = "sealnet-client"  # the end client's identity, forwarded by the runtime to the trusted module
@@ -28,6 +33,77 @@ def clip(text: str, limit: int = ECHO_LIMIT) -> str:
     if len(text) <= limit:
         return repr(text)
     return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+MESSAGE_LIMIT = 4096  # characters of a status message (a SealnetError's text): metadata, as above
+INTERNAL_MESSAGE = "internal error in {method}; the server's log names the cause"
+log = logging.getLogger("sealnet.rpc")
+
+
+def clip_message(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """A whole status message cut to `limit` characters, saying how long it was (as `clip`, without the repr:
+    the message is sealnet's own text)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _log_internal(method: str, exc: BaseException) -> None:
+    """A handler's unexpected exception, logged without its text (which may hold a secret or a client's
+    bytes): the type and where it was raised, enough to find the bug."""
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" at {frame.filename}:{frame.lineno} in {frame.name}" if frame else ""
+    log.error("%s failed: %s%s", method, type(exc).__name__, where)
+
+
+def _errors_to_status(behavior: Callable, method: str) -> Callable:
+    """A unary handler that answers a SealnetError with its status and message and any other exception with
+    INTERNAL and a generic message; an abort the handler made itself passes through."""
+    if inspect.iscoroutinefunction(behavior):
+        async def mapped_async(request, context):
+            try:
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except SealnetError as exc:
+                await context.abort(exc.status, clip_message(str(exc)))
+            except Exception as exc:
+                _log_internal(method, exc)
+                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(method=method))
+
+        return mapped_async
+
+    def mapped(request, context):
+        try:
+            return behavior(request, context)
+        except SealnetError as exc:
+            context.abort(exc.status, clip_message(str(exc)))
+        except Exception as exc:
+            if context.code() is not None:  # the handler aborted (grpc raises a bare Exception): keep its status
+                raise
+            _log_internal(method, exc)
+            context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE.format(method=method))
+
+    return mapped
+
+
+def _with_error_mapping(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler | None:
+    if handler is None or handler.unary_unary is None:  # streaming handlers (health's Watch) are grpc's own
+        return handler
+    return handler._replace(unary_unary=_errors_to_status(handler.unary_unary, method))
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """For grpc.server (the trusted module): handlers raise SealnetError instead of calling context.abort, and
+    no exception text but a SealnetError's reaches a client."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        return _with_error_mapping(continuation(handler_call_details), handler_call_details.method)
+
+
+class AsyncErrorInterceptor(grpc.aio.ServerInterceptor):
+    """The same for grpc.aio.server (the KServe endpoint)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        return _with_error_mapping(await continuation(handler_call_details), handler_call_details.method)
 
 
 class _Capture:

@@ -35,7 +35,8 @@ from sealnet.stamp import SerialError
 
 CLAIM_FORMAT = "sealnet-serial/1"
 TRIGGER_FORMAT = "sealnet-trigger/1"
-KINDS = ("dsn", "watermark")
+DSN_CLAIM, WATERMARK_CLAIM = "dsn", "watermark"  # a claim's kind: what the serial number is carried by
+KINDS = (DSN_CLAIM, WATERMARK_CLAIM)
 _RECORD_CONTEXT = b"sealnet-serial-record-v1\x00"
 _CLAIM_CONTEXT = b"sealnet-serial-claim-v1\x00"
 _COMMIT_CONTEXT = b"sealnet-dsn-commitment-v1\x00"
@@ -200,7 +201,7 @@ def make_claim(owner_key: Ed25519PrivateKey, kind: str, record: SerialRecord, si
     pub = owner_key.public_key()
     claim: dict[str, Any] = {"format": CLAIM_FORMAT, "kind": kind, "owner_public_key": public_raw(pub).hex(),
                              "owner_key_id": key_id(pub), "record": record.to_dict()}
-    if kind == "dsn":
+    if kind == DSN_CLAIM:
         if pattern_size is None:
             raise SerialError("a dsn claim needs pattern_size")
         claim |= {"commitment": commitment(signature), "pattern_size": [int(pattern_size[0]), int(pattern_size[1])]}
@@ -239,7 +240,7 @@ def verify_claim(claim: Any) -> Ed25519PublicKey:
         pub.verify(_hex_field(claim, "request_signature"), _claim_payload(claim))
     except InvalidSignature:
         raise SerialError("claim field request_signature: not signed by owner_public_key (tampered claim?)") from None
-    if kind == "dsn":
+    if kind == DSN_CLAIM:
         _hex_field(claim, "commitment")
     else:
         signature = _hex_field(claim, "record_signature")
@@ -318,7 +319,7 @@ def load_trigger_file(path: Path) -> TriggerFile:
     if meta.get("format") != TRIGGER_FORMAT:
         raise SerialError(f"{path}: not a {TRIGGER_FORMAT} file")
     claim = meta["claim"]
-    if claim.get("kind") != "watermark":
+    if claim.get("kind") != WATERMARK_CLAIM:
         raise SerialError(f"{path}: the claim inside is not a watermark claim")
     if trigger_digest(trigger) != claim.get("trigger_sha256"):
         raise SerialError(f"{path}: trigger set does not match the claim's trigger_sha256")

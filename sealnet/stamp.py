@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 
+from sealnet.errors import InvalidArgument
+
 REFERENCE_SIZE = 28  # the stamp is 1 pixel per bit at 28x28 (the DSN paper's MNIST) and scales up from there
 
 
-class SerialError(ValueError):
+class SerialError(InvalidArgument, ValueError):
     """A serial record, claim, pattern or trigger file is malformed or does not verify; the message says which."""
 
 

@@ -148,24 +148,19 @@ def bundle_copy(tmp_path, artefacts):
 
 @contextlib.contextmanager
 def serving(bundle: Path, keystore, sock_dir: Path) -> Iterator[dict]:
-    """The trusted module on a Unix socket in `sock_dir` and the runtime on loopback TCP for `bundle`, with a
-    stock tritonclient; everything is stopped on exit."""
+    """The trusted module on a Unix socket in `sock_dir` and the runtime on loopback TCP for `bundle` (a
+    LocalDeployment in this process), with a stock tritonclient; everything is stopped on exit."""
     import tritonclient.grpc as triton
 
-    from sealnet.enclave_sim import service as enclave_service
-    from sealnet.runtime import server as runtime_server
+    from sealnet.deployment import LocalDeployment
 
-    enclave_addr = f"unix:{sock_dir / 'enclave.sock'}"
-    enclave, module = enclave_service.serve(bundle, enclave_addr, keystore)
-    server, service = runtime_server.serve(bundle, "127.0.0.1:0", enclave_addr)
-    client = triton.InferenceServerClient(url=f"127.0.0.1:{service.port}")
-    try:
-        yield {"client": client, "enclave": enclave, "module": module, "enclave_addr": enclave_addr,
-               "socket": sock_dir / "enclave.sock", "service": service}
-    finally:
-        client.close()
-        server.stop(0)
-        enclave.stop(0)
+    with LocalDeployment(bundle, keystore=keystore, enclave_address=f"unix:{sock_dir / 'enclave.sock'}") as d:
+        client = triton.InferenceServerClient(url=d.endpoint)
+        try:
+            yield {"client": client, "enclave": d.enclave_server, "module": d.module, "enclave_addr": d.enclave,
+                   "socket": sock_dir / "enclave.sock", "service": d.service, "deployment": d}
+        finally:
+            client.close()
 
 
 def kserve_infer(client, model_id: str, x, token: str | None, name: str = "input", datatype: str = "FP32"):

@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import MANIFEST, BundleError, owner_key_field, sign_manifest
+from sealnet.deployment import LocalDeployment
 from sealnet.enclave_sim import service as enclave_service
 from sealnet.enclave_sim.policy import AccessPolicy, AuditLog, PolicyConfig, PolicyRefusal
 from sealnet.licenses import LicenseError, issue_license, verify_license
@@ -57,22 +58,13 @@ def _forged(license_id: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def _stack(artefacts, sock_dir: Path, *, runtime: bool = True, bundle: Path | None = None,
+def _stack(artefacts, sock_dir: Path, *, runtime: bool = True,
            batching: BatchingConfig | None = runtime_server.DEFAULT_BATCHING, **options) -> Iterator[SimpleNamespace]:
-    """The trusted module (with `options`) on a Unix socket and, if asked, the runtime on loopback."""
-    addr = f"unix:{sock_dir / 'm.sock'}"
-    enclave, module = enclave_service.serve(artefacts["bundle"], addr, artefacts["keystore"],
-                                            enclave_service.EnclaveOptions(**options))
-    server = service = None
-    try:
-        if runtime:
-            server, service = runtime_server.serve(bundle or artefacts["bundle"], "[::]:0", addr, batching=batching)
-        yield SimpleNamespace(addr=addr, module=module, service=service, port=service.port if service else 0)
-    finally:
-        if server is not None:
-            server.stop(0)
-        enclave.stop(0)
-        module.close()
+    """The trusted module (with `options`) on a Unix socket and, if asked, the runtime on all interfaces."""
+    with LocalDeployment(artefacts["bundle"], keystore=artefacts["keystore"], runtime=runtime, listen="[::]:0",
+                         batching=batching, enclave_options=enclave_service.EnclaveOptions(**options),
+                         enclave_address=f"unix:{sock_dir / 'm.sock'}") as d:
+        yield SimpleNamespace(addr=d.enclave, module=d.module, service=d.service, port=d.port)
 
 
 def _open(addr: str, token: str, client: str | None = None):

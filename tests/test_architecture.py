@@ -147,3 +147,58 @@ def test_trusted_module_code_is_enclave_sim_and_the_core():
         "core", "enclave_sim"}
     assert "torch" not in {m.partition(".")[0] for m in third_party}
     assert sys.stdlib_module_names.isdisjoint(m.partition(".")[0] for m in third_party)
+
+
+# -- one object per method ------------------------------------------------------------------------------------
+METHOD_FILES = ("sealnet/protect/methods/", "sealnet/enclave_sim/secrets/")
+
+
+def _method_names() -> set[str]:
+    from sealnet.enclave_sim.secrets import SECRETS
+    from sealnet.protect.methods import METHODS
+
+    return set(METHODS) | set(SECRETS)
+
+
+def _compared_names(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of every method name compared with ==, !=, in, not in or matched in a `case`."""
+    def literals(node: ast.AST) -> list[str]:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return [node.value]
+        if isinstance(node, ast.Tuple | ast.List | ast.Set):
+            return [v for elt in node.elts for v in literals(elt)]
+        return []
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(isinstance(op, ast.Eq | ast.NotEq | ast.In | ast.NotIn)
+                                                 for op in node.ops):
+            operands = [node.left, *node.comparators]
+        elif isinstance(node, ast.MatchValue):
+            operands = [node.value]
+        else:
+            continue
+        found += [(node.lineno, v) for operand in operands for v in literals(operand) if v in names]
+    return found
+
+
+def test_no_module_outside_the_method_files_compares_a_method_name():
+    """Method dispatch goes through the registries; adding a method touches its two files (plus tests, docs)."""
+    names = _method_names()
+    bad = []
+    for path in _modules().values():
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(METHOD_FILES):
+            continue
+        bad += [f"{rel}:{line}: {value!r}" for line, value in _compared_names(ast.parse(path.read_text()), names)]
+    for path in [*(ROOT / "scripts").glob("*.py")]:
+        bad += [f"scripts/{path.name}:{line}: {value!r}"
+                for line, value in _compared_names(ast.parse(path.read_text()), names)]
+    assert bad == []
+
+
+def test_the_comparison_finder_finds_comparisons():
+    tree = ast.parse('if m == "dsn" or m in ("passport", "x"):\n    pass\n'
+                     'match m:\n    case "transform":\n        pass\n'
+                     'y = {"method": "dsn"}\n')
+    assert [v for _, v in _compared_names(tree, {"dsn", "passport", "transform"})] == ["dsn", "passport", "transform"]

@@ -8,9 +8,8 @@ import pytest
 
 from sealnet.attacks.registry import all_attacks
 from sealnet.cli import main
-from sealnet.enclave_sim import service as enclave_service
+from sealnet.deployment import LocalDeployment
 from sealnet.licenses import issue_license
-from sealnet.runtime import server as runtime_server
 from tests.conftest import MODEL_ID
 
 
@@ -50,21 +49,15 @@ def test_unreachable_services_fail_fast(artefacts, short_tmp, capsys):
 
 def test_whole_suite_writes_json_markdown_and_plots_without_leaking_the_license(artefacts, short_tmp, tmp_path,
                                                                                capsys):
-    addr = f"unix:{short_tmp / 'e.sock'}"
-    enclave, module = enclave_service.serve(artefacts["bundle"], addr, artefacts["keystore"])
-    server, service = runtime_server.serve(artefacts["bundle"], "127.0.0.1:0", addr)
     token = issue_license(artefacts["owner_key"], customer_id="tester", model_id=MODEL_ID, serial_number="SN-CLI",
                           valid_seconds=600)
     (tmp_path / "lic").write_text(token + "\n")
     out = tmp_path / "report"
-    try:
-        code = main(["attack", "--suite", "all", "--bundle", str(artefacts["bundle"]), "--endpoint",
-                     f"127.0.0.1:{service.port}", "--enclave", addr, "--license-file", str(tmp_path / "lic"),
+    with LocalDeployment(artefacts["bundle"], keystore=artefacts["keystore"],
+                         enclave_address=f"unix:{short_tmp / 'e.sock'}") as d:
+        code = main(["attack", "--suite", "all", "--bundle", str(artefacts["bundle"]), "--endpoint", d.endpoint,
+                     "--enclave", d.enclave, "--license-file", str(tmp_path / "lic"),
                      "--owner-key", str(artefacts["owner_key_path"]), "--fuzz-requests", "200", "--out", str(out)])
-    finally:
-        server.stop(0)
-        enclave.stop(0)
-        module.close()
     printed = capsys.readouterr()
     report = json.loads((out / "report.json").read_text())
     summary = report["summary"]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import tempfile
+import contextlib
 from dataclasses import replace
 
 import pytest
 
 from sealnet.attacks.base import BUDGETS, Target
 from sealnet.attacks.registry import get_attack, select
-from sealnet.enclave_sim import service as enclave_service
+from sealnet.deployment import LocalDeployment
 from sealnet.licenses import issue_license
 from tests.conftest import DSN_MODEL_ID, PASSPORT_MODEL_ID
 
@@ -19,19 +19,13 @@ BUDGET = replace(BUDGETS["small"], input_only_trials=9)
 @pytest.fixture(scope="module")
 def served(artefacts):
     """serve(bundle, license kwargs) -> Target behind a live trusted module, stopped at the module's end."""
-    servers = []
-    with tempfile.TemporaryDirectory(prefix="sn-", dir="/tmp") as d:
+    with contextlib.ExitStack() as stack:
         def serve(bundle, **lic) -> Target:
-            addr = f"unix:{d}/e{len(servers)}.sock"
-            server, module = enclave_service.serve(bundle, addr, artefacts["keystore"])
-            servers.append((server, module))
+            d = stack.enter_context(LocalDeployment(bundle, keystore=artefacts["keystore"], runtime=False))
             token = issue_license(artefacts["owner_key"], valid_seconds=600, **lic)
-            return Target(bundle, enclave=addr, license=token)
+            return Target(bundle, enclave=d.enclave, license=token)
 
         yield serve
-        for server, module in servers:
-            server.stop(0)
-            module.close()
 
 
 def _metrics(outcome) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import replace
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from sealnet.attacks.base import BUDGETS, Skip, Target
 from sealnet.attacks.registry import get_attack, select
 from sealnet.attacks.stealing import public_torch_model
-from sealnet.enclave_sim import service as enclave_service
+from sealnet.deployment import LocalDeployment
 from sealnet.enclave_sim.keystore import init_keystore
 from sealnet.enclave_sim.keystore_spec import KeystoreSpec
 from sealnet.export.build_engine import build_bundle
@@ -32,14 +31,8 @@ def _license(owner_key) -> str:
 @pytest.fixture(scope="module")
 def generator_target(artefacts):
     """The session's Generator bundle behind a real trusted module (pairs come from it, with a license)."""
-    with tempfile.TemporaryDirectory(prefix="sn-", dir="/tmp") as d:
-        addr = f"unix:{d}/e.sock"
-        server, module = enclave_service.serve(artefacts["bundle"], addr, artefacts["keystore"])
-        try:
-            yield Target(artefacts["bundle"], enclave=addr, license=_license(artefacts["owner_key"]))
-        finally:
-            server.stop(0)
-            module.close()
+    with LocalDeployment(artefacts["bundle"], keystore=artefacts["keystore"], runtime=False) as d:
+        yield Target(artefacts["bundle"], enclave=d.enclave, license=_license(artefacts["owner_key"]))
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +46,8 @@ def fixed_target(artefacts, digits, tmp_path_factory):
     keystore = KeystoreSpec("embedded", root / "keystore")
     build_bundle(root / "fixed.pt", root / "bundle", owner_key=artefacts["owner_key_path"], keystore=keystore,
                  model_id=MODEL_ID, max_raw_acc=1.0, log=lambda *_: None)
-    with tempfile.TemporaryDirectory(prefix="sn-", dir="/tmp") as d:
-        addr = f"unix:{d}/e.sock"
-        server, module = enclave_service.serve(root / "bundle", addr, keystore)
-        try:
-            yield Target(root / "bundle", enclave=addr, license=_license(artefacts["owner_key"]))
-        finally:
-            server.stop(0)
-            module.close()
+    with LocalDeployment(root / "bundle", keystore=keystore, runtime=False) as d:
+        yield Target(root / "bundle", enclave=d.enclave, license=_license(artefacts["owner_key"]))
 
 
 def _metrics(outcome) -> dict:

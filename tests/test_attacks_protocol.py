@@ -11,9 +11,9 @@ import pytest
 
 from sealnet.attacks.base import BUDGETS, Skip, Target
 from sealnet.attacks.registry import get_attack
+from sealnet.deployment import LocalDeployment
 from sealnet.enclave_sim import service as enclave_service
 from sealnet.licenses import issue_license
-from sealnet.runtime import server as runtime_server
 from tests.conftest import MODEL_ID
 
 BUDGET = replace(BUDGETS["small"], fuzz_requests=300, fuzz_seconds=60, session_guesses=200, dead_requests=5)
@@ -24,22 +24,16 @@ def services(artefacts, short_tmp, tmp_path):
     """Trusted module (with a revocation list and persisted lockout state) + runtime, as deployed."""
     revoked = tmp_path / "revoked.txt"
     revoked.write_text("SN-REVOKED\n")
-    addr = f"unix:{short_tmp / 'e.sock'}"
     options = enclave_service.EnclaveOptions(state_dir=tmp_path / "state", revocations=revoked)
-    enclave, module = enclave_service.serve(artefacts["bundle"], addr, artefacts["keystore"], options)
-    server, service = runtime_server.serve(artefacts["bundle"], "127.0.0.1:0", addr)
 
     def lic(serial: str) -> str:
         return issue_license(artefacts["owner_key"], customer_id="tester", model_id=MODEL_ID, serial_number=serial,
                              valid_seconds=600)
 
-    target = Target(artefacts["bundle"], endpoint=f"127.0.0.1:{service.port}", enclave=addr, license=lic("SN-T"),
-                    owner_key=artefacts["owner_key"], revoked_license=lic("SN-REVOKED"),
-                    kill_enclave=lambda: enclave.stop(0).wait())
-    yield target
-    server.stop(0)
-    enclave.stop(0)
-    module.close()
+    with LocalDeployment(artefacts["bundle"], keystore=artefacts["keystore"], enclave_options=options,
+                         enclave_address=f"unix:{short_tmp / 'e.sock'}") as d:
+        yield Target(artefacts["bundle"], endpoint=d.endpoint, enclave=d.enclave, license=lic("SN-T"),
+                     owner_key=artefacts["owner_key"], revoked_license=lic("SN-REVOKED"), kill_enclave=d.kill_enclave)
 
 
 def _metrics(outcome) -> dict:

@@ -12,7 +12,7 @@ import torch
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
-from sealnet.enclave_sim import service as enclave_service
+from sealnet.deployment import LocalDeployment
 from sealnet.licenses import issue_license
 from sealnet.runtime import server as runtime_server
 from sealnet.runtime.batching import BatchingConfig, DynamicBatcher
@@ -123,10 +123,9 @@ def test_batcher_merges_concurrent_submissions_and_survives_worker_errors():
 
 
 def test_concurrent_clients_through_the_batching_runtime(artefacts, digits, short_tmp):
-    addr = f"unix:{short_tmp / 'b.sock'}"
-    enclave, module = enclave_service.serve(artefacts["bundle"], addr, artefacts["keystore"])
-    server, service = runtime_server.serve(artefacts["bundle"], "[::]:0", addr,
-                                           batching=BatchingConfig(max_batch=32, max_queue_delay_ms=5))
+    deployment = LocalDeployment(artefacts["bundle"], keystore=artefacts["keystore"],
+                                 enclave_address=f"unix:{short_tmp / 'b.sock'}", listen="[::]:0",
+                                 batching=BatchingConfig(max_batch=32, max_queue_delay_ms=5))
     ckpt = artefacts["checkpoint"]
     model, transform = ckpt.build_public_model(), ckpt.build_transform()
     good = issue_license(artefacts["owner_key"], customer_id="a", model_id=MODEL_ID, serial_number="1",
@@ -137,7 +136,7 @@ def test_concurrent_clients_through_the_batching_runtime(artefacts, digits, shor
     mismatches: list[int] = []
 
     def worker(i):  # the client with the bad license comes from another address: its failures are its own
-        client = triton.InferenceServerClient(f"[::1]:{service.port}" if i == 0 else f"127.0.0.1:{service.port}")
+        client = triton.InferenceServerClient(f"[::1]:{deployment.port}" if i == 0 else f"127.0.0.1:{deployment.port}")
         for j in range(10):
             x = digits.x_test[(i * 10 + j) % 300 :][:1 + j % 3]
             inp = triton.InferInput("input", list(x.shape), "FP32")
@@ -154,15 +153,11 @@ def test_concurrent_clients_through_the_batching_runtime(artefacts, digits, shor
         client.close()
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    try:
+    with deployment:
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    finally:
-        server.stop(0)
-        enclave.stop(0)
-        module.close()
     assert not mismatches
     assert errors == ["StatusCode.PERMISSION_DENIED"] * 10
 

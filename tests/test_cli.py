@@ -49,30 +49,24 @@ def test_enclave_refuses_to_start_on_a_tampered_bundle(bundle_copy, artefacts, s
 
 def test_protect_and_infer_commands(tmp_path, artefacts, short_tmp, capsys):
     """`sealnet protect` on the tiny data, then `sealnet infer` against a running endpoint."""
-    from sealnet.enclave_sim import service as enclave_service
-    from sealnet.runtime import server as runtime_server
+    from sealnet.deployment import LocalDeployment
     from tests.conftest import MODEL_ID
 
-    assert main(["protect", "--variant", "learned", "--dataset", "digits", "--epochs", "1", "--no-baseline",
-                 "--out", str(tmp_path / "p.pt")]) == 0
+    assert main(["protect", "transform", "--variant", "learned", "--dataset", "digits", "--epochs", "1",
+                 "--no-baseline", "--out", str(tmp_path / "p.pt")]) == 0
     assert "authorized accuracy" in capsys.readouterr().out
-    enclave_addr = f"unix:{short_tmp / 'e.sock'}"
-    enclave, _ = enclave_service.serve(artefacts["bundle"], enclave_addr, artefacts["keystore"])
-    server, service = runtime_server.serve(artefacts["bundle"], "127.0.0.1:0", enclave_addr)
-    try:
+    with LocalDeployment(artefacts["bundle"], keystore=artefacts["keystore"],
+                         enclave_address=f"unix:{short_tmp / 'e.sock'}") as d:
         main(["license", "issue", "--owner-key", str(artefacts["owner_key_path"]), "--customer", "c",
               "--model", MODEL_ID, "--serial", "s", "--out", str(tmp_path / "lic")])
         capsys.readouterr()
-        assert main(["infer", "--server", f"127.0.0.1:{service.port}", "--model", MODEL_ID, "--dataset", "digits",
+        assert main(["infer", "--server", d.endpoint, "--model", MODEL_ID, "--dataset", "digits",
                      "--license-file", str(tmp_path / "lic"), "--count", "50"]) == 0
         out = capsys.readouterr().out
         assert "accuracy on 50 test images" in out
-        assert main(["infer", "--server", f"127.0.0.1:{service.port}", "--model", MODEL_ID,
+        assert main(["infer", "--server", d.endpoint, "--model", MODEL_ID,
                      "--dataset", "digits", "--count", "5"]) == 1
         assert "UNAUTHENTICATED" in capsys.readouterr().err
-    finally:
-        server.stop(0)
-        enclave.stop(0)
 
 
 def test_generated_grpc_code_matches_the_protos(tmp_path):

@@ -132,7 +132,7 @@ def test_tensorrt_without_tensorrt_stops_with_a_clear_message(tmp_path, artefact
 
 def test_build_engine_script_runs_as_documented(tmp_path, artefacts):
     out = tmp_path / "bundle"
-    command = [sys.executable, "export/build_engine.py", str(artefacts["checkpoint_path"]), str(out),
+    command = [sys.executable, "-m", "sealnet.export.build_engine", str(artefacts["checkpoint_path"]), str(out),
                "--owner-key", str(artefacts["owner_key_path"]), "--keystore-dir", str(artefacts["keystore"].directory)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -25,7 +25,7 @@ def test_tensorrt_engine_is_built_and_listed_in_the_manifest(tmp_path, artefacts
 def test_runtime_picks_an_accelerated_provider_and_matches_cpu(artefacts, digits):
     import onnxruntime as ort
 
-    from sealnet.runtime.onnx_session import ACCELERATED_PROVIDERS, ort_session
+    from sealnet.onnx_session import ACCELERATED_PROVIDERS, ort_session
 
     if not set(ACCELERATED_PROVIDERS) & set(ort.get_available_providers()):
         pytest.skip("this onnxruntime build has no CUDA / TensorRT execution provider (pip install onnxruntime-gpu)")

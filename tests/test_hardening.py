@@ -20,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.certs import write_certs
+from sealnet.deployment import LocalDeployment
 from sealnet.enclave_sim import service as enclave_service
 from sealnet.enclave_sim.policy import AccessPolicy, PolicyConfig
 from sealnet.licenses import issue_license
@@ -92,10 +93,8 @@ def test_eleventh_bad_license_in_a_minute_is_locked_out_per_client(enclave_facto
     assert _open(addr2, _license(artefacts), client="ipv4:10.0.0.3").session_id
 
 
-def test_lockout_through_the_runtime_distinguishes_end_clients(enclave_factory, artefacts):
+def test_lockout_through_the_runtime_distinguishes_end_clients(artefacts, short_tmp):
     """Two tritonclients (IPv4 and IPv6 loopback) behind one runtime: only the guessing one is locked out."""
-    addr, _, _ = enclave_factory()
-    server, service = runtime_server.serve(artefacts["bundle"], "[::]:0", addr)
     x = np.zeros((1, 1, 8, 8), np.float32)
 
     def infer(client, token):
@@ -103,21 +102,22 @@ def test_lockout_through_the_runtime_distinguishes_end_clients(enclave_factory, 
         inp.set_data_from_numpy(x)
         return client.infer(MODEL_ID, [inp], headers={"sealnet-license": token})
 
-    a = triton.InferenceServerClient(f"127.0.0.1:{service.port}")
-    b = triton.InferenceServerClient(f"[::1]:{service.port}")
-    try:
-        codes = []
-        for _ in range(11):
-            with pytest.raises(InferenceServerException) as err:
-                infer(a, _bad_license(artefacts))
-            codes.append(err.value.status())
-        assert codes[:10] == ["StatusCode.PERMISSION_DENIED"] * 10
-        assert codes[10] == "StatusCode.RESOURCE_EXHAUSTED"
-        assert infer(b, _license(artefacts)).as_numpy("logits").shape == (1, 10)
-    finally:
-        a.close()
-        b.close()
-        server.stop(0)
+    with LocalDeployment(artefacts["bundle"], keystore=artefacts["keystore"], listen="[::]:0",
+                         enclave_address=f"unix:{short_tmp / 'e.sock'}") as d:
+        a = triton.InferenceServerClient(f"127.0.0.1:{d.port}")
+        b = triton.InferenceServerClient(f"[::1]:{d.port}")
+        try:
+            codes = []
+            for _ in range(11):
+                with pytest.raises(InferenceServerException) as err:
+                    infer(a, _bad_license(artefacts))
+                codes.append(err.value.status())
+            assert codes[:10] == ["StatusCode.PERMISSION_DENIED"] * 10
+            assert codes[10] == "StatusCode.RESOURCE_EXHAUSTED"
+            assert infer(b, _license(artefacts)).as_numpy("logits").shape == (1, 10)
+        finally:
+            a.close()
+            b.close()
 
 
 def test_lockout_window_passes_and_no_client_locks_out_another():
@@ -205,10 +205,10 @@ def test_tcp_requires_mtls_and_identifies_callers_by_certificate(artefacts, tmp_
 def test_runtime_refuses_to_start_when_a_measurement_differs(enclave_factory, artefacts, tmp_path):
     addr, _, _ = enclave_factory()
     expected = json.loads((artefacts["bundle"] / "expected-measurements.json").read_text())
-    target = next(m for m in expected["measurements"] if m["name"] == "code:enclave_sim/service.py")
+    target = next(m for m in expected["measurements"] if m["name"] == "code:sealnet/enclave_sim/service.py")
     target["sha256"] = "00" * 32
     (tmp_path / "expected.json").write_text(json.dumps(expected))
-    with pytest.raises(AttestationError, match=r"measurement code:enclave_sim/service\.py differs"):
+    with pytest.raises(AttestationError, match=r"measurement code:sealnet/enclave_sim/service\.py differs"):
         runtime_server.serve(artefacts["bundle"], "127.0.0.1:0", addr, expected_measurements=tmp_path / "expected.json")
 
 
@@ -246,7 +246,7 @@ def test_attest_command(enclave_factory, artefacts, capsys):
     addr, _, _ = enclave_factory()
     assert main(["attest", addr, "--bundle", str(artefacts["bundle"])]) == 0
     out = capsys.readouterr().out
-    assert "attestation OK" in out and "code:enclave_sim/service.py" in out
+    assert "attestation OK" in out and "code:sealnet/enclave_sim/service.py" in out
 
 
 def _start_enclave_process(artefacts, sock):

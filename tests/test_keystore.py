@@ -72,12 +72,12 @@ def test_root_key_from_environment(monkeypatch):
 def test_chain_covers_code_interpreter_distributions_and_manifest(tmp_path):
     items, chain = measurement_chain(b"\x01" * 32)
     names = [i.name for i in items]
-    assert names[-1] == "bundle:manifest" and "code:enclave_sim/service.py" in names
+    assert names[-1] == "bundle:manifest" and "code:sealnet/enclave_sim/service.py" in names
     assert "code:sealnet/_grpc/enclave_pb2.py" in names and "code:sealnet/__init__.py" in names
     assert any(n.startswith("python:cpython-") for n in names)
     for dist in ("grpcio", "cryptography", "protobuf", "numpy", "onnxruntime"):
         assert any(n.startswith(f"dist:{dist}==") for n in names), dist
-    assert not any(n.startswith(("code:runtime/", "code:protect/", "code:export/", "code:sealnet/cli"))
+    assert not any(n.startswith(tuple(f"code:sealnet/{stage}/" for stage in ("runtime", "protect", "export", "cli")))
                    for n in names)
     assert measurement_chain(b"\x02" * 32)[1] != chain
     # a copy of the trusted code with one changed byte measures differently
@@ -89,12 +89,12 @@ def test_chain_covers_code_interpreter_distributions_and_manifest(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(_ROOT / rel, tmp_path / rel)
     assert measurement_chain(b"\x01" * 32, root=tmp_path)[1] == chain
-    with open(tmp_path / "enclave_sim/transform_graph.py", "a") as f:
+    with open(tmp_path / "sealnet/enclave_sim/secrets/transform.py", "a") as f:
         f.write("\n# changed\n")
     assert measurement_chain(b"\x01" * 32, root=tmp_path)[1] != chain
     # a file that the module's code starts to import is measured without editing any list
     (tmp_path / "sealnet/extra.py").write_text("X = 1\n")
-    with open(tmp_path / "enclave_sim/policy.py", "a") as f:
+    with open(tmp_path / "sealnet/enclave_sim/policy.py", "a") as f:
         f.write("\n\ndef _lazy():\n    from sealnet.extra import X\n\n    return X\n")
     assert "code:sealnet/extra.py" in [m.name for m in measurement_chain(b"\x01" * 32, root=tmp_path)[0]]
 

@@ -10,7 +10,7 @@ import torch
 
 from sealnet.attacks.onnx_torch import OnnxModule, penultimate
 from sealnet.bundle import PUBLIC_ONNX
-from sealnet.runtime.onnx_session import ort_session
+from sealnet.onnx_session import ort_session
 
 
 @pytest.mark.parametrize("fixture", ["artefacts", "passport_bundle", "dsn_student"])

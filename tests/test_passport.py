@@ -357,7 +357,7 @@ def test_checkpoint_round_trip(v1, digits):
         assert torch.allclose(model(x), same, atol=1e-5)
     secret = load_passport_file(ppath)
     assert torch.equal(secret["bits"], ckpt.secret["bits"]) and secret["valid_acc"] == ckpt.metrics["valid_acc"]
-    with pytest.raises(ValueError, match="not 'transform'"):
+    with pytest.raises(ValueError, match="passport checkpoint holds no input transform"):
         ckpt.build_transform()
     # the public model alone has no passports: it cannot run until gamma/beta are supplied
     public = ckpt.build_public_model()
@@ -444,7 +444,7 @@ def test_v2_v3_train_and_verify(tmp_path, digits, scheme):
 
 def _trigger_detected_over_grpc(tmp_path, public, model, ckpt, digits, trigger):
     from sealnet.cli import main
-    from sealnet.export.split import export_onnx
+    from sealnet.protect.onnx_export import export_onnx
     from sealnet.runtime.client import InferenceClient
     from sealnet.runtime.server import serve_unprotected
 
@@ -482,14 +482,14 @@ def test_cli_protect_verify(tmp_path, capsys):
     from sealnet.cli import main
 
     out = tmp_path / "p.pt"
-    rc = main(["protect", "--method", "passport", "--scheme", "v1", "--dataset", "digits", "--epochs", "3",
+    rc = main(["protect", "passport", "--scheme", "v1", "--dataset", "digits", "--epochs", "3",
                "--lr", "3e-3", "--no-baseline", "--signature", "cli", "--out", str(out)])
     assert rc == 0 and out.exists() and default_passport_path(out).exists()
     assert "signature recovered" in capsys.readouterr().out
     # 3 epochs: whatever accuracy it reached is the recorded one, so owner verification passes
     assert main(["verify", "--checkpoint", str(out), "--signature", "cli", "--json", str(tmp_path / "v.json")]) == 0
     assert main(["verify", "--checkpoint", str(out), "--signature", "clj"]) == 1
-    assert main(["protect", "--method", "passport", "--dataset", "digits", "--epochs", "1", "--no-baseline",
+    assert main(["protect", "passport", "--dataset", "digits", "--epochs", "1", "--no-baseline",
                  "--signature", "x" * 100, "--out", str(tmp_path / "q.pt")]) == 2  # does not fit: 800 > 128 bits
 
 
@@ -506,7 +506,7 @@ def test_cifar10_reproduction(tmp_path, model_name):
 
     epochs = os.environ.get("SEALNET_CIFAR10_EPOCHS", "200")
     out = tmp_path / f"{model_name}.pt"
-    assert main(["protect", "--method", "passport", "--model", model_name, "--dataset", "cifar10",
+    assert main(["protect", "passport", "--model", model_name, "--dataset", "cifar10",
                  "--data-dir", data_dir, "--epochs", epochs, "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.01",
                  "--scheme", "v1", "--passport-type", "random", "--out", str(out)]) == 0
     assert main(["passport-eval", "--checkpoint", str(out), "--data-dir", data_dir, "--out",

@@ -13,8 +13,8 @@ from tritonclient.utils import InferenceServerException
 
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
 from sealnet.bundle import PUBLIC_ONNX
-from sealnet.enclave_sim import service as enclave_service
-from sealnet.enclave_sim.passport_params import derive_params, mean_conv_response
+from sealnet.deployment import LocalDeployment
+from sealnet.enclave_sim.secrets.passport import derive_params, mean_conv_response
 from sealnet.export import ExportError
 from sealnet.export.build_engine import build_bundle
 from sealnet.licenses import issue_license
@@ -55,7 +55,7 @@ def test_export_ships_zero_gamma_beta_and_records_the_checks(passport_bundle, pa
 def test_trusted_module_derives_the_same_gamma_beta_as_torch(passport_v1):
     model = passport_v1["ckpt"].build_passport_model()
     want = compute_params(model)
-    from sealnet.export.split import _layer_spec
+    from sealnet.protect.methods.passport import _layer_spec
 
     arrays: dict[str, np.ndarray] = {}
     passports = passport_v1["ckpt"].secret["passports"]
@@ -127,8 +127,7 @@ def test_passport_params_rpc_checks_its_arguments(stack, artefacts):
 
 def test_transform_bundle_refuses_passport_params(artefacts, short_tmp):
     addr = f"unix:{short_tmp / 'enclave.sock'}"
-    enclave, _ = enclave_service.serve(artefacts["bundle"], addr, artefacts["keystore"])
-    try:
+    with LocalDeployment(artefacts["bundle"], keystore=artefacts["keystore"], runtime=False, enclave_address=addr):
         with grpc.insecure_channel(addr) as channel:
             stub = enclave_pb2_grpc.TrustedModuleStub(channel)
             with pytest.raises(grpc.RpcError) as err:  # no session: nothing is said about the bundle
@@ -138,8 +137,6 @@ def test_transform_bundle_refuses_passport_params(artefacts, short_tmp):
             with pytest.raises(grpc.RpcError) as err:
                 stub.PassportParams(enclave_pb2.PassportParamsRequest(session_id=sid.session_id, items=1))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    finally:
-        enclave.stop(0)
 
 
 def test_v2_is_not_exported(tmp_path, digits, artefacts):

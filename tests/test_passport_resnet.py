@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from sealnet.bundle import PUBLIC_ONNX
-from sealnet.enclave_sim.passport_params import derive_params
+from sealnet.enclave_sim.secrets.passport import derive_params
 from sealnet.export.build_engine import build_bundle
-from sealnet.export.split import _layer_spec
 from sealnet.licenses import issue_license
+from sealnet.protect.methods.passport import _layer_spec
 from sealnet.protect.models import create_model
 from sealnet.protect.passport import PassportConv2d, compute_params, passport_layers, random_passports, set_passports
 from sealnet.protect.passport_train import PassportConfig, default_passport_path, protect_passport
@@ -121,7 +121,7 @@ def test_alexnet_p_exports(tmp_path, digits, artefacts):
 def test_cli_width_is_resnet_only(tmp_path):
     from sealnet.cli import main
 
-    assert main(["protect", "--method", "passport", "--model", "cnn_p", "--width", "8", "--dataset", "digits",
+    assert main(["protect", "passport", "--model", "cnn_p", "--width", "8", "--dataset", "digits",
                  "--epochs", "1", "--no-baseline", "--out", str(tmp_path / "c.pt")]) == 2
     assert not (tmp_path / "c.pt").exists()
 
@@ -140,7 +140,7 @@ def test_cifar10_resnet18_p_exports_and_serves(tmp_path):
 
     epochs = os.environ.get("SEALNET_CIFAR10_EPOCHS", "200")
     out = tmp_path / "resnet18_p.pt"
-    assert main(["protect", "--method", "passport", "--model", "resnet18_p", "--dataset", "cifar10", "--data-dir",
+    assert main(["protect", "passport", "--model", "resnet18_p", "--dataset", "cifar10", "--data-dir",
                  data_dir, "--epochs", epochs, "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.01",
                  "--scheme", "v1", "--passport-type", "random", "--out", str(out)]) == 0
     skip = ("svd", "reverse", "reverse_svd", "insider", "pruning", "finetune", "image_fakes")  # fakes + deploy only

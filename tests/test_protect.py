@@ -44,7 +44,7 @@ def test_generator_is_input_dependent_and_bounded():
 @pytest.mark.parametrize("variant", ["fixed", "learned", "generator"])
 def test_trusted_module_graph_computes_the_trained_transform(variant):
     from sealnet.enclave_sim.payload import pack, unpack
-    from sealnet.enclave_sim.transform_graph import transform_session
+    from sealnet.enclave_sim.secrets.transform import transform_session
 
     t = create_transform(variant, (1, 8, 8), seed=5).eval()
     if variant == "generator":  # non-trivial weights, so a wrong wiring could not pass by accident

@@ -211,7 +211,7 @@ def test_cli_cifar10_path_on_a_random_resnet18(tmp_path, capsys):
     assert main(["backbone", "make", "--arch", "resnet18", "--source", "random", "--out", str(weights)]) == 0
     assert "sha256" in capsys.readouterr().out
     out = tmp_path / "sh.pt"
-    argv = ["protect", "--method", "sealed-head", "--backbone-weights", str(weights), "--dataset", "cifar10",
+    argv = ["protect", "sealed-head", "--backbone-weights", str(weights), "--dataset", "cifar10",
             "--data-dir", str(data_dir), "--epochs", "1", "--head-epochs", "2", "--head-hidden", "32",
             "--out", str(out)]
     assert main([*argv, "--max-drop", "1"]) == 0  # random labels: only the plumbing is under test
@@ -222,7 +222,7 @@ def test_cli_cifar10_path_on_a_random_resnet18(tmp_path, capsys):
     assert main([*argv, "--max-drop", "-1"]) == 2  # the guard: exit 2, no checkpoint claimed as a success
     assert "below baseline" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--backbone-weights"):
-        main(["protect", "--method", "sealed-head", "--dataset", "digits", "--out", str(out)])
+        main(["protect", "sealed-head", "--dataset", "digits", "--out", str(out)])
 
 
 @pytest.mark.slow
@@ -235,7 +235,7 @@ def test_cifar10_resnet18_full_size(tmp_path):
     from sealnet.cli import main
 
     out = tmp_path / "sh.pt"
-    assert main(["protect", "--method", "sealed-head", "--backbone", "resnet18", "--backbone-weights", weights,
+    assert main(["protect", "sealed-head", "--backbone", "resnet18", "--backbone-weights", weights,
                  "--dataset", "cifar10", "--data-dir", data_dir, "--epochs", "30", "--max-drop", "1",
                  "--out", str(out)]) == 0
     m = load_checkpoint(out).metrics

@@ -76,7 +76,7 @@ def test_label_policy_over_grpc_and_in_the_module(sealed_head, artefacts, digits
             with pytest.raises(EnclaveError, match="features.shape") as err:
                 module.classify(token, feats[:, :-1], sealed_head["manifest"]["outputs"])
             assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
-            with pytest.raises(EnclaveError, match="Preprocess is for transform") as err:
+            with pytest.raises(EnclaveError, match="Preprocess is for dsn, transform bundles") as err:
                 module.preprocess(token, x[:2])
             assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
         finally:

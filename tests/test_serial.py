@@ -282,7 +282,7 @@ def test_a_collapsed_student_is_retrained_then_refused(dsn, digits, owner, tmp_p
     assert len(logged) == 2 and "seed 0 missed its targets" in logged[0] and "next seed" in logged[0]
     assert not (tmp_path / "s.pt").exists()
     key, _ = _write_keys(tmp_path / "keys", owner)
-    assert main(["protect", "--method", "dsn", "--dataset", "digits", "--owner-key", str(key), "--company", "c",
+    assert main(["protect", "dsn", "--dataset", "digits", "--owner-key", str(key), "--company", "c",
                  "--model-id", "m", "--customer", "x", "--timestamp", "1700000000", "--teacher", str(dsn["teacher"]),
                  "--student-epochs", "1",
                  "--lr", "5", "--attempts", "1", "--hidden", "128", "--out", str(tmp_path / "cli.pt")]) == 2
@@ -379,7 +379,7 @@ def test_serial_eval_report(dsn, wm, digits, dsn_owner, tmp_path):
 
 def test_protect_cli_asks_for_the_serial_record(tmp_path):
     with pytest.raises(SystemExit, match="--owner-key, --company, --model-id, --customer"):
-        main(["protect", "--method", "dsn", "--dataset", "digits", "--out", str(tmp_path / "x.pt")])
+        main(["protect", "dsn", "--dataset", "digits", "--out", str(tmp_path / "x.pt")])
 
 
 def _fresh_owner_key_with_a_distinct_pattern(record: SerialRecord) -> tuple[Ed25519PrivateKey, dict[str, int]]:

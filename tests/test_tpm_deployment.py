@@ -14,12 +14,12 @@ if reason:
     pytest.skip(f"TPM backend not testable here: {reason}", allow_module_level=True)
 
 from sealnet.bundle import MANIFEST, load_bundle, sign_manifest  # noqa: E402
+from sealnet.deployment import LocalDeployment  # noqa: E402
 from sealnet.enclave_sim import service as enclave_service  # noqa: E402
 from sealnet.enclave_sim.keystore import KeystoreError  # noqa: E402
 from sealnet.enclave_sim.keystore_spec import KeystoreSpec  # noqa: E402
 from sealnet.export.build_engine import build_bundle  # noqa: E402
 from sealnet.licenses import issue_license  # noqa: E402
-from sealnet.runtime import server as runtime_server  # noqa: E402
 from sealnet.runtime.enclave_client import EnclaveClient  # noqa: E402
 
 
@@ -36,9 +36,7 @@ def test_tpm_bundle_serves_attests_and_refuses_changes(tpm, artefacts, tmp_path,
     expected = json.loads((tmp_path / "bundle" / "expected-measurements.json").read_text())
     assert expected["backend"] == "tpm"
     addr = f"unix:{short_tmp / 'tpm.sock'}"
-    server, module = enclave_service.serve(tmp_path / "bundle", addr, spec)
-    rt_server, service = runtime_server.serve(tmp_path / "bundle", "127.0.0.1:0", addr)
-    try:
+    with LocalDeployment(tmp_path / "bundle", keystore=spec, enclave_address=addr):
         token = issue_license(artefacts["owner_key"], customer_id="c", model_id=manifest["model_id"],
                               serial_number="s", valid_seconds=60)
         client = EnclaveClient(addr)
@@ -52,10 +50,6 @@ def test_tpm_bundle_serves_attests_and_refuses_changes(tpm, artefacts, tmp_path,
         att = client.attest(b"n" * 32)
         assert att.format == "tpm2-quote-v1"
         client.close()
-    finally:
-        rt_server.stop(0)
-        server.stop(0)
-        module.close()
     # a changed measurement (manifest re-signed by the owner) no longer unseals on the TPM either
     manifest = json.loads((tmp_path / "bundle" / MANIFEST).read_text())
     manifest["max_batch"] = 3

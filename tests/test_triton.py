@@ -23,11 +23,11 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from sealnet.enclave_sim import service as enclave_service
+from sealnet.deployment import LocalDeployment
 from sealnet.enclave_sim.policy import PolicyConfig
+from sealnet.enclave_sim.service import EnclaveOptions
 from sealnet.licenses import issue_license
 from sealnet.processes import free_port, sealnet_command
-from sealnet.runtime import server as runtime_server
 from sealnet.runtime.errors import EnclaveError, RequestError
 from sealnet.runtime.triton.protocol import client_identity, credentials, refusal_reason
 from sealnet.runtime.triton.repo import RepoOptions, protected_config, write_repository
@@ -92,24 +92,6 @@ _REASON = triton_unavailable_reason()
 needs_triton = pytest.mark.skipif(_REASON is not None, reason=f"tritonserver cannot run here: {_REASON}")
 
 
-class _Module:
-    """A trusted module on a Unix socket that a test may stop and start again."""
-
-    def __init__(self, bundle: Path, keystore, address: str, policy: PolicyConfig | None = None):
-        self.bundle, self.keystore, self.address, self.policy = bundle, keystore, address, policy or PolicyConfig()
-        self.server = None
-        self.start()
-
-    def start(self) -> None:
-        self.server, _ = enclave_service.serve(self.bundle, self.address, self.keystore,
-                                               enclave_service.EnclaveOptions(policy=self.policy))
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop(0).wait()
-            self.server = None
-
-
 @pytest.fixture(scope="module")
 def deployment(artefacts, dsn_student, passport_bundle, sealed_head):
     keystore = artefacts["keystore"]
@@ -121,14 +103,14 @@ def deployment(artefacts, dsn_student, passport_bundle, sealed_head):
                    DSN_MODEL_ID: (dsn_student["bundle"], "inline", PolicyConfig()),
                    PASSPORT_MODEL_ID: (passport_bundle["bundle"], "inline", PolicyConfig()),
                    SEALED_HEAD_MODEL_ID: (sealed_head["bundle"], "bls", PolicyConfig())}
+        # per model: a deployment (its trusted module, which a test may kill and restart, and the python engine)
         modules, python_engine = {}, {}
         for i, (model, (bundle, network, policy)) in enumerate(bundles.items()):
-            modules[model] = _Module(bundle, keystore, f"unix:{root / f'm{i}.sock'}", policy)
-            stack.callback(modules[model].stop)
-            write_repository(bundle, root / "models", RepoOptions(modules[model].address, network=network))
-            server, service = runtime_server.serve(bundle, "127.0.0.1:0", modules[model].address)
-            stack.callback(server.stop, 0)
-            python_engine[model] = tgrpc.InferenceServerClient(f"127.0.0.1:{service.port}")
+            modules[model] = stack.enter_context(LocalDeployment(
+                bundle, keystore=keystore, enclave_address=f"unix:{root / f'm{i}.sock'}",
+                enclave_options=EnclaveOptions(policy=policy)))
+            write_repository(bundle, root / "models", RepoOptions(modules[model].enclave, network=network))
+            python_engine[model] = tgrpc.InferenceServerClient(modules[model].endpoint)
         triton = stack.enter_context(TritonServer(root / "models", log_path=root / "triton.log", log_verbose=1))
         tokens = {MODEL_ID: issue_license(owner, customer_id="acme", model_id=MODEL_ID, serial_number="SN-1",
                                           valid_seconds=600),
@@ -245,10 +227,10 @@ def test_module_killed_gives_only_errors_then_service_resumes(deployment, digits
     module = deployment["modules"][MODEL_ID]
     try:
         time.sleep(0.5)
-        module.stop()
+        module.kill_enclave()
         time.sleep(1.5)
         down = len(errors)
-        module.start()
+        module.start_enclave()
         restarted, recovered = time.monotonic(), None
         while time.monotonic() - restarted < 10:
             n = len(answers)
@@ -299,7 +281,7 @@ def test_grpc_mutual_tls_through_tritons_own_flags(deployment, artefacts, digits
 
     tls = tmp_path / "tls"
     write_certs(tls, clients=("edge",))
-    write_repository(artefacts["bundle"], tmp_path / "models", RepoOptions(deployment["modules"][MODEL_ID].address))
+    write_repository(artefacts["bundle"], tmp_path / "models", RepoOptions(deployment["modules"][MODEL_ID].enclave))
     flags = ("--grpc-use-ssl-mutual=true", f"--grpc-server-cert={tls / 'server.crt'}",
              f"--grpc-server-key={tls / 'server.key'}", f"--grpc-root-cert={tls / 'ca.crt'}")
     headers = {"sealnet-license": deployment["tokens"][MODEL_ID]}
@@ -317,7 +299,7 @@ def test_grpc_mutual_tls_through_tritons_own_flags(deployment, artefacts, digits
 def test_attestation_failure_stops_tritonserver(deployment, artefacts, tmp_path):
     # the DSN bundle's model pointed at the transform bundle's module: another measurement
     write_repository(artefacts["bundle"], tmp_path / "models",
-                     RepoOptions(deployment["modules"][DSN_MODEL_ID].address, attest_timeout_s=5))
+                     RepoOptions(deployment["modules"][DSN_MODEL_ID].enclave, attest_timeout_s=5))
     with pytest.raises(RuntimeError, match="attestation"):
         TritonServer(tmp_path / "models", log_path=tmp_path / "t.log", ready_timeout=60).start()
 
@@ -343,7 +325,8 @@ def test_serve_engine_triton_is_ready_only_after_the_module_attests(artefacts, d
             time.sleep(0.2)
         time.sleep(2)  # the protected model waits for the trusted module's attestation, so Triton (which opens its
         assert proc.poll() is None and not _up(client)  # endpoints once every model loaded) answers nothing yet
-        module = _Module(artefacts["bundle"], artefacts["keystore"], address)
+        module = LocalDeployment(artefacts["bundle"], keystore=artefacts["keystore"], runtime=False,
+                                 enclave_address=address).start()
         deadline = time.monotonic() + 60
         while not (_up(client) and client.is_server_ready()):
             assert proc.poll() is None and time.monotonic() < deadline, _read(root / "serve.log")[-2000:]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from sealnet.bundle import PUBLIC_ONNX, Bundle, load_bundle
+from sealnet.bundle import PARAMS, PUBLIC_ONNX, Bundle, load_bundle
 from sealnet.data import Dataset, load_dataset
 
 _OPS: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
@@ -124,6 +124,11 @@ class Target:
         return str(self.bundle.manifest.get("method", "?"))
 
     @property
+    def step(self) -> str:
+        """What the trusted module does for this bundle (sealnet/bundle.py's MODULE_STEPS)."""
+        return str(self.bundle.manifest.get("module_step", "?"))
+
+    @property
     def variant(self) -> str:
         return str(self.bundle.manifest.get("variant", ""))
 
@@ -135,7 +140,7 @@ class Target:
 
     @cached_property
     def public_session(self):
-        from sealnet.runtime.onnx_session import ort_session
+        from sealnet.onnx_session import ort_session
 
         return ort_session(self.bundle.path(PUBLIC_ONNX), threads=1)  # small batches; cores may be shared
 
@@ -148,7 +153,7 @@ class Target:
 
     def public_accuracy(self, x: np.ndarray, y: np.ndarray | None = None) -> float:
         """Accuracy of the copied public network (ONNX Runtime, CPU) on `x` against the test labels."""
-        from sealnet.runtime.onnx_session import ort_accuracy
+        from sealnet.onnx_session import ort_accuracy
 
         return ort_accuracy(self.public_session, np.ascontiguousarray(x, dtype=np.float32),
                             self.data.y_test if y is None else y)
@@ -175,7 +180,7 @@ class Target:
 
     def passport_params(self) -> dict[str, np.ndarray]:
         """Passport bundles: the gamma/beta the trusted module hands a licensed caller (as an insider gets them)."""
-        if "passport" not in self._pairs:
+        if PARAMS not in self._pairs:
             if not (self.enclave and self.license):
                 raise Skip("needs the trusted module's address (--enclave) and a valid license (--license-file) "
                            "to obtain the passport parameters as an insider")
@@ -183,15 +188,15 @@ class Target:
 
             client = EnclaveClient(self.enclave, tls_dir=self.enclave_tls, timeout=60.0)
             try:
-                self._pairs["passport"] = client.passport_params(self.license, 1, client=f"attack-insider-{self.seed}")
+                self._pairs[PARAMS] = client.passport_params(self.license, 1, client=f"attack-insider-{self.seed}")
             finally:
                 client.close()
-        return dict(self._pairs["passport"])
+        return dict(self._pairs[PARAMS])
 
     def accuracy_with_params(self, params: dict[str, np.ndarray], x: np.ndarray | None = None,
                              y: np.ndarray | None = None) -> float:
         """Passport bundles: public.onnx run with these gamma/beta filled in, on raw test images by default."""
-        from sealnet.runtime.onnx_session import ort_accuracy, session_from_model, with_params
+        from sealnet.onnx_session import ort_accuracy, session_from_model, with_params
 
         session = session_from_model(with_params(self.public_model, params), threads=1)
         return ort_accuracy(session, self.data.x_test if x is None else x, self.data.y_test if y is None else y)
@@ -199,7 +204,7 @@ class Target:
     def authorized_accuracy(self) -> tuple[float, str]:
         """What a licensed user gets, and where the number comes from (measured, else the manifest's record)."""
         try:
-            if self.method == "passport":
+            if self.step == PARAMS:
                 return (self.accuracy_with_params(self.passport_params()),
                         "measured: public.onnx with the trusted module's gamma/beta")
             return self.public_accuracy(self.processed("test")), "measured: public.onnx on trusted-module outputs"

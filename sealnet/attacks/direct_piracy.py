@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from sealnet.bundle import PUBLIC_ONNX, load_bundle
-from sealnet.runtime.onnx_session import ort_accuracy, ort_session
+from sealnet.onnx_session import ort_accuracy, ort_session
 
 
 def direct_piracy_accuracy(bundle_dir: Path, x: np.ndarray, y: np.ndarray) -> float:

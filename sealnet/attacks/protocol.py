@@ -43,6 +43,7 @@ from sealnet.attacks.wire import (
     preprocess_request,
     session_id_of,
 )
+from sealnet.bundle import CLASSIFY, PARAMS
 from sealnet.licenses import LicenseError, issue_license, verify_license
 from sealnet.rpc import LICENSE_METADATA
 from sealnet.runtime.server import max_request_bytes
@@ -80,7 +81,7 @@ def _images(target: Target, n: int, fill: float | None = None) -> np.ndarray:
 
 def _module_item(target: Target) -> tuple[int, ...]:
     """The item shape of the trusted module's data tensor: a sealed head's features, else the raw input."""
-    if target.method == "sealed-head":
+    if target.step == CLASSIFY:
         return (int(target.bundle.manifest["backbone"]["num_features"]),)
     return _spec(target)[1]
 
@@ -93,7 +94,7 @@ def _module_batch(target: Target, n: int, fill: float | None = None) -> np.ndarr
 
 def _module_request(target: Target, sid: str, x: np.ndarray, **kw) -> tuple[str, bytes]:
     """The module's tensor RPC for this bundle: Classify (features) for a sealed head, else Preprocess."""
-    if target.method == "sealed-head":
+    if target.step == CLASSIFY:
         return method(ENCLAVE_SERVICE, "Classify"), classify_request(sid, x, **kw).SerializeToString()
     return method(ENCLAVE_SERVICE, "Preprocess"), preprocess_request(sid, x, **kw).SerializeToString()
 
@@ -249,7 +250,7 @@ def _runtime_cases(target: Target) -> list[tuple[str, str, bytes, Any, set]]:
 def _data_call(target: Target, sid: str, n: int) -> tuple[str, bytes]:
     """The trusted module's data RPC for this bundle's method, for n items: PassportParams for passports,
     Classify for a sealed head, else Preprocess."""
-    if target.method == "passport":
+    if target.step == PARAMS:
         return (method(ENCLAVE_SERVICE, "PassportParams"),
                 enclave_pb2.PassportParamsRequest(session_id=sid, items=n).SerializeToString())
     return _module_request(target, sid, _module_batch(target, n))
@@ -291,7 +292,7 @@ def _enclave_cases(target: Target, sid: str | None) -> list[tuple[str, str, byte
         ("unknown method", method(ENCLAVE_SERVICE, "NoSuchMethod"), b"", None, {S.UNIMPLEMENTED}),
         ("oversized message (65 MiB)", pre, os.urandom(OVERSIZED), None, {S.RESOURCE_EXHAUSTED}),
     ]
-    if sid and target.method == "passport":
+    if sid and target.step == PARAMS:
         pp = method(ENCLAVE_SERVICE, "PassportParams")
 
         def items(n: int) -> bytes:
@@ -305,9 +306,9 @@ def _enclave_cases(target: Target, sid: str | None) -> list[tuple[str, str, byte
             (f"passport: items {max_batch} (max) is served", pp, items(max_batch), None, {S.OK}),
         ]
     elif sid:
-        no_input = (enclave_pb2.ClassifyRequest if target.method == "sealed-head"
+        no_input = (enclave_pb2.ClassifyRequest if target.step == CLASSIFY
                     else enclave_pb2.PreprocessRequest)(session_id=sid).SerializeToString()
-        if target.method == "sealed-head":
+        if target.step == CLASSIFY:
             cases.append(("sealed-head: Preprocess on a sealed-head bundle", method(ENCLAVE_SERVICE, "Preprocess"),
                           preprocess_request(sid, _images(target, 2)).SerializeToString(), None,
                           {S.FAILED_PRECONDITION}))
@@ -409,7 +410,7 @@ def _enclave_seeds(target: Target, sid: str | None) -> list[Seed]:
     item = _module_item(target)
     owner = target.bundle.owner_public_key
     session = sid or secrets.token_urlsafe(24)
-    sealed_head = target.method == "sealed-head"
+    sealed_head = target.step == CLASSIFY
 
     def structured(rng: np.random.Generator):
         shape = random_shape(rng, item, max_batch)
@@ -432,7 +433,7 @@ def _enclave_seeds(target: Target, sid: str | None) -> list[Seed]:
         return enclave_pb2.PassportParamsRequest(session_id=sess, items=n)
 
     token = target.license or forged_license(model)
-    if target.method == "passport":
+    if target.step == PARAMS:
         data_seed = Seed(method(ENCLAVE_SERVICE, "PassportParams"),
                          enclave_pb2.PassportParamsRequest(session_id=session, items=2),
                          ok_allowed=lambda msg: bool(sid) and msg.session_id == sid and 1 <= msg.items <= max_batch,

@@ -2,8 +2,8 @@
 
 An attack is a function `run(target, budget, out_dir) -> Outcome` registered with its suite ("model" or
 "protocol"), the protection methods it applies to (None: any, e.g. protocol attacks) and the attacker
-knowledge it assumes. Each method has its own module (`methods=("passport",)` etc.); the runner skips attacks
-whose methods do not include the bundle's.
+knowledge it assumes. A method's own attacks live in the module its method object names (`attack_module`,
+sealnet/protect/methods/); the runner skips attacks whose methods do not include the bundle's.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sealnet.attacks.base import Budget, Outcome, Target
+from sealnet.protect.methods import METHODS
 
 SUITES = ("model", "protocol")
-# Modules that register attacks when imported; a new attack module is added here.
-ATTACK_MODULES = tuple(f"sealnet.attacks.{name}" for name in (
-    "transform_attacks", "passport_attacks", "serial_attacks", "stealing", "teeslice", "protocol"))
+# Modules that register attacks when imported: each method's own, then those that apply across methods.
+ATTACK_MODULES = (*(m.attack_module for m in METHODS.values() if m.attack_module),
+                  *(f"sealnet.attacks.{name}" for name in ("stealing", "teeslice", "protocol")))
 
 RunFn = Callable[[Target, Budget, Path], Outcome]
 

@@ -97,7 +97,7 @@ def first_dense_layer(model: onnx.ModelProto) -> tuple[onnx.NodeProto, str]:
 def recentred(model: onnx.ModelProto, x: np.ndarray) -> tuple[onnx.ModelProto, np.ndarray]:
     """A copy of `model` whose first fully connected layer gives each unit mean pre-activation 0 over the
     images `x`, and those pre-activations before the shift (images x units)."""
-    from sealnet.runtime.onnx_session import session_from_model
+    from sealnet.onnx_session import session_from_model
 
     node, bias_name = first_dense_layer(model)
     probe = onnx.ModelProto()
@@ -127,7 +127,7 @@ def recentred(model: onnx.ModelProto, x: np.ndarray) -> tuple[onnx.ModelProto, n
               "of its first fully connected layer so that every unit has mean pre-activation 0 on them; also with "
               f"only the first {RECENTER_IMAGES[0]} images.")
 def dsn_recenter(target: Target, budget: Budget, out: Path) -> Outcome:
-    from sealnet.runtime.onnx_session import ort_accuracy, session_from_model
+    from sealnet.onnx_session import ort_accuracy, session_from_model
 
     metrics, pre = [], None
     for n in RECENTER_IMAGES:

@@ -24,6 +24,7 @@ from sealnet.attacks.onnx_torch import OnnxModule, penultimate
 from sealnet.attacks.plots import grouped_bars
 from sealnet.attacks.registry import register_attack
 from sealnet.attacks.stealing import fit_steps, torch_accuracy
+from sealnet.bundle import CLASSIFY
 from sealnet.outputs import predicted_labels
 
 RATIO_LIMIT = 1.05
@@ -117,7 +118,7 @@ def _in_chunks(call, x: np.ndarray) -> dict[str, np.ndarray]:
               "and whatever is public anyway (a sealed head's published backbone).")
 def teeslice_stealing(target: Target, budget: Budget, out: Path) -> Outcome:
     data = target.data
-    public_anyway = target.method == "sealed-head"
+    public_anyway = target.step == CLASSIFY  # the backbone is published
     rng = np.random.default_rng(target.seed)
     order = rng.permutation(len(data.x_train))
     fractions = sorted({0.001, *budget.steal_fractions})

@@ -72,7 +72,7 @@ async def run(target: str, model: str, input_name: str, shape: list[int], batch:
 
 def run_in_process(onnx_path: str, shape: list[int], batch: int, duration: float, warmup: float) -> dict:
     """The limit: back-to-back ONNX Runtime calls on one thread of this process, the runtime's session options."""
-    from sealnet.runtime.onnx_session import ort_session
+    from sealnet.onnx_session import ort_session
 
     session = ort_session(onnx_path, providers=["auto"])
     name = session.get_inputs()[0].name

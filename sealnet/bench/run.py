@@ -17,6 +17,7 @@ bench.md and bench.png into --out and prints the ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,72 +161,70 @@ def _wait_ready(target: str, procs: list[subprocess.Popen], timeout: float = 90)
         channel.close()
 
 
+@contextlib.contextmanager
+def _serving(system: str, fixture: dict[str, Any], work: Path, triton_network: str,
+             label: str) -> Iterator[tuple[str, str | None]]:
+    """Serve `fixture`'s bundle as `system`: (the endpoint's HOST:PORT, Triton's metrics URL or None). The
+    protected systems are a LocalDeployment (trusted module + endpoint as processes, logs in WORK/LABEL/logs);
+    the unprotected runtime and the KServe server are one process each."""
+    if system in ("protected", "triton"):
+        from sealnet.deployment import LocalDeployment
+        from sealnet.enclave_sim.keystore_spec import KeystoreSpec
+
+        with LocalDeployment(fixture["bundle"], keystore=KeystoreSpec("embedded", fixture["keystore"]),
+                             workdir=work / label, processes=True, engine="python" if system == "protected" else
+                             "triton", triton_network=triton_network, ready_timeout=90) as d:
+            yield d.endpoint, d.metrics_url
+        return
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    if system == "unprotected":
+        cmd = sealnet_command("serve", "--bundle", str(fixture["bundle"]), "--listen", target,
+                              "--benchmark-bypass-trusted-module")
+        log = work / "runtime-unprotected.log"
+    elif system == "kserve":
+        cmd = [str(KSERVE_VENV / "bin" / "python"), str(Path(__file__).with_name("kserve_server.py")), "--onnx",
+               str(fixture["bundle"] / "public.onnx"), "--model", MODEL_ID, "--grpc-port", str(port),
+               "--http-port", str(free_port())]
+        log = work / "kserve.log"
+    else:
+        raise ValueError(system)
+    procs = [start_logged(cmd, log)]
+    try:
+        _wait_ready(target, procs)
+        yield target, None
+    finally:
+        stop_all(procs)
+
+
 def measure_server(system: str, fixture: dict[str, Any], work: Path, batches: list[int], concurrency: list[int],
                    duration: float, warmup: float, triton_network: str = "inline",
                    label: str | None = None) -> list[dict[str, Any]]:
     """Serve `fixture`'s bundle as `system` and drive it; rows are named `label` (default: the system)."""
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    procs: list[subprocess.Popen] = []
-    license_args: list[str] = []
-    metrics_port = 0  # Triton's, for the per-configuration breakdown
-    bundle = str(fixture["bundle"])
-    if system == "protected":
-        sock = work / f"enclave-{port}.sock"
-        enclave = sealnet_command("enclave", "--bundle", bundle, "--keystore-dir", str(fixture["keystore"]),
-                                  "--listen", f"unix:{sock}", "--state-dir", str(work / "state"))
-        procs.append(start_logged(enclave, work / "enclave.log"))
-        runtime = sealnet_command("serve", "--bundle", bundle, "--enclave", f"unix:{sock}", "--listen", target)
-        procs.append(start_logged(runtime, work / "runtime-protected.log"))
-        license_args = ["--license-file", str(fixture["license"])]
-    elif system == "unprotected":
-        runtime = sealnet_command("serve", "--bundle", bundle, "--listen", target, "--benchmark-bypass-trusted-module")
-        procs.append(start_logged(runtime, work / "runtime-unprotected.log"))
-    elif system == "triton":
-        metrics_port = free_port()
-        sock = work / f"enclave-{port}.sock"
-        enclave = sealnet_command("enclave", "--bundle", bundle, "--keystore-dir", str(fixture["keystore"]),
-                                  "--listen", f"unix:{sock}", "--state-dir", str(work / "state-triton"))
-        procs.append(start_logged(enclave, work / "enclave-triton.log"))
-        runtime = sealnet_command("serve", "--engine", "triton", "--bundle", bundle, "--enclave", f"unix:{sock}",
-                                  "--listen", target, "--http-port", str(free_port()), "--metrics-port",
-                                  str(metrics_port), "--triton-log", str(work / "tritonserver.log"),
-                                  "--triton-network", triton_network)
-        procs.append(start_logged(runtime, work / "runtime-triton.log"))
-        license_args = ["--license-file", str(fixture["license"])]
-    elif system == "kserve":
-        kserve = [str(KSERVE_VENV / "bin" / "python"), str(Path(__file__).with_name("kserve_server.py")), "--onnx",
-                  str(fixture["bundle"] / "public.onnx"), "--model", MODEL_ID, "--grpc-port", str(port),
-                  "--http-port", str(free_port())]
-        procs.append(start_logged(kserve, work / "kserve.log"))
-    else:
-        raise ValueError(system)
+    label = label or system
+    license_args = ["--license-file", str(fixture["license"])] if system in ("protected", "triton") else []
     rows = []
-    try:
-        _wait_ready(target, procs)
+    with _serving(system, fixture, work, triton_network, label) as (target, metrics_url):
         for batch in batches:
             for conc in concurrency:
-                before = _triton_counters(metrics_port) if system == "triton" else None
-                row = {"system": label or system, **_load(["--target", target, "--model",
-                                                           fixture.get("model_id", MODEL_ID), "--batch", str(batch),
-                                                  "--concurrency", str(conc), "--duration", str(duration),
-                                                  "--warmup", str(warmup), *license_args])}
+                before = _triton_counters(metrics_url) if metrics_url else None
+                row = {"system": label, **_load(["--target", target, "--model", fixture.get("model_id", MODEL_ID),
+                                                 "--batch", str(batch), "--concurrency", str(conc), "--duration",
+                                                 str(duration), "--warmup", str(warmup), *license_args])}
                 if before is not None:
-                    row["triton_breakdown"] = _breakdown(before, _triton_counters(metrics_port))
+                    row["triton_breakdown"] = _breakdown(before, _triton_counters(metrics_url))
                 rows.append(row)
-                _log(f"{label or system:<11} b{batch:<3} c{conc:<3} {row['items_per_s']:8.0f} items/s  "
+                _log(f"{label:<11} b{batch:<3} c{conc:<3} {row['items_per_s']:8.0f} items/s  "
                      f"p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms  errors {row['errors']}")
-    finally:
-        stop_all(procs)
     return rows
 
 
-def _triton_counters(metrics_port: int) -> dict[str, float]:
+def _triton_counters(metrics_url: str) -> dict[str, float]:
     """Triton's cumulative per-model counters and sealnet's trusted-module histogram sums, from one scrape."""
     import re
     import urllib.request
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+    with urllib.request.urlopen(metrics_url, timeout=10) as resp:
         text = resp.read().decode()
     out: dict[str, float] = {}
     for name, labels, value in re.findall(r"^(\w+)\{([^}]*)\} (\S+)$", text, re.M):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sealnet.attacks.base import BUDGETS, Target
 from sealnet.attacks.registry import SUITES, all_attacks, select
+from sealnet.protect.methods import with_demo
 
 
 def add_attack_parser(sub) -> None:
@@ -43,7 +44,7 @@ def add_attack_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=Path("runs/attack-demo"), help="--demo: where to build (replaced)")
     p.add_argument("--epochs", type=int, default=8, help="--demo: training epochs")
-    p.add_argument("--method", choices=["transform", "sealed-head"], default="transform",
+    p.add_argument("--method", choices=with_demo(), default="transform",
                    help="--demo: the protection method of the demo bundle")
     p.set_defaults(func=cmd_attack)
 

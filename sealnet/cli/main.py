@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sealnet.data import DATASETS
+from sealnet.errors import SealnetError, missing_extra
 from sealnet.rpc import default_enclave_address
 
 
@@ -24,33 +25,30 @@ def _read_license(args: argparse.Namespace) -> str | None:
 
 # -- protect / export ------------------------------------------------------------------------------------
 def cmd_protect(args: argparse.Namespace) -> int:
-    from sealnet.data import load_dataset
-    from sealnet.protect.pipeline import protect_transform
-    from sealnet.protect.train import TrainConfig
+    from sealnet.protect.methods import get_method
 
-    if args.method == "passport":
-        from sealnet.cli.passport import cmd_protect_passport
+    return get_method(args.method).protect(args)
 
-        return cmd_protect_passport(args)
-    if args.method in ("dsn", "watermark"):
-        from sealnet.cli.serial import cmd_protect_serial
 
-        return cmd_protect_serial(args)
-    if args.method == "sealed-head":
-        from sealnet.cli.sealed_head import cmd_protect_sealed_head
+def add_protect_parser(sub: argparse._SubParsersAction) -> None:
+    """`sealnet protect METHOD`: the flags every method shares, then each method's own (its method file)."""
+    from sealnet.protect.methods import METHODS
 
-        return cmd_protect_sealed_head(args)
-    data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      alpha=args.alpha, beta=args.beta, gamma=args.gamma)
-    ckpt = protect_transform(data, args.variant, args.out, cfg, baseline=not args.no_baseline)
-    m = ckpt.metrics
-    print(f"checkpoint {args.out} (mode 0600: it holds the secret transform)")
-    if "baseline_acc" in m:
-        print(f"  baseline   accuracy {m['baseline_acc']:.2%}")
-    print(f"  authorized accuracy {m['authorized_acc']:.2%}  (raw input through the {args.variant} transform)")
-    print(f"  raw        accuracy {m['raw_acc']:.2%}  (raw input, no transform: what a pirate gets)")
-    return 0
+    protect = sub.add_parser("protect", help="train a protected model and write a checkpoint")
+    methods = protect.add_subparsers(dest="method", required=True, metavar="METHOD")
+    for name, method in METHODS.items():
+        p = methods.add_parser(name, help=method.summary, description=method.summary)
+        p.add_argument("--dataset", default="mnist-embedded", choices=DATASETS)
+        p.add_argument("--data-dir", type=Path, help="directory with MNIST/Fashion IDX files or CIFAR-10 batches")
+        p.add_argument("--epochs", type=int, default=8)
+        p.add_argument("--batch-size", type=int, default=128)
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--seed", type=int, default=0)
+        if method.baseline_option:
+            p.add_argument("--no-baseline", action="store_true", help="skip training the unprotected baseline")
+        p.add_argument("--out", type=Path, default=Path("protected.pt"))
+        method.add_arguments(p)
+        p.set_defaults(func=cmd_protect)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -262,42 +260,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from sealnet.export import add_arguments as add_export_arguments
-    from sealnet.protect import VARIANTS
+    from sealnet.protect.methods import with_demo
 
     parser = argparse.ArgumentParser(prog="sealnet", description="Deploy protected models behind a trusted module.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("protect", help="train a protected model and write a checkpoint")
-    p.add_argument("--method", default="transform",
-                   choices=["transform", "passport", "dsn", "watermark", "sealed-head"])
-    p.add_argument("--variant", default="generator", choices=VARIANTS)
-    p.add_argument("--dataset", default="mnist-embedded", choices=DATASETS)
-    p.add_argument("--data-dir", type=Path, help="directory with MNIST/Fashion IDX files or CIFAR-10 batches")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of CE on processed inputs")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of the true-class probability on raw inputs")
-    p.add_argument("--gamma", type=float, default=0.01, help="weight of ||x_p - x_r||^2")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-baseline", action="store_true", help="skip training the unprotected baseline")
-    p.add_argument("--out", type=Path, default=Path("protected.pt"))
-    p.set_defaults(func=cmd_protect)
-    from sealnet.cli.passport import add_passport_eval_parser, add_protect_passport_arguments, add_verify_parser
-
-    add_protect_passport_arguments(p)
-    from sealnet.cli.serial import (
-        add_ca_parser,
-        add_protect_serial_arguments,
-        add_serial_eval_parser,
-        add_verify_serial_arguments,
-    )
-
-    add_protect_serial_arguments(p)
-    from sealnet.cli.sealed_head import add_backbone_parser, add_protect_sealed_head_arguments
-
-    add_protect_sealed_head_arguments(p)
+    add_protect_parser(sub)
+    from sealnet.cli.passport import add_passport_eval_parser, add_verify_parser
+    from sealnet.cli.sealed_head import add_backbone_parser
+    from sealnet.cli.serial import add_ca_parser, add_serial_eval_parser, add_verify_serial_arguments
 
     p = sub.add_parser("export", help="build a bundle: public ONNX, sealed secrets, signed manifest")
     add_export_arguments(p)
@@ -408,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the result table as JSON")
     p.add_argument("--keystore", choices=["embedded", "tpm"], default="embedded",
                    help="tpm: seal to a software TPM (swtpm) started for the demo")
-    p.add_argument("--method", choices=["transform", "sealed-head"], default="transform",
+    p.add_argument("--method", choices=with_demo(), default="transform",
                    help="sealed-head: public backbone + sealed head, plus the stealing and insider measurements")
     p.add_argument("--engine", choices=["python", "triton"], default="python",
                    help="triton: serve on NVIDIA Triton Inference Server (./dev installs it)")
@@ -428,27 +400,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sealnet.bundle import BundleError
-    from sealnet.enclave_sim.keystore import KeystoreError
-    from sealnet.export import ExportError
-    from sealnet.licenses import LicenseError
-    from sealnet.runtime.attestation import AttestationError
-
+    """The console entry. Errors end as `error: MESSAGE` on stderr and the exit code of sealnet/errors.py: a
+    SealnetError its own, a plain OSError or ValueError 2, an optional dependency this install lacks 3
+    (MissingExtra naming the extra, e.g. on an edge install without torch)."""
     argv = sys.argv[1:] if argv is None else argv
     verbose = [a for a in argv[:1] if a in ("-v", "--verbose")]
-    if argv[len(verbose) : len(verbose) + 1] == ["enclave"]:
-        exec_enclave(argv[len(verbose) + 1 :] + verbose)
-    if argv[:1] == ["bench"]:
-        from sealnet.bench.run import main as bench_main
-
-        return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    words = argv[len(verbose) :]
+    if words[:1] == ["enclave"]:
+        exec_enclave(words[1:] + verbose)
+    command = f"sealnet {words[0]}" if words and not words[0].startswith("-") else "sealnet"
     try:
-        return args.func(args)
-    except (ExportError, KeystoreError, BundleError, LicenseError, AttestationError, FileNotFoundError,
-            FileExistsError, ValueError, OSError) as exc:
+        try:
+            if argv[:1] == ["bench"]:
+                from sealnet.bench.run import main as bench_main
+
+                return bench_main(argv[1:])
+            args = build_parser().parse_args(argv)
+            logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                                format="%(asctime)s %(name)s %(levelname)s %(message)s")
+            return args.func(args)
+        except ModuleNotFoundError as exc:
+            missing = missing_extra(exc, command)
+            if missing is None:
+                raise
+            raise missing from None
+    except SealnetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (ValueError, OSError) as exc:  # FileNotFoundError, FileExistsError, a malformed file...
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,4 @@
-"""CLI of the passport method: `sealnet protect --method passport`, `sealnet verify`, `sealnet passport-eval`.
+"""CLI of the passport method's checks: `sealnet verify` (passport + signature) and `sealnet passport-eval`.
 
 Torch-free at import time (the parser is built on every `sealnet` call); the commands import the rest lazily.
 """
@@ -10,79 +10,6 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
-
-from sealnet.protect import DEFAULT_SIGNATURE, PASSPORT_FNS, PASSPORT_MODELS, PASSPORT_TYPES, SCHEMES
-
-
-# -- sealnet protect --method passport ------------------------------------------------------------------------
-def add_protect_passport_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of `sealnet protect` that only --method passport reads."""
-    g = p.add_argument_group("passport method (--method passport)")
-    g.add_argument("--scheme", default="v1", choices=SCHEMES,
-                   help="v1: passport needed at inference; v2: private passport, public gamma/beta; "
-                        "v3: v2 + trigger set")
-    g.add_argument("--passport-type", default="random", choices=PASSPORT_TYPES,
-                   help="T1 random patterns, T2 one fixed image's feature maps, T3 random-shuffled images")
-    g.add_argument("--passport-fn", default="both", choices=PASSPORT_FNS,
-                   help="which of gamma/beta are derived from passports (Digital Passport V1/V2/V3)")
-    g.add_argument("--signature", default=DEFAULT_SIGNATURE, help="ASCII signature embedded in sign(gamma)")
-    g.add_argument("--model", default="cnn_p", choices=PASSPORT_MODELS)
-    g.add_argument("--width", type=int, default=None,
-                   help="resnet18_p: base channel width (default 64, the paper's; e.g. 16 trains fast on a CPU)")
-    g.add_argument("--fake-weight", type=float, default=None, help="anti-fake term weight (0: the papers' loss)")
-    g.add_argument("--decor-weight", type=float, default=None, help="decorrelation term weight (0: the papers')")
-    g.add_argument("--sign-weight", type=float, default=None)
-    g.add_argument("--lr-schedule", choices=["cosine", "constant"], default=None)
-    g.add_argument("--optimizer", choices=["adam", "sgd"], default=None,
-                   help="adam (default) or sgd with momentum 0.9 (the papers' CIFAR recipe: --lr 0.01)")
-    g.add_argument("--no-warm-start", dest="warm_start", action="store_false", default=None,
-                   help="train the passport net from scratch instead of from the trained baseline's weights")
-    g.add_argument("--passport-out", type=Path, help="passport file (default: OUT with suffix .passport.pt)")
-
-
-def cmd_protect_passport(args: argparse.Namespace) -> int:
-    from sealnet.data import load_dataset
-    from sealnet.protect.passport_train import PassportConfig, default_passport_path, protect_passport
-    from sealnet.protect.train import TrainConfig
-
-    width = args.width
-    if width is not None and (args.model != "resnet18_p" or width < 1):
-        raise ValueError(f"--width {width}: only resnet18_p takes a width, a positive channel count")
-    data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    overrides = {k: getattr(args, k) for k in ("fake_weight", "decor_weight", "sign_weight", "lr_schedule", "optimizer",
-                                                 "warm_start")
-                 if getattr(args, k, None) is not None}
-    pcfg = PassportConfig(scheme=args.scheme, passport_type=args.passport_type, passport_fn=args.passport_fn,
-                          signature=args.signature, **overrides)
-    passport_out = args.passport_out or default_passport_path(args.out)
-    ckpt = protect_passport(data, args.out, cfg, pcfg, model_name=args.model,
-                            model_config=None if width is None else {"width": width}, baseline=not args.no_baseline,
-                            passport_out=passport_out)
-    m = ckpt.metrics
-    print(f"checkpoint {args.out} (mode 0600: it holds the passports), passport file {passport_out}")
-    if "baseline_acc" in m:
-        print(f"  baseline  accuracy {m['baseline_acc']:.2%}  (plain counterpart, same recipe)")
-    print(f"  passport  accuracy {m['valid_acc']:.2%}  (scheme {args.scheme}, {args.passport_type} passports, "
-          f"{'started from the baseline, reparametrised' if m.get('warm_start') else 'trained from scratch'})")
-    if "public_acc" in m:
-        print(f"  public    accuracy {m['public_acc']:.2%}  (distributed network, no passport)")
-    print(f"  signature {'recovered' if m['signature_match'] else 'NOT recovered'} "
-          f"({m['signature_bits']} bits; {m['bits_matched']}/{m['designated_bits']} designated channel signs, "
-          f"capacity {m['capacity_bits']})")
-    if "trigger_acc" in m:
-        print(f"  trigger set detected {m['trigger_acc']:.2%} (public branch, black-box)")
-    if args.scheme != "v1":
-        import torch
-
-        from sealnet.export.split import INPUT_NAME, export_onnx
-        from sealnet.protect.passport import PublicBranchModel
-
-        onnx_path = args.out.with_suffix(".public.onnx")  # what V2/V3 distribute: no passport needed
-        export_onnx(PublicBranchModel(ckpt.build_public_model()), (torch.zeros(1, *ckpt.input_shape),), onnx_path,
-                    [INPUT_NAME])
-        print(f"  distributed network: {onnx_path} (public gamma/beta; serve it with `sealnet serve --onnx`)")
-    return 0
 
 
 # -- sealnet verify -------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""CLI of the serial-number methods: `sealnet protect --method dsn|watermark`, `sealnet ca init|endorse|check`,
-`sealnet verify --trigger ...` and `sealnet serial-eval`.
+"""CLI of the serial-number checks: `sealnet ca init|endorse|check`, `sealnet verify --trigger ...` and
+`sealnet serial-eval`.
 
 Torch-free at import time (the parser is built on every `sealnet` call); the commands import the rest lazily.
 """
@@ -15,144 +15,11 @@ from pathlib import Path
 from typing import Any
 
 
-def _position(text: str) -> tuple[int, int]:
-    try:
-        r, c = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ROW,COL (e.g. 0,0), got {text!r}") from None
-    return r, c
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, _, w = text.lower().partition("x")
-        return int(h), int(w or h)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 3x3) or N, got {text!r}") from None
-
-
 def _fractions(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated fractions, got {text!r}") from None
-
-
-# -- sealnet protect --method dsn|watermark --------------------------------------------------------------------
-def add_protect_serial_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of `sealnet protect` that only --method dsn / watermark read."""
-    g = p.add_argument_group("serial numbers (--method dsn | watermark)")
-    g.add_argument("--owner-key", type=Path, help="owner Ed25519 key (sealnet license keygen); signs the serial record")
-    g.add_argument("--company", help="serial record: company name")
-    g.add_argument("--model-id", help="serial record: model id")
-    g.add_argument("--customer", help="serial record: customer id (dsn: required, one student per customer; "
-                                      "watermark: default 'all')")
-    g.add_argument("--timestamp", type=int, help="serial record: Unix time (default: now)")
-    g.add_argument("--hidden", type=int, default=256, help="units of simple_cnn's hidden fc layer (teacher, student, "
-                                                           "watermarked model)")
-    g.add_argument("--teacher", type=Path, help="dsn: teacher checkpoint; trained with --epochs and written here if "
-                                                "missing, reused if present (default: OUT.teacher.pt)")
-    g.add_argument("--student-epochs", type=int, default=30, help="dsn: epochs of distillation")
-    g.add_argument("--pattern-size", type=_size, default=(3, 3), help="dsn: serial-number pattern HxW (bits)")
-    g.add_argument("--position", type=_position, default=(0, 0), help="dsn: ROW,COL of the stamp's top-left pixel")
-    g.add_argument("--temperature", type=float, default=2.0, help="dsn: distillation temperature")
-    g.add_argument("--grl-lambda", type=float, default=1.0, help="dsn: weight of the reversed gradient")
-    g.add_argument("--wrong-fraction", type=float, default=0.5,
-                   help="dsn: share of the no-SN half stamped with wrong patterns (0: the paper)")
-    g.add_argument("--uniform-weight", type=float, default=0.3,
-                   help="dsn: weight of the uniform-output term on inputs without the SN (0: the paper)")
-    g.add_argument("--no-teacher-init", dest="teacher_init", action="store_false",
-                   help="dsn: start the student from random weights instead of the teacher's")
-    g.add_argument("--attempts", type=int, default=3,
-                   help="dsn: students trained (seeds SEED, SEED+1, ...) until one meets the targets below")
-    g.add_argument("--max-sn-drop", type=float, default=0.02,
-                   help="dsn target: student with its SN at least teacher minus this (test split)")
-    g.add_argument("--max-raw-acc", type=float, default=0.2, help="dsn target: student on raw inputs at most this")
-    g.add_argument("--max-other-acc", type=float, default=0.2,
-                   help="dsn target: student with any of 20 other customers' SNs at most this")
-    g.add_argument("--trigger-size", type=int, default=100, help="watermark: trigger images")
-    g.add_argument("--trigger-seed", type=int, help="watermark: seed of the trigger set (default: random)")
-    g.add_argument("--tolerance", type=float, help="watermark: max |logit - i| for a match (default: half a level, 1)")
-    g.add_argument("--trigger-out", type=Path, help="watermark: trigger file (default: OUT.trigger.npz, 0600)")
-    g.add_argument("--serial-out", type=Path, help="claim for the CA (default: OUT.serial.json)")
-
-
-def _record(args: argparse.Namespace, default_customer: str | None) -> Any:
-    from sealnet.serial import SerialRecord
-
-    missing = [f"--{n.replace('_', '-')}" for n in ("owner_key", "company", "model_id")
-               if getattr(args, n) is None]
-    if args.customer is None and default_customer is None:
-        missing.append("--customer")
-    if missing:
-        raise SystemExit(f"--method {args.method} needs {', '.join(missing)}")
-    return SerialRecord(args.company, args.model_id, int(time.time()) if args.timestamp is None else args.timestamp,
-                        args.customer or default_customer)
-
-
-def cmd_protect_serial(args: argparse.Namespace) -> int:
-    from sealnet.data import load_dataset
-    from sealnet.licenses import load_owner_key
-    from sealnet.protect.train import TrainConfig
-    from sealnet.serial import serial_path
-
-    record = _record(args, None if args.method == "dsn" else "all")
-    owner_key = load_owner_key(args.owner_key)
-    data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    config = {"hidden": args.hidden}
-    claim = args.serial_out or serial_path(args.out)
-    if args.method == "dsn":
-        from sealnet.protect.serial import DSNConfig, DSNTargets, DSNTrainingError, protect_dsn
-
-        teacher = args.teacher or args.out.with_name(args.out.stem + ".teacher.pt")
-        dcfg = DSNConfig(temperature=args.temperature, grl_lambda=args.grl_lambda, wrong_fraction=args.wrong_fraction,
-                         uniform_weight=args.uniform_weight, teacher_init=args.teacher_init)
-        student_cfg = TrainConfig(epochs=args.student_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-        try:
-            ckpt = protect_dsn(data, args.out, student_cfg, owner_key, record, dcfg=dcfg, teacher_path=teacher,
-                               teacher_cfg=cfg, pattern_size=args.pattern_size, position=args.position,
-                               model_config=config, claim_out=claim, attempts=args.attempts,
-                               targets=DSNTargets(args.max_sn_drop, args.max_raw_acc, args.max_other_acc))
-        except DSNTrainingError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        m = ckpt.metrics
-        print(f"checkpoint {args.out} (mode 0600: it holds the serial number), teacher {teacher}, claim {claim}")
-        print(f"  teacher        accuracy {m['teacher_acc']:.2%}")
-        print(f"  student + SN   accuracy {m['student_sn_acc']:.2%}  (customer {record.customer_id!r}, seed "
-              f"{ckpt.seed}{', attempt ' + str(m['student_attempts']) if m['student_attempts'] > 1 else ''})")
-        print(f"  student raw    accuracy {m['student_raw_acc']:.2%}  (no serial number: what a pirate gets)")
-        print(f"  other SNs  max accuracy {m['other_sn_max_acc']:.2%}  ({m['other_sn_n']} other customers' SNs)")
-        from sealnet.serial import license_serial_number
-
-        print(f"  license serial number {license_serial_number(ckpt.secret['commitment'])} (issue the customer's "
-              f"license with --customer {record.customer_id} --serial it; export the student for deployment)")
-        return 0
-    from sealnet.protect.watermark import WatermarkConfig, protect_watermark
-    from sealnet.serial import DEFAULT_TOLERANCE, trigger_path
-
-    wcfg = WatermarkConfig(trigger_size=args.trigger_size,
-                           tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
-    trig = args.trigger_out or trigger_path(args.out)
-    ckpt = protect_watermark(data, args.out, cfg, owner_key, record, wcfg=wcfg, model_config=config,
-                             baseline=not args.no_baseline, trigger_seed=args.trigger_seed, trigger_out=trig,
-                             claim_out=claim)
-    m = ckpt.metrics
-    import torch
-
-    from sealnet.export.split import INPUT_NAME, export_onnx
-
-    onnx_path = args.out.with_suffix(".onnx")  # the model as distributed; the watermark travels inside it
-    export_onnx(ckpt.build_public_model(), (torch.zeros(1, *ckpt.input_shape),), onnx_path, [INPUT_NAME])
-    print(f"checkpoint {args.out}, ONNX {onnx_path}, trigger file {trig} (0600: the verification secret), "
-          f"claim {claim}")
-    if "baseline_acc" in m:
-        print(f"  baseline    accuracy {m['baseline_acc']:.2%}  (plain model, same recipe)")
-    print(f"  watermarked accuracy {m['watermark_task_acc']:.2%}")
-    print(f"  serial number {'recovered' if m['watermark_match'] else 'NOT recovered'}: {m['watermark_rate']:.0%} of "
-          f"{args.trigger_size} trigger images within ±{wcfg.tolerance:g} of i")
-    return 0
 
 
 # -- sealnet ca -------------------------------------------------------------------------------------------------
@@ -269,7 +136,7 @@ def suspect_predict(args: argparse.Namespace, model_id: str) -> Any:
     if (args.onnx is None) == (args.endpoint is None):
         raise SystemExit("sealnet verify: give exactly one of --onnx FILE or --endpoint HOST:PORT")
     if args.onnx is not None:
-        from sealnet.runtime.onnx_session import ort_session
+        from sealnet.onnx_session import ort_session
 
         if not args.onnx.is_file():
             raise FileNotFoundError(f"--onnx {args.onnx} not found")

@@ -21,14 +21,9 @@ import numpy as np
 
 from sealnet.attacks.direct_piracy import direct_piracy_accuracy
 from sealnet.data import mnist_embedded
-from sealnet.enclave_sim.keystore import init_keystore
-from sealnet.enclave_sim.keystore_spec import KeystoreSpec
-from sealnet.export.build_engine import build_bundle
-from sealnet.licenses import issue_license, load_owner_key, write_owner_key
-from sealnet.processes import DEMO_MODEL_ID as MODEL_ID
-from sealnet.processes import SEALED_HEAD_DEMO_MODEL_ID, free_port, sealnet_command, start_logged, stop_all
-from sealnet.protect.pipeline import protect_transform
-from sealnet.protect.train import TrainConfig
+from sealnet.deployment import LocalDeployment
+from sealnet.enclave_sim.service import EnclaveOptions
+from sealnet.protect.methods import DemoPlan, get_method, with_demo
 from sealnet.runtime.client import InferenceClient
 
 
@@ -72,22 +67,13 @@ def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, s
     (workdir / "logs").mkdir(parents=True)
     # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so the services the demo started are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    with contextlib.ExitStack() as stack:
-        if keystore == "tpm":
-            from sealnet.enclave_sim.swtpm import SwtpmProcess, swtpm_unavailable
+    if keystore == "tpm":
+        from sealnet.enclave_sim.swtpm import swtpm_unavailable
 
-            if reason := swtpm_unavailable():
-                print(f"error: --keystore tpm needs a software TPM: {reason}", file=sys.stderr)
-                return 2
-            tpm = stack.enter_context(SwtpmProcess(workdir / "swtpm"))
-            print(f"software TPM (swtpm) on {tpm.tcti}")
-            spec = KeystoreSpec("tpm", tcti=tpm.tcti)
-            enclave_keystore_args = ["--keystore", "tpm", "--tpm", tpm.tcti]
-        else:
-            spec = KeystoreSpec("embedded", workdir / "keystore")
-            enclave_keystore_args = ["--keystore-dir", str(workdir / "keystore")]
-        return _run(workdir, spec, enclave_keystore_args, epochs=epochs, json_path=json_path, seed=seed,
-                    method=method, engine=engine)
+        if reason := swtpm_unavailable():
+            print(f"error: --keystore tpm needs a software TPM: {reason}", file=sys.stderr)
+            return 2
+    return _run(workdir, keystore, epochs=epochs, json_path=json_path, seed=seed, method=method, engine=engine)
 
 
 def run_demo_seeds(workdir: Path, seeds: int, *, seed: int = 0, json_path: Path | None = None,
@@ -125,18 +111,12 @@ SEED_ROWS = (("baseline_acc", "baseline (unprotected CNN, torch)"),
              ("insider_ratio", "insider (module queries) / black-box"), ("seconds", "seconds"))
 
 
-def _protect(method: str, data, workdir: Path, epochs: int, seed: int) -> tuple[str, dict]:
-    """Train the protected model into workdir/protected.pt: (model id, training metrics)."""
-    if method == "transform":
-        _step("owner: train the baseline and the Generator-protected model on the embedded MNIST subset")
-        ckpt = protect_transform(data, "generator", workdir / "protected.pt", TrainConfig(epochs=epochs, seed=seed))
-        return MODEL_ID, ckpt.metrics
-    from sealnet.protect.sealed_head import protect_demo_sealed_head
-
-    _step("owner: a public backbone trained only on public data (scikit-learn's 8x8 digits, upscaled), then the "
-          "baseline and the sealed head on the frozen backbone's taps (embedded MNIST)")
-    ckpt = protect_demo_sealed_head(data, workdir, epochs=epochs, seed=seed)
-    return SEALED_HEAD_DEMO_MODEL_ID, ckpt.metrics
+def demo_plan(method: str) -> DemoPlan:
+    """The method's demo plan; a clear error for a method without one."""
+    plan = get_method(method).demo()
+    if plan is None:
+        raise ValueError(f"sealnet demo: method {method!r} has no demo (demos: {', '.join(with_demo())})")
+    return plan
 
 
 def _stealing(bundle: Path, server_addr: str, enclave_addr: str, token: str, seed: int) -> dict:
@@ -155,67 +135,39 @@ def _stealing(bundle: Path, server_addr: str, enclave_addr: str, token: str, see
             "insider": insider.details}
 
 
-def _run(workdir: Path, spec: KeystoreSpec, enclave_keystore_args: list[str], *, epochs: int,
-         json_path: Path | None, seed: int, method: str, engine: str = "python") -> int:
+def _run(workdir: Path, keystore: str, *, epochs: int, json_path: Path | None, seed: int, method: str,
+         engine: str = "python") -> int:
     started = time.perf_counter()
     data = mnist_embedded(seed=0)
-    model_id, metrics = _protect(method, data, workdir, epochs, seed)
-    owner_key, _ = write_owner_key(workdir / "owner.key")
-    signer = load_owner_key(owner_key)
-    license_ok = issue_license(signer, customer_id="acme", model_id=model_id, serial_number="SN-0001",
-                               valid_seconds=3600)
-    license_other = issue_license(signer, customer_id="acme", model_id="another-model", serial_number="SN-0002",
-                                  valid_seconds=3600)
-
-    _step(f"integrator: set up the trusted module's keystore ({spec.backend}) and export the bundle")
-    if spec.backend == "embedded":
-        init_keystore(spec.directory)
-    manifest = build_bundle(workdir / "protected.pt", workdir / "bundle", owner_key=owner_key, keystore=spec,
-                            model_id=model_id)
-
-    _step("edge host: start the trusted module (Unix socket) and the KServe v2 endpoint (loopback TCP)")
-    enclave_addr = f"unix:{(workdir / 'enclave.sock').resolve()}"
-    server_addr = f"127.0.0.1:{free_port()}"
-    http_addr, metrics_url, engine_args = "", "", []
-    if engine == "triton":
-        http_addr, metrics_port = f"127.0.0.1:{free_port()}", free_port()
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        engine_args = ["--engine", "triton", "--http-port", http_addr.rsplit(":", 1)[1], "--metrics-port",
-                       str(metrics_port), "--triton-log", str(workdir / "logs" / "tritonserver.log")]
-    procs = [
-        start_logged(sealnet_command("enclave", "--bundle", str(workdir / "bundle"), *enclave_keystore_args,
-                                     "--listen", enclave_addr, "--state-dir", str(workdir / "state"),
-                                     "--audit-log", str(workdir / "logs" / "audit.jsonl")),
-                     workdir / "logs" / "enclave.log"),
-        start_logged(sealnet_command("serve", "--bundle", str(workdir / "bundle"), "--enclave", enclave_addr,
-                                     "--listen", server_addr, *engine_args), workdir / "logs" / "runtime.log"),
-    ]
-    client = InferenceClient(server_addr, model_id)
+    plan = demo_plan(method)
+    _step(plan.story)
+    ckpt = plan.train(data, workdir, epochs, seed)
+    model_id, metrics = plan.model_id, ckpt.metrics
     extra: dict = {}
-    try:
-        try:
-            client.wait_ready(timeout=60)
-        except TimeoutError:
-            for proc, name in zip(procs, ("enclave", "runtime"), strict=True):
-                if proc.poll() is not None:
-                    print(f"{name} exited ({proc.returncode}); see {workdir / 'logs' / (name + '.log')}")
-            raise
-        print(f"ready: {server_addr} -> {enclave_addr}")
+    with contextlib.ExitStack() as stack:
+        _step(f"integrator: set up the trusted module's keystore ({keystore}) and export the bundle")
+        deployment = LocalDeployment.export(
+            workdir / "protected.pt", workdir, keystore=keystore, model_id=model_id, log=print, processes=True,
+            engine=engine, enclave_options=EnclaveOptions(audit_log=workdir / "logs" / "audit.jsonl"))
+        stack.callback(deployment.stop)
+        manifest = deployment.manifest
+        license_ok = deployment.license("acme", "SN-0001")
+        license_other = deployment.license("acme", "SN-0002", model_id="another-model")
+        _step("edge host: start the trusted module (Unix socket) and the KServe v2 endpoint (loopback TCP)")
+        d = deployment.start()
+        print(f"ready: {d.endpoint} -> {d.enclave}")
         _step("edge client: query the test split over gRPC")
-        preds, status_ok = _query(client, data.x_test, license_ok)
-        _, status_none = _query(client, data.x_test[:8], None)
-        _, status_other = _query(client, data.x_test[:8], license_other)
+        preds, status_ok = _query(d.client, data.x_test, license_ok)
+        _, status_none = _query(d.client, data.x_test[:8], None)
+        _, status_other = _query(d.client, data.x_test[:8], license_other)
         if engine == "triton":
             from sealnet.runtime.triton.probe import http_infer, metric_families
 
-            triton = {"http_status": http_infer(http_addr, model_id, data.x_test[:8], license_ok)[0],
-                      "metrics": metric_families(metrics_url)}
-        if method == "sealed-head":
+            triton = {"http_status": http_infer(d.http_address, model_id, data.x_test[:8], license_ok)[0],
+                      "metrics": metric_families(d.metrics_url)}
+        if plan.stealing:
             _step("thief and insider against black-box access (TEESlice protocol; trains small copies)")
-            extra = _stealing(workdir / "bundle", server_addr, enclave_addr, license_ok, seed)
-    finally:
-        client.close()
-        stop_all(procs)
+            extra = _stealing(d.bundle, d.endpoint, d.enclave, license_ok, seed)
 
     _step("pirate: run the copied public.onnx on raw inputs")
     pirate = direct_piracy_accuracy(workdir / "bundle", data.x_test, data.y_test)

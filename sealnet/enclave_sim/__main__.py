@@ -17,13 +17,11 @@ import signal
 import sys
 from pathlib import Path
 
-from sealnet.bundle import BundleError
 from sealnet.enclave_sim import default_state_dir
-from sealnet.enclave_sim.keystore import KeystoreError
 from sealnet.enclave_sim.keystore_spec import add_keystore_arguments, keystore_spec
 from sealnet.enclave_sim.policy import PolicyConfig
 from sealnet.enclave_sim.service import EnclaveOptions, serve
-from sealnet.licenses import LicenseError
+from sealnet.errors import SealnetError
 from sealnet.rpc import default_enclave_address, stop_on_signals, wait_forever
 
 
@@ -89,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return run(args)
-    except (KeystoreError, BundleError, LicenseError, ValueError, OSError) as exc:
+    except SealnetError as exc:  # a keystore, bundle or license problem: exit codes as sealnet/errors.py says
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from sealnet.errors import FailedPrecondition
 from sealnet.evidence import EMBEDDED_FORMAT, EMBEDDED_QUOTE_CONTEXT, Evidence, Measurement, chain_of
 
 ROOT_KEY_FILE = "root.key"
@@ -28,7 +29,7 @@ _MAGIC = b"SNSEAL1\x00"
 _NONCE = 12
 
 
-class KeystoreError(Exception):
+class KeystoreError(FailedPrecondition):
     """The keystore is missing, unsafe, or refused to unseal; the message says what to do."""
 
 

@@ -25,6 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from sealnet.errors import FailedPrecondition, SealnetError
+
 SAVE_INTERVAL_S = 1.0  # the state file is rewritten at most this often (and on close)
 MAX_TRACKED = 100_000  # lockout keys kept at most; beyond that the longest-quiet ones are forgotten
 GENESIS = "0" * 64  # `prev` of the first record of a new audit chain
@@ -38,16 +42,22 @@ class PolicyConfig:
     quota_window_s: float = 3600.0
 
 
-class PolicyRefusal(Exception):
+class PolicyRefusal(SealnetError):
     """A request refused by policy; `kind` is 'lockout', 'revoked', 'quota', or 'unavailable' (the policy
-    cannot decide, e.g. the revocation list is missing: refused, but not the client's failure)."""
+    cannot decide, e.g. the revocation list is missing: refused, but not the client's failure). Its status
+    follows the kind (STATUS_OF_KIND), so the trusted module answers each kind alike wherever it arises."""
 
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
+    status = grpc.StatusCode.PERMISSION_DENIED
+    STATUS_OF_KIND = {"lockout": grpc.StatusCode.RESOURCE_EXHAUSTED, "quota": grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      "revoked": grpc.StatusCode.PERMISSION_DENIED,
+                      "unavailable": grpc.StatusCode.FAILED_PRECONDITION}
+
+    def __init__(self, kind: str, message: str, *, status: grpc.StatusCode | None = None):
+        super().__init__(message, status=status or self.STATUS_OF_KIND.get(kind, self.status))
         self.kind = kind
 
 
-class AuditChainError(Exception):
+class AuditChainError(FailedPrecondition):
     """An audit log whose hash chain is broken: the message names the file and line."""
 
 

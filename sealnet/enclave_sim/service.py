@@ -24,22 +24,22 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sealnet._grpc import enclave_pb2, enclave_pb2_grpc
-from sealnet.bundle import SECRETS, Bundle, core_digest, load_bundle
+from sealnet.bundle import CLASSIFY, PARAMS, PREPROCESS, SECRETS, Bundle, core_digest, load_bundle
 from sealnet.enclave_sim.keystore import Keystore
 from sealnet.enclave_sim.keystore_spec import KeystoreSpec
 from sealnet.enclave_sim.measure import measurement_chain
-from sealnet.enclave_sim.passport_params import derive_params
 from sealnet.enclave_sim.payload import unpack
 from sealnet.enclave_sim.policy import AccessPolicy, AuditLog, PolicyConfig, PolicyRefusal, Revocations
-from sealnet.enclave_sim.sealed_head import SealedHead
-from sealnet.enclave_sim.transform_graph import transform_session
+from sealnet.enclave_sim.secrets import SECRETS as SECRETS_BY_METHOD
+from sealnet.enclave_sim.secrets import open_secret
+from sealnet.errors import FailedPrecondition, InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
 from sealnet.licenses import License, LicenseError, verify_license
-from sealnet.rpc import CLIENT_METADATA, MAX_MESSAGE_BYTES, add_servicer, clip
-from sealnet.stamp import StampSpec, as_pattern
+from sealnet.rpc import CLIENT_METADATA, MAX_MESSAGE_BYTES, ErrorInterceptor, add_servicer, clip
 
 log = logging.getLogger("sealnet.enclave")
 
 SESSION_SECONDS = 900
+_RPC_OF_STEP = {PREPROCESS: "Preprocess", PARAMS: "PassportParams", CLASSIFY: "Classify"}
 
 
 @dataclass
@@ -92,28 +92,13 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         blob = bundle.path(SECRETS).read_bytes()
         config, arrays = unpack(keystore.unseal(blob, label=bundle.bundle_id))
         self.method = bundle.manifest["method"]
-        self._transform = None
-        self._stamp = None
-        self._required: tuple[str, str] | None = None  # DSN: (customer_id, serial_number) a license must carry
-        self._params: dict[str, np.ndarray] | None = None
-        self._head: SealedHead | None = None
-        if self.method == "transform":
-            self._transform = transform_session(config, arrays)
-        elif self.method == "dsn":
-            self._stamp = StampSpec(as_pattern(arrays["pattern"].round().astype(np.uint8)),
-                                    tuple(config["position"]), int(config["scale"]))
-            self._required = (config["customer_id"], config["serial_number"])
-        elif self.method == "passport":
-            self._params = derive_params(config, arrays)
-        elif self.method == "sealed-head":
-            self._head = SealedHead(config, arrays)
-            if bundle.manifest.get("outputs") != self._head.outputs():
-                raise ValueError(f"bundle manifest outputs do not match the sealed output policy {self._head.policy}")
-        else:
-            raise ValueError(f"bundle method {self.method!r} is not served by this module")
-        for array in arrays.values():
-            array.fill(0)
-        self._input_shape = tuple(bundle.manifest["input"]["shape"][1:])
+        try:
+            self._secret = open_secret(bundle.manifest, config, arrays)
+        finally:
+            for array in arrays.values():
+                array.fill(0)
+        self.step = self._secret.step
+        self._item_shape = self._secret.item_shape(bundle.manifest)
         self._max_batch = int(bundle.manifest.get("max_batch", 1024))
         self._session_seconds = session_seconds
         self._sessions: dict[str, _Session] = {}
@@ -125,15 +110,9 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         self.keystore_backend = keystore.backend
 
     def close(self) -> None:
-        """Drop the transform and forget the keystore. The unsealed arrays were zeroed once the session held
-        them; ONNX Runtime's own copy is freed here (best effort: the allocator does not scrub memory)."""
-        self._transform = None
-        self._stamp = None
-        self._head = None
-        if self._params is not None:
-            for array in self._params.values():
-                array.fill(0)
-            self._params = None
+        """Drop the secret and forget the keystore. The unsealed arrays were zeroed once the secret held them;
+        its own copies are dropped here (best effort: the allocators do not scrub memory)."""
+        self._secret.close()
         with self._lock:
             self._sessions.clear()
         self._keystore.close()
@@ -146,7 +125,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
 
     def Attest(self, request, context):
         if not 16 <= len(request.nonce) <= 64:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "nonce: must be 16-64 bytes of fresh randomness")
+            raise InvalidArgument("nonce: must be 16-64 bytes of fresh randomness")
         evidence = self._keystore.quote(request.nonce)
         return enclave_pb2.AttestResponse(
             measurements=[enclave_pb2.Measurement(name=m.name, sha256=m.sha256) for m in self.measurements],
@@ -156,26 +135,24 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
 
     def OpenSession(self, request, context):
         client = end_client(context, self._forwarders)
-        self._refuse_if_locked(client, None, "open_session", context)
+        self._refuse_if_locked(client, None, "open_session")
         if not request.license:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "license: empty; pass a token from `sealnet license issue`")
+            raise InvalidArgument("license: empty; pass a token from `sealnet license issue`")
         try:
             lic = verify_license(request.license, self._owner, model_id=self.model_id)
         except LicenseError as exc:
-            self._deny(client, exc.license_id, exc, context)
-        self._refuse_if_locked(client, lic.license_id, "open_session", context)
+            self._deny(client, exc.license_id, exc)
+        self._refuse_if_locked(client, lic.license_id, "open_session")
         try:
             revoked = self.revocations.is_revoked(lic.license_id, lic.serial_number)
         except PolicyRefusal as exc:  # the list is missing: refused, but not counted against the client
             self.audit.write("open_session", client=client, decision=exc.kind, license_id=lic.license_id)
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"revocations: {exc}")
+            raise FailedPrecondition(f"revocations: {exc}") from None
         if revoked:
             self._deny(client, lic.license_id, f"license {lic.license_id} (serial {lic.serial_number}) has been "
-                       "revoked", context)
-        if self._required and (lic.customer_id, lic.serial_number) != self._required:
-            self._deny(client, lic.license_id, f"serial number {lic.serial_number!r} of customer "
-                       f"{lic.customer_id!r} does not match this model's serial number (a student answers only its "
-                       "own customer)", context)
+                       "revoked")
+        if reason := self._secret.refusal(lic):
+            self._deny(client, lic.license_id, reason)
         session_id = secrets.token_urlsafe(24)
         expires_at = min(time.time() + self._session_seconds, lic.expires_at)
         with self._lock:
@@ -190,42 +167,32 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
 
     def Preprocess(self, request, context):
         session = self._session(request.session_id, context)
-        if self._transform is None and self._stamp is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"method: this module serves a {self.method} bundle; "
-                          "Preprocess is for transform and DSN bundles (passport bundles use PassportParams)")
-        batch = self._tensor(request.input, self._input_shape, "input", context)
-        self._charge(request.session_id, session, len(batch), "preprocess", context)
-        if self._stamp is not None:
-            out = self._stamp.apply(batch)
-        else:
-            out = self._transform.run(None, {"x": batch})[0]
+        self._require_step(PREPROCESS, "Preprocess")
+        batch = self._tensor(request.input, self._item_shape, "input")
+        self._charge(request.session_id, session, len(batch), "preprocess")
+        out = self._secret.preprocess(batch)
         self.audit.write("preprocess", client=session.client, license_id=session.license.license_id, decision="ok",
                          items=len(batch))
         return enclave_pb2.PreprocessResponse(output=enclave_pb2.Tensor(shape=list(out.shape), data=out.tobytes()))
 
     def PassportParams(self, request, context):
         session = self._session(request.session_id, context)
-        if self._params is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"method: this module serves a {self.method} bundle; "
-                          "PassportParams is for passport bundles")
+        self._require_step(PARAMS, "PassportParams")
         if not 1 <= request.items <= self._max_batch:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"items: must be 1..{self._max_batch} (the batch the parameters are used for)")
-        self._charge(request.session_id, session, request.items, "passport_params", context)
+            raise InvalidArgument(f"items: must be 1..{self._max_batch} (the batch the parameters are used for)")
+        self._charge(request.session_id, session, request.items, "passport_params")
         self.audit.write("passport_params", client=session.client, license_id=session.license.license_id,
                          decision="ok", items=request.items)
         return enclave_pb2.PassportParamsResponse(params=[
             enclave_pb2.NamedTensor(name=name, tensor=enclave_pb2.Tensor(shape=list(v.shape), data=v.tobytes()))
-            for name, v in self._params.items()])
+            for name, v in self._secret.params().items()])
 
     def Classify(self, request, context):
         session = self._session(request.session_id, context)
-        if self._head is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"method: this module serves a {self.method} bundle; "
-                          "Classify is for sealed-head bundles")
-        features = self._tensor(request.features, (self._head.num_features,), "features", context)
-        self._charge(request.session_id, session, len(features), "classify", context)
-        answer = self._head.answer(features)
+        self._require_step(CLASSIFY, "Classify")
+        features = self._tensor(request.features, self._item_shape, "features")
+        self._charge(request.session_id, session, len(features), "classify")
+        answer = self._secret.classify(features)
         self.audit.write("classify", client=session.client, license_id=session.license.license_id, decision="ok",
                          items=len(features))
         return enclave_pb2.ClassifyResponse(outputs=[
@@ -233,23 +200,31 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
                 shape=list(value.shape), data=value.tobytes(), datatype="INT64" if value.dtype.kind == "i" else "FP32"))
             for name, value in answer.items()])
 
-    # -- checks ------------------------------------------------------------------------------------------
-    def _refuse_if_locked(self, client: str, license_id: str | None, event: str, context) -> None:
+    # -- checks: each raises the SealnetError the client gets (the server's ErrorInterceptor answers it) ----
+    def _require_step(self, step: str, rpc: str) -> None:
+        """Each bundle serves one data call; the others are refused naming the one it serves."""
+        if self.step != step:
+            served = ", ".join(name for name, cls in SECRETS_BY_METHOD.items() if cls.step == step)
+            raise FailedPrecondition(f"method: this module serves a {self.method} bundle, whose data call is "
+                                     f"{_RPC_OF_STEP[self.step]}; {rpc} is for {served} bundles")
+
+    def _refuse_if_locked(self, client: str, license_id: str | None, event: str) -> None:
         try:
             self.policy.check_not_locked(client, license_id)
         except PolicyRefusal as exc:
             self.audit.write(event, client=client, decision="locked_out", **({"license_id": license_id}
                                                                              if license_id else {}))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"lockout: {exc}")
+            raise ResourceExhausted(f"lockout: {exc}") from None
 
-    def _deny(self, client: str, license_id: str | None, reason: object, context) -> None:
-        """A failed license check: counted against the client and (signature verified) the license; aborts."""
+    def _deny(self, client: str, license_id: str | None, reason: object) -> None:
+        """A failed license check: counted against the client and (signature verified) the license; raises
+        PermissionDenied."""
         self.policy.record_failure(client, license_id)
         self.audit.write("open_session", client=client, decision="denied", reason=str(reason))
         log.info("open_session refused for %s: %s", client, reason)
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"license: {reason}")
+        raise PermissionDenied(f"license: {reason}") from None
 
-    def _charge(self, session_id: str, session: _Session, items: int, event: str, context) -> None:
+    def _charge(self, session_id: str, session: _Session, items: int, event: str) -> None:
         """Refuse a revoked license (and drop its session) or one over its quota; else count the items."""
         lic = session.license
         try:
@@ -259,9 +234,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
             self.policy.charge(lic.license_id, items)
         except PolicyRefusal as exc:
             self.audit.write(event, client=session.client, license_id=lic.license_id, decision=exc.kind, items=items)
-            code = {"quota": grpc.StatusCode.RESOURCE_EXHAUSTED, "unavailable": grpc.StatusCode.FAILED_PRECONDITION
-                    }.get(exc.kind, grpc.StatusCode.PERMISSION_DENIED)
-            context.abort(code, f"{exc.kind}: {exc}")
+            raise PolicyRefusal(exc.kind, f"{exc.kind}: {exc}") from None  # its status follows the kind
 
     def _drop(self, session_id: str) -> None:
         with self._lock:
@@ -269,44 +242,41 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
 
     def _session(self, session_id: str, context) -> _Session:
         if not session_id:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "session_id: empty; call OpenSession with a license first")
+            raise Unauthenticated("session_id: empty; call OpenSession with a license first")
         with self._lock:
             session = self._sessions.get(session_id)
             if session is not None and session.expires_at <= time.time():
                 del self._sessions[session_id]
                 session = None
         if session is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "session_id: unknown or expired; open a new session")
+            raise Unauthenticated("session_id: unknown or expired; open a new session")
         # Lockout holds on every data call, for the client of this call: the runtime reuses one session per
         # license for all its clients, so a locked-out client must not ride on a session opened earlier.
-        self._refuse_if_locked(end_client(context, self._forwarders), session.license.license_id, "data_call",
-                               context)
+        self._refuse_if_locked(end_client(context, self._forwarders), session.license.license_id, "data_call")
         return session
 
-    def _tensor(self, tensor, item_shape: tuple[int, ...], field: str, context) -> np.ndarray:
+    def _tensor(self, tensor, item_shape: tuple[int, ...], field: str) -> np.ndarray:
         """A float32 batch [N, *item_shape] from a request Tensor; INVALID_ARGUMENT naming `field` otherwise.
         The rank is checked before the shape is converted, so a huge shape costs nothing."""
         rank = len(tensor.shape)
         if rank != 1 + len(item_shape):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.shape: expected [N, "
-                          f"{', '.join(map(str, item_shape))}], got {rank} dimensions")
+            raise InvalidArgument(f"{field}.shape: expected [N, {', '.join(map(str, item_shape))}], got {rank} "
+                                  "dimensions")
         if tuple(tensor.shape[1:]) != item_shape:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.shape: expected [N, "
-                          f"{', '.join(map(str, item_shape))}], got {list(tensor.shape)}")
+            raise InvalidArgument(f"{field}.shape: expected [N, {', '.join(map(str, item_shape))}], got "
+                                  f"{list(tensor.shape)}")
         if tensor.datatype not in ("", "FP32"):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.datatype: expected FP32, got "
-                          f"{clip(tensor.datatype)}")
+            raise InvalidArgument(f"{field}.datatype: expected FP32, got {clip(tensor.datatype)}")
         shape = tuple(tensor.shape)
         if not 1 <= shape[0] <= self._max_batch:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.shape: batch must be 1..{self._max_batch}")
+            raise InvalidArgument(f"{field}.shape: batch must be 1..{self._max_batch}")
         expected = int(np.prod(shape)) * 4
         if len(tensor.data) != expected:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"{field}.data: {len(tensor.data)} bytes for shape {list(shape)}, expected {expected} "
-                          "(float32)")
+            raise InvalidArgument(f"{field}.data: {len(tensor.data)} bytes for shape {list(shape)}, expected "
+                                  f"{expected} (float32)")
         batch = np.frombuffer(tensor.data, dtype="<f4").reshape(shape)
         if not np.isfinite(batch).all():
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}.data: contains NaN or infinity")
+            raise InvalidArgument(f"{field}.data: contains NaN or infinity")
         return batch
 
 
@@ -357,6 +327,7 @@ def serve(bundle_dir: Path, address: str, keystore: KeystoreSpec,
         raise
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="enclave"),
+        interceptors=[ErrorInterceptor()],
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
     )

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from sealnet.data import Dataset
 from sealnet.protect.checkpoint import ProtectedCheckpoint, load_checkpoint
 from sealnet.protect.passport import (
+    PASSPORT_BRANCH,
     Params,
     bits_to_signature,
     compute_params,
@@ -79,7 +80,7 @@ def callable_accuracy(predict: Predict, x: np.ndarray, y: np.ndarray, batch_size
 def model_predict(model: nn.Module, branch: str = "passport") -> Predict:
     def predict(x: np.ndarray) -> np.ndarray:
         model.eval()
-        with torch.no_grad(), passport_branch(model, branch == "passport"):
+        with torch.no_grad(), passport_branch(model, branch == PASSPORT_BRANCH):
             return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
 
     return predict
@@ -225,12 +226,11 @@ def verify_bundle(bundle_dir: Path, passport_file: Path, signature: str, data: D
     from onnx import helper, numpy_helper
 
     from sealnet.bundle import PUBLIC_ONNX, load_bundle
-    from sealnet.enclave_sim.passport_params import derive_params
-    from sealnet.runtime.onnx_session import session_from_model, with_params
+    from sealnet.enclave_sim.secrets.passport import derive_params
+    from sealnet.onnx_session import session_from_model, with_params
 
     bundle = load_bundle(bundle_dir)
-    if bundle.manifest.get("method") != "passport":
-        raise ValueError(f"{bundle_dir}: a {bundle.manifest.get('method')!r} bundle, not a passport bundle")
+    bundle.require_method("passport")
     secret = load_passport_file(passport_file)
     if secret["passport_fn"] != "both":
         raise ValueError(f"verify --bundle needs passport function 'both' (this passport file: "
@@ -341,10 +341,15 @@ def svd_attack(model: nn.Module, ev: Evaluator, max_combos: int = 64) -> dict[st
     return {"svd_attack_acc": best, "svd_attack_accs": accs, "gamma_leak_cos": leak}
 
 
+# What the reverse-engineering attack trains: the layers' gamma/beta directly, or a passport that yields them.
+REV_PARAMS, REV_PASSPORT = "params", "passport"
+REV_TARGETS = (REV_PARAMS, REV_PASSPORT)
+
+
 def _rev_params(model: nn.Module, init: dict[str, dict[str, torch.Tensor]], target: str
                 ) -> tuple[list[nn.Parameter], Callable[[], Params]]:
     layers = passport_layers(model)
-    if target == "passport":
+    if target == REV_PASSPORT:
         ps = {n: (nn.Parameter(init[n]["gamma"].clone()), nn.Parameter(init[n]["beta"].clone())) for n in layers}
         return ([p for pair in ps.values() for p in pair],
                 lambda: {n: layers[n].passport_params(ps[n][0], ps[n][1]) for n in layers})
@@ -383,7 +388,7 @@ def frozen_weights(model: nn.Module) -> Iterator[None]:
 
 
 def reverse_engineer(model: nn.Module, data: Dataset, ev: Evaluator, bits: np.ndarray, signature_nbits: int,
-                     epochs: int = 3, lr: float = 0.01, seed: int = 0, target: str = "params", init: str = "random",
+                     epochs: int = 3, lr: float = 0.01, seed: int = 0, target: str = REV_PARAMS, init: str = "random",
                      scale: float = 1.0, progress: bool = True) -> dict[str, Any]:
     """fake2 (ambiguity attack of the extended paper): freeze every weight, train only gamma/beta (`target`
     'params') or a new passport ('passport') on the training data.
@@ -769,7 +774,7 @@ def finetune_attack(model: nn.Module, data: Dataset, bits: np.ndarray, signature
     x, y = torch.from_numpy(task.x_train[:subset]), torch.from_numpy(task.y_train[:subset])
     opt = torch.optim.Adam(m.parameters(), lr=lr)
     m.train()
-    with passport_branch(m, branch == "passport"):
+    with passport_branch(m, branch == PASSPORT_BRANCH):
         for ep in range(epochs):
             for idx in tqdm(torch.randperm(len(x), generator=gen).split(128), disable=not progress,
                             desc=f"fine-tune to {task.name} epoch {ep + 1}/{epochs}", unit="batch"):
@@ -791,7 +796,7 @@ def finetune_attack(model: nn.Module, data: Dataset, bits: np.ndarray, signature
 
 # -- the report --------------------------------------------------------------------------------------------------
 def run_passport_eval(ckpt: ProtectedCheckpoint, secret: dict[str, Any], data: Dataset, out_dir: Path,
-                      n_fakes: int = 200, seed: int = 0, rev_epochs: int = 3, rev_target: str = "params",
+                      n_fakes: int = 200, seed: int = 0, rev_epochs: int = 3, rev_target: str = REV_PARAMS,
                       finetune_epochs: int = 2, signature: str | None = None, skip: tuple[str, ...] = (),
                       progress: bool = True, checkpoint_path: Path | None = None,
                       data_dir: Path | None = None, cerb_fractions: tuple[float, ...] = CERB_FRACTIONS,
@@ -883,9 +888,9 @@ def deployed_accuracy(checkpoint_path: Path | None, scheme: str, data: Dataset, 
                                  "trusted module"}
     if checkpoint_path is None:
         return {"deployed_note": "not measured (no checkpoint path given)"}
-    from sealnet.deployment.local import local_deployment
+    from sealnet.deployment import LocalDeployment
 
-    with local_deployment(checkpoint_path, data_dir=data_dir) as dep:
+    with LocalDeployment.export(checkpoint_path, data_dir=data_dir) as dep:
         return {"deployed_acc": dep.accuracy(data.x_test, data.y_test, dep.license()),
                 "public_onnx_acc": dep.public_onnx_accuracy(data.x_test, data.y_test),
                 "public_unit_params_acc": dep.manifest["checks"]["public_unit_params_acc"],

@@ -55,7 +55,7 @@ from sealnet.protect.serial import (
 )
 from sealnet.protect.train import TrainConfig, accuracy, seed_everything, train_new_model
 from sealnet.protect.watermark import WatermarkConfig, check_watermark, protect_watermark
-from sealnet.serial import SerialRecord
+from sealnet.serial import DSN_CLAIM, SerialRecord
 from sealnet.stamp import StampSpec
 
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -296,8 +296,7 @@ def watermark_eval(ckpt: ProtectedCheckpoint, data: Dataset, *, n_plain: int = 2
                    prune_rates: tuple[float, ...] = WATERMARK_PRUNE_RATES, seed: int = 0, progress: bool = True
                    ) -> dict[str, Any]:
     """query(T) == i on the watermarked model, pruned copies of it, and `n_plain` plain models."""
-    if ckpt.method != "watermark":
-        raise ValueError(f"checkpoint method is {ckpt.method!r}, not 'watermark'")
+    ckpt.require_method("watermark")
     s = ckpt.secret
     trigger = s["trigger"].numpy()
     serial = np.asarray(s["serial"], np.float32)
@@ -340,12 +339,12 @@ def deployed_predict(checkpoint: Path, data_dir: Path | None = None) -> Iterator
     """predict(x) -> logits through the real data path: the DSN checkpoint exported with a fresh key and
     keystore, the trusted module and the KServe v2 runtime served locally, queried over gRPC with a license
     carrying the student's customer id and serial number (the module stamps the inputs)."""
-    from sealnet.deployment.local import local_deployment
+    from sealnet.deployment import LocalDeployment
     from sealnet.protect.checkpoint import load_checkpoint
     from sealnet.serial import license_serial_number
 
     secret = load_checkpoint(checkpoint).secret
-    with local_deployment(checkpoint, data_dir=data_dir) as dep:
+    with LocalDeployment.export(checkpoint, data_dir=data_dir) as dep:
         token = dep.license(secret["serial"]["customer_id"], license_serial_number(secret["commitment"]))
         yield lambda x: dep.predict(x, token)
 
@@ -533,7 +532,7 @@ def _retrain(kind: str, ckpt: ProtectedCheckpoint, data: Dataset, out: Path, see
     refused before training and replaced by the next fresh key: the run measures training, not key luck."""
     key = Ed25519PrivateKey.generate()
     cfg = _recipe(ckpt, seed)
-    if kind == "dsn":
+    if kind == DSN_CLAIM:
         spec = stamp_spec(ckpt)
         record = SerialRecord.from_dict({k: v for k, v in ckpt.secret["serial"].items() if k != "signature"})
         for _ in range(KEY_DRAWS):

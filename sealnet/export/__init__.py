@@ -9,10 +9,9 @@ import argparse
 from pathlib import Path
 
 from sealnet.enclave_sim.keystore_spec import add_keystore_arguments
+from sealnet.protect.methods.base import ExportError
 
-
-class ExportError(Exception):
-    """The checkpoint cannot be exported safely; the message says why."""
+__all__ = ["ExportError", "add_arguments"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,11 +1,11 @@
 """Build a deployment bundle from a protected checkpoint.
 
-    python export/build_engine.py CHECKPOINT OUT_DIR --owner-key KEY --keystore-dir DIR [--tensorrt]
+    sealnet export CHECKPOINT OUT_DIR --owner-key KEY --keystore-dir DIR [--tensorrt]
 
-(also `sealnet export`). The bundle holds public.onnx (useless alone; checked here and recorded),
-secrets.sealed (the transform parameters or the passports, sealed by the keystore to the trusted module's
-measurements) and manifest.json (sha256 of every file, signed by the owner key). export/split.py has the
-per-method part.
+(also `python -m sealnet.export.build_engine`). The bundle holds public.onnx (useless alone; checked here and
+recorded), secrets.sealed (the method's secret part, sealed by the keystore to the trusted module's
+measurements) and manifest.json (sha256 of every file, signed by the owner key). The per-method part, the
+split, is the method's (sealnet/protect/methods/).
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ from sealnet.enclave_sim.keystore_spec import KeystoreSpec, keystore_spec
 from sealnet.enclave_sim.measure import measurement_chain
 from sealnet.enclave_sim.payload import pack
 from sealnet.export import ExportError, add_arguments
-from sealnet.export.split import INPUT_NAME, SPLITS
 from sealnet.licenses import LicenseError, load_owner_key
 from sealnet.outputs import logits_outputs
 from sealnet.protect.checkpoint import ProtectedCheckpoint, load_checkpoint
+from sealnet.protect.methods import ExportOptions, exportable, get_method
+from sealnet.protect.onnx_export import INPUT_NAME
 from sealnet.protect.train import MIN_MARGIN_OVER_CHANCE
 
 PUBLIC_PLAN = "public.plan"
@@ -85,8 +86,7 @@ def build_tensorrt_plan(onnx_path: Path, plan_path: Path, input_shape: tuple[int
 
 
 def default_model_id(ckpt: ProtectedCheckpoint) -> str:
-    kind = ckpt.secret["variant"] if ckpt.method == "transform" else ckpt.method
-    return f"{ckpt.model_name}-{kind}"
+    return f"{ckpt.model_name}-{get_method(ckpt.method).model_id_suffix(ckpt)}"
 
 
 def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: KeystoreSpec,
@@ -105,12 +105,12 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise ExportError(f"{out_dir} exists and is not empty; pass --force to replace it")
     ckpt = load_checkpoint(checkpoint)
-    if ckpt.method not in SPLITS:
-        raise ExportError(f"checkpoint method {ckpt.method!r} is not exportable (supported: {', '.join(SPLITS)})")
-    if output_policy is not None:
-        if ckpt.method != "sealed-head":
-            raise ExportError(f"--output-policy applies to sealed-head bundles; this checkpoint is {ckpt.method!r}")
-        ckpt.secret["output_policy"] = output_policy
+    method = get_method(ckpt.method)
+    if method.module_step is None:
+        raise ExportError(f"checkpoint method {ckpt.method!r} is not exportable (supported: {', '.join(exportable())})")
+    if output_policy is not None and not method.takes_output_policy:
+        takes = [name for name in exportable() if get_method(name).takes_output_policy]
+        raise ExportError(f"--output-policy applies to {', '.join(takes)} bundles; this checkpoint is {ckpt.method!r}")
     signer = load_owner_key(owner_key)
     data = load_dataset(ckpt.dataset, data_dir, seed=0)
     if data.input_shape != ckpt.input_shape:
@@ -120,7 +120,7 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
     staging = Path(tempfile.mkdtemp(prefix=".sealnet-export-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
         onnx_path = staging / PUBLIC_ONNX
-        split = SPLITS[ckpt.method](ckpt, data, onnx_path, max_raw_acc, log)
+        split = method.split(ckpt, data, onnx_path, ExportOptions(max_raw_acc, output_policy), log)
         checks = {**split.checks, "chance_acc": 1.0 / data.num_classes, "max_raw_acc": max_raw_acc,
                   "dataset": data.name, "test_items": int(len(data.y_test))}
         floor = checks["chance_acc"] + MIN_MARGIN_OVER_CHANCE if min_authorized_acc is None else min_authorized_acc
@@ -137,6 +137,7 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
             "bundle_id": uuid.uuid4().hex,
             "model_id": model_id or default_model_id(ckpt),
             "method": ckpt.method,
+            "module_step": method.module_step,  # what the runtime asks the trusted module for, and when
             **split.manifest,
             "created_at": int(time.time()),
             "owner_public_key": owner_key_field(signer),

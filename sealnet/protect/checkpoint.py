@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import sealnet.protect.backbones  # noqa: F401  (registers the public backbones)
+import sealnet.protect.passport_models  # noqa: F401  (registers the passport nets)
 from sealnet.protect.models import create_model
 from sealnet.protect.transform import create_transform
 
@@ -35,18 +37,13 @@ class ProtectedCheckpoint:
     model_config: dict[str, Any] = field(default_factory=dict)
 
     def build_public_model(self) -> nn.Module:
-        if self.method == "passport":
-            import sealnet.protect.passport_models  # noqa: F401  (registers the passport nets)
-        if self.method == "sealed-head":
-            import sealnet.protect.backbones  # noqa: F401  (registers the public backbones)
         model = create_model(self.model_name, self.input_shape, self.num_classes, **self.model_config)
         model.load_state_dict(self.public_state)
         return model.eval()
 
     def build_passport_model(self) -> nn.Module:
-        """method 'passport': the public network with the secret passports installed (gamma/beta derivable)."""
-        if self.method != "passport":
-            raise ValueError(f"checkpoint method is {self.method!r}, not 'passport'")
+        """The public network with the secret passports installed (gamma/beta derivable)."""
+        self._require("passports", "passports")
         from sealnet.protect.passport import set_passports
 
         model = self.build_public_model()
@@ -54,19 +51,28 @@ class ProtectedCheckpoint:
         return model.eval()
 
     def build_head(self) -> nn.Module:
-        """method 'sealed-head': the private head (eval mode), forward(taps [N, F]) -> logits [N, C]."""
-        if self.method != "sealed-head":
-            raise ValueError(f"checkpoint method is {self.method!r}, not 'sealed-head'")
+        """The private head of a sealed-head checkpoint (eval mode), forward(taps [N, F]) -> logits [N, C]."""
+        self._require("head_config", "a sealed head")
         from sealnet.protect.heads import head_from_config
 
         return head_from_config(self.secret["head_config"], self.secret["head_state"])
 
     def build_transform(self) -> nn.Module:
-        if self.method != "transform":
-            raise ValueError(f"checkpoint method is {self.method!r}, not 'transform'")
+        """The secret input transform of a transform checkpoint."""
+        self._require("variant", "an input transform")
         module = create_transform(self.secret["variant"], self.input_shape, **self.secret["config"])
         module.load_state_dict(self.secret["state"])
         return module.eval()
+
+
+    def require_method(self, method: str) -> None:
+        """For code that applies to one method's checkpoints: a clear error for any other."""
+        if self.method != method:
+            raise ValueError(f"checkpoint method is {self.method!r}, not {method!r}")
+
+    def _require(self, key: str, what: str) -> None:
+        if key not in self.secret:
+            raise ValueError(f"this {self.method} checkpoint holds no {what}")
 
 
 def save_checkpoint(ckpt: ProtectedCheckpoint, path: Path) -> Path:

@@ -287,6 +287,10 @@ def use_passports(model: nn.Module, passports: Mapping[str, Mapping[str, torch.T
             layer.passport_set = flags[name]
 
 
+# The two branches of a passport network (as in the papers): through the passports, or (V2/V3) the public gamma/beta.
+PASSPORT_BRANCH, PUBLIC_BRANCH = "passport", "public"
+
+
 @contextlib.contextmanager
 def passport_branch(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Schemes V2/V3: True runs the passport (private) branch, False the public gamma/beta branch."""

@@ -50,6 +50,7 @@ from sealnet.protect.checkpoint import ProtectedCheckpoint, load_tagged, save_ch
 from sealnet.protect.models import create_model
 from sealnet.protect.passport import (
     GAMMA0,
+    PASSPORT_BRANCH,
     PASSPORT_FNS,
     PASSPORT_TYPES,
     SCHEMES,
@@ -127,7 +128,7 @@ def predict_branch(model: nn.Module, x: np.ndarray, branch: str = "passport", ba
     """Class predictions through the passport branch or (V2/V3) the public gamma/beta branch."""
     model.eval()
     out = []
-    with passport_branch(model, branch == "passport"):
+    with passport_branch(model, branch == PASSPORT_BRANCH):
         for start in range(0, len(x), batch_size):
             out.append(model(torch.from_numpy(x[start : start + batch_size])).argmax(1).numpy())
     return np.concatenate(out) if out else np.zeros(0, np.int64)
@@ -345,8 +346,7 @@ def default_passport_path(checkpoint: Path) -> Path:
 
 def passport_model(ckpt: ProtectedCheckpoint, secret: dict[str, Any] | None = None) -> nn.Module:
     """The public network of a passport checkpoint with passports installed (from `secret` or the checkpoint)."""
-    if ckpt.method != "passport":
-        raise ValueError(f"checkpoint method is {ckpt.method!r}, not 'passport'")
+    ckpt.require_method("passport")
     model = ckpt.build_public_model()
     set_passports(model, (secret or ckpt.secret)["passports"])
     return model.eval()

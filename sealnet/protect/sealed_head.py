@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sealnet.data import Dataset
+from sealnet.errors import FailedPrecondition
 from sealnet.protect.backbones import backbone_digest, build_backbone, extract_features, load_backbone_weights
 from sealnet.protect.checkpoint import ProtectedCheckpoint
 from sealnet.protect.heads import SealedHead, flops
@@ -27,7 +28,7 @@ from sealnet.protect.train import TrainConfig, accuracy, seed_everything, train_
 METHOD = "sealed-head"
 
 
-class SealedHeadTrainingError(RuntimeError):
+class SealedHeadTrainingError(FailedPrecondition, RuntimeError):
     """Every attempt left the head too far below the baseline; the message names the seeds and accuracies."""
 
 

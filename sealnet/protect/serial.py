@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from sealnet.data import Dataset
+from sealnet.errors import FailedPrecondition
 from sealnet.protect.checkpoint import ProtectedCheckpoint, load_checkpoint, save_checkpoint
 from sealnet.protect.models import create_model
 from sealnet.protect.train import (
@@ -57,7 +58,7 @@ from sealnet.stamp import StampSpec, stamp_scale
 TEACHER_METHOD = "dsn-teacher"
 
 
-class DSNTrainingError(RuntimeError):
+class DSNTrainingError(FailedPrecondition, RuntimeError):
     """Every attempt at training the student collapsed; the message names the seeds and what to change."""
 
 
@@ -377,6 +378,5 @@ def protect_dsn(data: Dataset, out: Path, cfg: TrainConfig, owner_key: Ed25519Pr
 
 
 def stamp_spec(ckpt: ProtectedCheckpoint) -> StampSpec:
-    if ckpt.method != "dsn":
-        raise ValueError(f"checkpoint method is {ckpt.method!r}, not 'dsn'")
+    ckpt.require_method("dsn")
     return StampSpec.from_secret(ckpt.secret)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sealnet._grpc import enclave_pb2
+from sealnet.errors import FailedPrecondition
 from sealnet.evidence import (
     BACKEND_OF_FORMAT,
     MANIFEST_MEASUREMENT,
@@ -25,7 +26,7 @@ from sealnet.evidence import (
 )
 
 
-class AttestationError(Exception):
+class AttestationError(FailedPrecondition):
     """The trusted module is not the one the bundle was sealed for; the message says what differs."""
 
 

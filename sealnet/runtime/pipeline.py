@@ -2,10 +2,11 @@
 
 A merged batch of requests, possibly from several licenses, is served with one trusted-module call per license
 and end client (the module checks each client's lockout) and one run of the public network. The bundle's
-method decides the order:
-- module first (transform, DSN stamp, passport gamma/beta): raw -> trusted module -> public network -> logits;
-- module last (sealed head): raw -> public backbone -> features -> trusted module (license, head, output
-  policy) -> answer.
+module step (manifest `module_step`, sealnet/bundle.py) decides the order:
+- module first: `preprocess` (raw -> trusted module -> public network -> logits: an input transform, a DSN
+  stamp) or `params` (the module's parameters go into the public network, which runs on raw inputs: passports);
+- module last: `classify` (raw -> public backbone -> features -> trusted module (license, head, output
+  policy) -> answer: a sealed head).
 Every answer passes through the trusted module; there is no branch that answers from the public network alone
 (except the benchmark bypass, `enclave=None`, which answers with exactly what a pirate has).
 """
@@ -23,14 +24,12 @@ import grpc
 import numpy as np
 import onnx
 
-from sealnet.bundle import PUBLIC_ONNX, Bundle
+from sealnet.bundle import CLASSIFY, PARAMS, PUBLIC_ONNX, Bundle
+from sealnet.onnx_session import ort_session, session_from_model, with_params
 from sealnet.runtime.enclave_client import EnclaveClient
 from sealnet.runtime.errors import EnclaveError, InternalError, ServingError
-from sealnet.runtime.onnx_session import ort_session, session_from_model, with_params
 
 log = logging.getLogger("sealnet.runtime")
-
-MODULE_LAST = frozenset({"sealed-head"})  # methods whose trusted module runs after the public network
 
 
 @dataclass(frozen=True)
@@ -56,19 +55,21 @@ class Pipeline:
         self.bundle = bundle
         self.enclave = enclave
         self.method: str = manifest["method"]
-        self.module_last = self.method in MODULE_LAST
+        self.step: str = manifest["module_step"]
+        self.module_last = self.step == CLASSIFY
+        self.module_params = self.step == PARAMS
         self.input_name: str = manifest["input"]["name"]
         self.item_shape: tuple[int, ...] = tuple(manifest["input"]["shape"][1:])
         self.outputs: list[dict[str, Any]] = manifest["outputs"]
         self.max_batch = int(manifest.get("max_batch", 1024))
         self._ort_threads, self._providers = ort_threads, providers or ["auto"]
-        if network is not None and self.method == "passport":
-            raise ValueError("passport bundles run the public network in-process (the trusted module's gamma/beta "
-                             "replace its weights per session); serve them without an external network")
+        if network is not None and self.module_params:
+            raise ValueError(f"{self.method} bundles run the public network in-process (the trusted module's "
+                             "parameters replace its weights per session); serve them without an external network")
         self._network = network
         self.session = None if network else ort_session(bundle.path(PUBLIC_ONNX), threads=ort_threads,
                                                         providers=self._providers)
-        if self.method == "passport":
+        if self.module_params:
             self._public_model = onnx.load(str(bundle.path(PUBLIC_ONNX)))
             self._param_names = list(manifest["passport_params"])
             self._params_digest = b""  # the shipped (zero) gamma/beta: what the bypass serves
@@ -85,7 +86,7 @@ class Pipeline:
     def _before(self, token: str, client: str, batch: np.ndarray) -> np.ndarray:
         if self.enclave is None:
             return batch
-        if self.method == "passport":
+        if self.module_params:
             self._use_params(self.enclave.passport_params(token, len(batch), client=client))
             return batch
         return self.enclave.preprocess(token, batch, client=client)

@@ -31,10 +31,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import sealnet
 from sealnet._grpc import inference_pb2, inference_pb2_grpc
 from sealnet.bundle import EXPECTED_MEASUREMENTS, PUBLIC_ONNX, Bundle, load_bundle
-from sealnet.rpc import LICENSE_METADATA, MAX_MESSAGE_BYTES, add_servicer, clip
+from sealnet.rpc import LICENSE_METADATA, MAX_MESSAGE_BYTES, AsyncErrorInterceptor, add_servicer, clip
 from sealnet.runtime.batching import DEFAULT_BATCHING, BatchingConfig, DynamicBatcher
 from sealnet.runtime.enclave_client import CallObserver, EnclaveClient
-from sealnet.runtime.errors import AttestationFailed, EnclaveError, RequestError, ServingError
+from sealnet.runtime.errors import AttestationFailed, EnclaveError, RequestError
 from sealnet.runtime.pipeline import Pipeline
 
 log = logging.getLogger("sealnet.runtime")
@@ -91,20 +91,14 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return inference_pb2.ServerReadyResponse(ready=await self._ready())
 
     async def ModelReady(self, request, context):
-        try:
-            self._check_model(request.name, request.version)
-        except RequestError as exc:
-            await context.abort(exc.code, str(exc))
+        self._check_model(request.name, request.version)
         return inference_pb2.ModelReadyResponse(ready=await self._ready())
 
     async def ServerMetadata(self, request, context):
         return inference_pb2.ServerMetadataResponse(name="sealnet", version=sealnet.__version__, extensions=[])
 
     async def ModelMetadata(self, request, context):
-        try:
-            self._check_model(request.name, request.version)
-        except RequestError as exc:
-            await context.abort(exc.code, str(exc))
+        self._check_model(request.name, request.version)
         meta = inference_pb2.ModelMetadataResponse
         return meta(
             name=self.model_id, versions=[MODEL_VERSION], platform="onnxruntime_onnx",
@@ -115,24 +109,22 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ---------------------------------------------------------------------------------------
     async def ModelInfer(self, request, context):
-        try:
-            self._check_model(request.model_name, request.model_version)
-            token = ""
-            for key, value in context.invocation_metadata() or ():
-                if key == LICENSE_METADATA:
-                    token = value
-            if not token and self.enclave is not None:
-                raise RequestError(grpc.StatusCode.UNAUTHENTICATED, f"metadata '{LICENSE_METADATA}': missing; "
-                                   "send your license token as request metadata")
-            batch = self._input(request)
-            names = [o["name"] for o in self.outputs]
-            for out in request.outputs:
-                if out.name not in names:
-                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"outputs.name: unknown output "
-                                       f"{clip(out.name)}; this model has {', '.join(map(repr, names))}")
-            answer = await self.batcher.submit(token, client_identity(context), batch, context.time_remaining())
-        except ServingError as exc:
-            await context.abort(exc.code, str(exc))
+        """Refusals are raised as ServingError; the server's AsyncErrorInterceptor answers with their status."""
+        self._check_model(request.model_name, request.model_version)
+        token = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == LICENSE_METADATA:
+                token = value
+        if not token and self.enclave is not None:
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, f"metadata '{LICENSE_METADATA}': missing; "
+                               "send your license token as request metadata")
+        batch = self._input(request)
+        names = [o["name"] for o in self.outputs]
+        for out in request.outputs:
+            if out.name not in names:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"outputs.name: unknown output "
+                                   f"{clip(out.name)}; this model has {', '.join(map(repr, names))}")
+        answer = await self.batcher.submit(token, client_identity(context), batch, context.time_remaining())
         resp = inference_pb2.ModelInferResponse(model_name=self.model_id, model_version=MODEL_VERSION, id=request.id)
         wanted = {out.name for out in request.outputs} or set(names)
         for spec in self.outputs:
@@ -275,8 +267,10 @@ class RuntimeServer:
 
     async def _start(self, make_service, address: str, health_names: tuple[str, ...]) -> int:
         self.service = make_service()
-        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", self.service.max_request_bytes),
-                                                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        self._server = grpc.aio.server(
+            interceptors=[AsyncErrorInterceptor()],
+            options=[("grpc.max_receive_message_length", self.service.max_request_bytes),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         add_servicer(inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, self.service, self._server)
         health_servicer = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)

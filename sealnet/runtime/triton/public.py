@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from sealnet.runtime.onnx_session import ort_session
+from sealnet.onnx_session import ort_session
 
 
 class TritonPythonModel:

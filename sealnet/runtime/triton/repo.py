@@ -24,7 +24,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from sealnet.bundle import PUBLIC_ONNX, Bundle, load_bundle
+from sealnet.bundle import PARAMS, PUBLIC_ONNX, Bundle, load_bundle
 
 PUBLIC_SUFFIX = "-public"
 PLAN_FILE = "public.plan"
@@ -136,8 +136,8 @@ def write_repository(bundle_dir: Path, out: Path, options: RepoOptions, *, force
     manifest = bundle.manifest
     if options.network not in ("inline", "bls"):
         raise ValueError(f"--network {options.network!r}: expected 'inline' or 'bls'")
-    if options.network == "bls" and manifest["method"] == "passport":
-        raise ValueError("--network bls: a passport bundle's public network gets its weights (gamma/beta) from the "
+    if options.network == "bls" and manifest["module_step"] == PARAMS:
+        raise ValueError(f"--network bls: a {manifest['method']} bundle's public network gets its weights from the "
                          "trusted module per session, so it runs inside the protected model; use --network inline")
     if not options.enclave.startswith("unix:") and options.enclave_tls is None:
         raise ValueError(f"--enclave {options.enclave}: TCP requires mTLS; pass --enclave-tls")

@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from sealnet.errors import FailedPrecondition
 from sealnet.processes import free_port
 from sealnet.runtime.triton.protocol import DEFAULT_CLIENT_HEADER, forward_pattern
 
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[3]
 SYSTEM_TRITON = Path("/opt/tritonserver")
 
 
-class TritonUnavailable(RuntimeError):
+class TritonUnavailable(FailedPrecondition, RuntimeError):
     """No usable tritonserver on this machine; the message says what is missing and how to get it."""
 
 

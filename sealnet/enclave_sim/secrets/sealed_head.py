@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from sealnet.bundle import CLASSIFY
+from sealnet.enclave_sim.secrets.base import ModuleSecret, register
 from sealnet.outputs import OutputPolicy, apply_policy, parse_policy, policy_outputs
 
 
@@ -33,3 +35,23 @@ class SealedHead:
     def answer(self, features: np.ndarray) -> dict[str, np.ndarray]:
         logits = self._session.run(None, {self._input: features})[0]
         return apply_policy(np.asarray(logits, dtype=np.float32), self.policy)
+
+
+@register
+class SealedHeadSecret(ModuleSecret):
+    method = "sealed-head"
+    step = CLASSIFY
+
+    def __init__(self, config: dict[str, Any], arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
+        self._head: SealedHead | None = SealedHead(config, arrays)
+        if manifest.get("outputs") != self._head.outputs():
+            raise ValueError(f"bundle manifest outputs do not match the sealed output policy {self._head.policy}")
+
+    def item_shape(self, manifest: dict[str, Any]) -> tuple[int, ...]:
+        return (self._head.num_features,)
+
+    def classify(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        return self._head.answer(features)
+
+    def close(self) -> None:
+        self._head = None

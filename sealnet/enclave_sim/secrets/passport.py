@@ -1,7 +1,7 @@
-"""Passport parameters inside the trusted module: gamma = Avg(W * P_gamma), beta = Avg(W * P_beta).
+"""Digital passports in the trusted module (scheme V1): gamma = Avg(W * P_gamma), beta = Avg(W * P_beta).
 
 Computed once, at start, from the unsealed passports and the sealed copy of each passport layer's weight
-(export/split.py writes both). The mean over output positions of a convolution equals the kernel applied to
+(the passport method's split writes both). The mean over output positions of a convolution equals the kernel applied to
 the mean input window, so each parameter is one contraction; numpy only, no torch in the trusted module.
 """
 
@@ -11,6 +11,9 @@ from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from sealnet.bundle import PARAMS
+from sealnet.enclave_sim.secrets.base import ModuleSecret, register
 
 
 def mean_conv_response(passport: np.ndarray, weight: np.ndarray, stride: list[int], padding: list[int]) -> np.ndarray:
@@ -26,7 +29,7 @@ def mean_conv_response(passport: np.ndarray, weight: np.ndarray, stride: list[in
 
 
 def derive_params(config: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """{gamma_i, beta_i: float32 (C_out,)} for every sealed passport layer (see export/split.py)."""
+    """{gamma_i, beta_i: float32 (C_out,)} for every sealed passport layer (see sealnet/protect/methods/passport.py)."""
     params: dict[str, np.ndarray] = {}
     for spec in config["layers"]:
         layer = spec["layer"]
@@ -45,3 +48,23 @@ def derive_params(config: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict
                 raise ValueError(f"sealed passport layer {layer}: {key} has shape {value.shape}")
             params[spec[key]] = np.ascontiguousarray(value, dtype="<f4")
     return params
+
+
+@register
+class PassportSecret(ModuleSecret):
+    """The derived gamma/beta, computed once at start; the passports themselves are not kept."""
+
+    method = "passport"
+    step = PARAMS
+
+    def __init__(self, config: dict[str, Any], arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
+        self._params: dict[str, np.ndarray] | None = derive_params(config, arrays)
+
+    def params(self) -> dict[str, np.ndarray]:
+        return self._params
+
+    def close(self) -> None:
+        if self._params is not None:
+            for array in self._params.values():
+                array.fill(0)
+            self._params = None

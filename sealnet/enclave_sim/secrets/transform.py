@@ -1,4 +1,5 @@
-"""The sealed transform as an in-memory ONNX graph, run by ONNX Runtime inside the trusted module.
+"""The anti-piracy transform in the trusted module: the sealed transform as an in-memory ONNX graph, run by
+ONNX Runtime.
 
 Built directly from the unsealed arrays with onnx.helper (no torch in the trusted module: a smaller trusted
 code base, a faster start, and ~6x less latency per small batch than eager torch). The graph never touches
@@ -13,6 +14,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from sealnet.bundle import PREPROCESS
+from sealnet.enclave_sim.secrets.base import ModuleSecret, register
 
 _OPSET = 17
 
@@ -56,3 +60,18 @@ def transform_session(config: dict[str, Any], arrays: dict[str, np.ndarray], thr
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(_graph(config, arrays).SerializeToString(), sess_options=opts,
                                 providers=["CPUExecutionProvider"])
+
+
+@register
+class TransformSecret(ModuleSecret):
+    method = "transform"
+    step = PREPROCESS
+
+    def __init__(self, config: dict[str, Any], arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
+        self._session: ort.InferenceSession | None = transform_session(config, arrays)
+
+    def preprocess(self, batch: np.ndarray) -> np.ndarray:
+        return self._session.run(None, {"x": batch})[0]
+
+    def close(self) -> None:
+        self._session = None
