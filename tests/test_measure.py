@@ -53,7 +53,7 @@ def test_module_process_loads_only_measured_code(artefacts, digits, short_tmp):
     root = _ROOT.resolve()
     project = [f.relative_to(root).as_posix() for f in loaded
                if f.is_relative_to(root) and f.relative_to(root).parts[0] in PROJECT_PACKAGES]
-    assert "enclave_sim/service.py" in project and "sealnet/_grpc/enclave_pb2.py" in project
+    assert "sealnet/enclave_sim/service.py" in project and "sealnet/_grpc/enclave_pb2.py" in project
     assert [f for f in project if f"code:{f}" not in measured] == []
     assert [f for f in project if not f.startswith(("enclave_sim/", "sealnet/"))] == []  # no runtime/ etc.
     assert [f for f in project if f.startswith("sealnet/") and "cli" in f] == []

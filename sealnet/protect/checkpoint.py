@@ -43,7 +43,7 @@ class ProtectedCheckpoint:
 
     def build_passport_model(self) -> nn.Module:
         """The public network with the secret passports installed (gamma/beta derivable)."""
-        self._require("passports", "passports")
+        self.require_method("passport")
         from sealnet.protect.passport import set_passports
 
         model = self.build_public_model()
@@ -52,14 +52,14 @@ class ProtectedCheckpoint:
 
     def build_head(self) -> nn.Module:
         """The private head of a sealed-head checkpoint (eval mode), forward(taps [N, F]) -> logits [N, C]."""
-        self._require("head_config", "a sealed head")
+        self.require_method("sealed-head")
         from sealnet.protect.heads import head_from_config
 
         return head_from_config(self.secret["head_config"], self.secret["head_state"])
 
     def build_transform(self) -> nn.Module:
         """The secret input transform of a transform checkpoint."""
-        self._require("variant", "an input transform")
+        self.require_method("transform")
         module = create_transform(self.secret["variant"], self.input_shape, **self.secret["config"])
         module.load_state_dict(self.secret["state"])
         return module.eval()
@@ -69,10 +69,6 @@ class ProtectedCheckpoint:
         """For code that applies to one method's checkpoints: a clear error for any other."""
         if self.method != method:
             raise ValueError(f"checkpoint method is {self.method!r}, not {method!r}")
-
-    def _require(self, key: str, what: str) -> None:
-        if key not in self.secret:
-            raise ValueError(f"this {self.method} checkpoint holds no {what}")
 
 
 def save_checkpoint(ckpt: ProtectedCheckpoint, path: Path) -> Path:

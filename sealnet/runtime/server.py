@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import sealnet
 from sealnet._grpc import inference_pb2, inference_pb2_grpc
-from sealnet.bundle import EXPECTED_MEASUREMENTS, PUBLIC_ONNX, Bundle, load_bundle
+from sealnet.bundle import EXPECTED_MEASUREMENTS, PREPROCESS, PUBLIC_ONNX, Bundle, load_bundle
 from sealnet.rpc import LICENSE_METADATA, MAX_MESSAGE_BYTES, AsyncErrorInterceptor, add_servicer, clip
 from sealnet.runtime.batching import DEFAULT_BATCHING, BatchingConfig, DynamicBatcher
 from sealnet.runtime.enclave_client import CallObserver, EnclaveClient
@@ -342,7 +342,8 @@ def unprotected_bundle(onnx_path: Path, model_id: str, max_batch: int = 1024) ->
     def dims(value) -> list[int]:
         return [d.dim_value if d.dim_value > 0 else -1 for d in value.type.tensor_type.shape.dim]
 
-    manifest = {"model_id": model_id, "method": "unprotected", "max_batch": max_batch,
+    # No trusted module: the module-first order with enclave=None runs the network on raw inputs.
+    manifest = {"model_id": model_id, "method": "unprotected", "module_step": PREPROCESS, "max_batch": max_batch,
                 "input": {"name": inputs[0].name, "datatype": "FP32", "shape": [-1, *dims(inputs[0])[1:]]},
                 "outputs": [{"name": graph.output[0].name, "datatype": "FP32",
                              "shape": [-1, *dims(graph.output[0])[1:]]}],
