@@ -2,7 +2,7 @@
 
 For each seed: the unprotected baseline (simple_cnn trained on the private data; also the head's teacher), then for
 each candidate backbone source (`sealnet backbone make --source ...`) the backbone + sealed head trained through
-protect_sealed_head, the code path `sealnet protect --method sealed-head` runs. Prints a table (mean, min/max over
+protect_sealed_head, the code path `sealnet protect sealed-head` runs. Prints a table (mean, min/max over
 seeds) and writes every number as JSON.
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python scripts/sealed_head_candidates.py --seeds 0 1 2 --out runs/sh_cand.json
