@@ -11,11 +11,20 @@ DEMO_MODEL_ID = "mnist-cnn-generator"  # the bundle `sealnet demo` and `sealnet 
 SEALED_HEAD_DEMO_MODEL_ID = "mnist-sealed-head"  # the same with --method sealed-head
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on loopback right now (the caller binds it soon after)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on loopback right now (the caller binds it soon after), never one this process was given
+    before: the kernel may offer a just-released port again, and two services asked for ports in a row (Triton's
+    HTTP and metrics ports) must not get the same one."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def sealnet_command(*args: str) -> list[str]:
