@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from sealnet.attacks.onnx_torch import OnnxModule, penultimate
+from sealnet.protect.onnx_torch import OnnxModule, penultimate
 from sealnet.bundle import PUBLIC_ONNX
 from sealnet.onnx_session import ort_session
 

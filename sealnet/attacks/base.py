@@ -135,8 +135,9 @@ class Target:
     @cached_property
     def data(self) -> Dataset:
         """The bundle's evaluation data (named in its manifest), split as export split it."""
-        name = self.bundle.manifest.get("checks", {}).get("dataset", "mnist-embedded")
-        return load_dataset(name, self.data_dir, seed=0)
+        manifest = self.bundle.manifest
+        name = manifest.get("checks", {}).get("dataset", "mnist-embedded")
+        return load_dataset(name, self.data_dir, seed=0, options=manifest["input"].get("preprocessing"))
 
     @cached_property
     def public_session(self):

@@ -140,7 +140,7 @@ def passport_maps(model: onnx.ModelProto, convs: list[onnx.NodeProto], input_sha
     import torch
     import torch.nn.functional as F
 
-    from sealnet.attacks.onnx_torch import OnnxModule
+    from sealnet.protect.onnx_torch import OnnxModule
 
     weights = {i.name: i for i in model.graph.initializer}
     maps = []
@@ -171,7 +171,7 @@ def passport_cerb_forgery(target: Target, budget: Budget, out: Path) -> Outcome:
     import torch
     import torch.nn.functional as F
 
-    from sealnet.attacks.onnx_torch import OnnxModule
+    from sealnet.protect.onnx_torch import OnnxModule
     from sealnet.evaluate.passport_eval import (
         CERB_FRACTIONS,
         attack_subset,

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sealnet.attacks.base import Budget, Metric, Outcome, Skip, Target, pct, progress, torch_threads
-from sealnet.attacks.onnx_torch import OnnxModule, penultimate
+from sealnet.protect.onnx_torch import OnnxModule, penultimate
 from sealnet.attacks.plots import grouped_bars
 from sealnet.attacks.registry import register_attack
 from sealnet.attacks.stealing import fit_steps, torch_accuracy

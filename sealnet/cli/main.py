@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sealnet.data import DATASETS
+from sealnet.data import DATASETS, add_data_arguments
 from sealnet.errors import SealnetError, missing_extra
 from sealnet.rpc import default_enclave_address
 
@@ -38,8 +38,7 @@ def add_protect_parser(sub: argparse._SubParsersAction) -> None:
     methods = protect.add_subparsers(dest="method", required=True, metavar="METHOD")
     for name, method in METHODS.items():
         p = methods.add_parser(name, help=method.summary, description=method.summary)
-        p.add_argument("--dataset", default="mnist-embedded", choices=DATASETS)
-        p.add_argument("--data-dir", type=Path, help="directory with MNIST/Fashion IDX files or CIFAR-10 batches")
+        add_data_arguments(p)
         p.add_argument("--epochs", type=int, default=8)
         p.add_argument("--batch-size", type=int, default=128)
         p.add_argument("--lr", type=float, default=1e-3)

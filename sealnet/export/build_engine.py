@@ -112,7 +112,7 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
         takes = [name for name in exportable() if get_method(name).takes_output_policy]
         raise ExportError(f"--output-policy applies to {', '.join(takes)} bundles; this checkpoint is {ckpt.method!r}")
     signer = load_owner_key(owner_key)
-    data = load_dataset(ckpt.dataset, data_dir, seed=0)
+    data = load_dataset(ckpt.dataset, data_dir, seed=0, options=ckpt.data_config)
     if data.input_shape != ckpt.input_shape:
         raise ExportError(f"dataset {data.name} has input shape {data.input_shape}, checkpoint {ckpt.input_shape}")
     store = keystore.open()
@@ -141,7 +141,9 @@ def build_bundle(checkpoint: Path, out_dir: Path, *, owner_key: Path, keystore: 
             **split.manifest,
             "created_at": int(time.time()),
             "owner_public_key": owner_key_field(signer),
-            "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": tensor_shape},
+            "input": {"name": INPUT_NAME, "datatype": "FP32", "shape": tensor_shape,
+                      # how clients turn an image into this tensor (resize, scale to [0, 1], normalise)
+                      **({"preprocessing": ckpt.data_config} if ckpt.data_config else {})},
             "outputs": split.outputs or logits_outputs(ckpt.num_classes),
             "max_batch": max_batch,
             "files": files,

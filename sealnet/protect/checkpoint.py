@@ -35,8 +35,20 @@ class ProtectedCheckpoint:
     seed: int
     metrics: dict[str, float] = field(default_factory=dict)
     model_config: dict[str, Any] = field(default_factory=dict)
+    # A model the user brought (sealnet/protect/user_model.py): the public part as the ONNX bytes that ship
+    # (uint8); None for sealnet's registry networks, which `model_name` and `public_state` rebuild.
+    public_onnx: torch.Tensor | None = None
+    data_config: dict[str, Any] = field(default_factory=dict)  # the data's ImageOptions (resize, normalise)
+
+    @property
+    def user_model(self) -> bool:
+        """True for a model the user brought: its halves are ONNX graphs, not registry networks."""
+        return self.public_onnx is not None
 
     def build_public_model(self) -> nn.Module:
+        if self.user_model:
+            raise ValueError(f"checkpoint holds a user model ({self.model_config.get('source')}) as ONNX; "
+                             "it has no registry network to rebuild")
         model = create_model(self.model_name, self.input_shape, self.num_classes, **self.model_config)
         model.load_state_dict(self.public_state)
         return model.eval()

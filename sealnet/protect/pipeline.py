@@ -29,7 +29,7 @@ def protect_transform(data: Dataset, variant: str, out: Path, cfg: TrainConfig, 
         public_state={k: v.detach().clone() for k, v in model.state_dict().items()},
         secret={"variant": variant, "config": dict(transform.config),
                 "state": {k: v.detach().clone() for k, v in transform.state_dict().items()}},
-        dataset=data.name, seed=cfg.seed, metrics=metrics, model_config=dict(model_config or {}),
+        dataset=data.name, data_config=dict(data.options), seed=cfg.seed, metrics=metrics, model_config=dict(model_config or {}),
     )
     save_checkpoint(ckpt, out)
     return ckpt

@@ -23,7 +23,7 @@ from sealnet.errors import FailedPrecondition
 from sealnet.protect.backbones import backbone_digest, build_backbone, extract_features, load_backbone_weights
 from sealnet.protect.checkpoint import ProtectedCheckpoint
 from sealnet.protect.heads import SealedHead, flops
-from sealnet.protect.train import TrainConfig, accuracy, seed_everything, train_new_model
+from sealnet.protect.train import TrainConfig, accuracy, seed_everything, train_new_model, train_plain
 
 METHOD = "sealed-head"
 
@@ -147,7 +147,7 @@ def protect_sealed_head(data: Dataset, backbone_weights: Path, arch: str, cfg: S
                 "head_state": {k: v.detach().clone() for k, v in head.state_dict().items()},
                 "backbone_sha256": digest, "output_policy": "label",
                 "train_config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(run).items()}},
-        dataset=data.name, seed=run.seed, metrics=metrics, model_config=dict(model_config or {}))
+        dataset=data.name, data_config=dict(data.options), seed=run.seed, metrics=metrics, model_config=dict(model_config or {}))
 
 
 def protect_demo_sealed_head(data: Dataset, workdir: Path, *, epochs: int = 8, seed: int = 0,
@@ -162,3 +162,151 @@ def protect_demo_sealed_head(data: Dataset, workdir: Path, *, epochs: int = 8, s
     ckpt = protect_sealed_head(data, weights, "tap_cnn", SealedHeadConfig(seed=seed, teacher_epochs=epochs), log=log)
     save_checkpoint(ckpt, Path(workdir) / "protected.pt")
     return ckpt
+
+
+@dataclass(frozen=True)
+class UserHeadConfig:
+    """Training of a sealed head cut from a user's model (sealnet protect sealed-head --model)."""
+
+    epochs: int = 10  # the head, on the frozen public part's features
+    baseline_epochs: int = 8  # the whole network fine-tuned on the private data: the unprotected baseline
+    public_epochs: int = 8  # the public part pretrained on --public-data (with a temporary linear classifier)
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    max_drop: float = 0.02  # authorized accuracy must be >= baseline - max_drop
+    attempts: int = 3
+    tune_public: bool = False  # the public part is fine-tuned on the private data too (it then leaks: said so)
+
+
+class _Joined(nn.Module):
+    def __init__(self, public: nn.Module, head: nn.Module):
+        super().__init__()
+        self.public, self.head = public, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.public(x))
+
+
+class _LinearProbe(nn.Module):
+    """A temporary classifier over the public part, for pretraining it on public data; discarded afterwards."""
+
+    def __init__(self, public: nn.Module, features: int, classes: int):
+        super().__init__()
+        self.public, self.fc = public, nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.public(x).flatten(1))
+
+
+def _as_features(public: nn.Module, data: Dataset) -> Dataset:
+    """The dataset with every image replaced by the frozen public part's features (computed once)."""
+    with torch.no_grad():
+        train, test = (_logits(public, x).numpy() for x in (data.x_train, data.x_test))
+    return Dataset(f"{data.name} (features)", train, data.y_train, test, data.y_test, data.num_classes)
+
+
+def protect_user_sealed_head(split: Any, data: Dataset, cfg: UserHeadConfig, *, public_data: Dataset | None = None,
+                             progress: bool = True, log: Callable[[str], None] | None = None) -> ProtectedCheckpoint:
+    """A sealed head cut from a user's model (`split`: sealnet.protect.user_model.SplitModel): the public part
+    keeps the weights the user declared public (or is pretrained on `public_data` alone); the head (everything
+    after the cut) is fine-tuned on `data` over the frozen public features; the baseline is the whole network
+    fine-tuned on `data`. A head below baseline - cfg.max_drop after cfg.attempts seeds: SealedHeadTrainingError."""
+    import copy
+    import math
+
+    from sealnet.protect.user_model import ModelError, onnx_weights_digest
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if tuple(data.input_shape) != tuple(split.input_shape):
+        raise ModelError(f"the data's images are {list(data.input_shape)} but the model takes "
+                         f"{list(split.input_shape)}; pass --image-size (and matching channels)")
+    public, head = split.public, split.head
+    split.public_onnx(), split.head_onnx()  # fail now, not after training, if a layer cannot be exported
+    width = math.prod(split.features_shape)
+    if public_data is not None:
+        if public_data.input_shape != data.input_shape:
+            raise ModelError(f"--public-data images are {list(public_data.input_shape)}, the data's "
+                             f"{list(data.input_shape)}")
+        log(f"public part: pretraining on {public_data.name} only ({len(public_data.x_train):,} images)")
+        probe = _LinearProbe(public, width, public_data.num_classes)
+        train_plain(probe, public_data, TrainConfig(epochs=cfg.public_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                                    seed=cfg.seed, progress=progress), label="public part")
+        log(f"  public-data accuracy {accuracy(probe, public_data.x_test, public_data.y_test):.2%} "
+            "(its temporary classifier is discarded)")
+    public.eval()
+    initial_head = copy.deepcopy(head.state_dict())
+    baseline = _Joined(copy.deepcopy(public), copy.deepcopy(head))
+    train_plain(baseline, data, TrainConfig(epochs=cfg.baseline_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                            seed=cfg.seed, progress=progress), label="baseline (whole network)")
+    baseline_acc = accuracy(baseline, data.x_test, data.y_test)
+    floor = baseline_acc - cfg.max_drop
+    if cfg.tune_public:
+        log("WARNING: --tune-public: the public part is the baseline's, fine-tuned on the private data; a copy of "
+            "public.onnx carries what it learnt from it (the attack report measures how much)")
+        public, head = baseline.public, baseline.head
+        acc, attempt, run_seed = baseline_acc, 0, cfg.seed
+    else:
+        for p in public.parameters():
+            p.requires_grad_(False)
+        features = _as_features(public, data)
+        tried = []
+        for attempt in range(max(1, cfg.attempts)):
+            run_seed = cfg.seed + attempt
+            head.load_state_dict(initial_head)
+            train_plain(head, features, TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                                                    seed=run_seed, progress=progress), label="sealed head")
+            acc = accuracy(head, features.x_test, features.y_test)
+            tried.append(f"seed {run_seed}: {acc:.2%}")
+            if acc >= floor:
+                break
+            log(f"sealed head with seed {run_seed}: {acc:.2%} < baseline {baseline_acc:.2%} - {cfg.max_drop:.1%}")
+        else:
+            raise SealedHeadTrainingError(
+                f"sealed head stayed below baseline {baseline_acc:.2%} - {cfg.max_drop:.1%} in all {len(tried)} "
+                f"attempts ({'; '.join(tried)}); split earlier (--split-at: a larger head), train longer "
+                "(--head-epochs), or give the public part better weights (--weights or --public-data)")
+    public.eval()
+    head.eval()
+    public_bytes, head_bytes = split.public_onnx(), split.head_onnx()
+    diff = _onnx_diff(public_bytes, head_bytes, _Joined(public, head), data.x_test[:256])
+    cut = split.cut
+    metrics = {"onnx_max_abs_diff": diff, "baseline_acc": baseline_acc, "authorized_acc": acc, "backbone_flops": cut.public_macs,
+               "head_flops": cut.head_macs, "flops_ratio": cut.head_macs / max(cut.public_macs, 1),
+               "head_share": cut.head_share, "head_attempts": attempt + 1, "feature_dim": width}
+    name = _model_name(split.spec)
+    return ProtectedCheckpoint(
+        method=METHOD, model_name=name, input_shape=data.input_shape, num_classes=data.num_classes, public_state={},
+        secret={"head_onnx": torch.frombuffer(bytearray(head_bytes), dtype=torch.uint8),
+                "features_shape": list(split.features_shape), "backbone_sha256": onnx_weights_digest(public_bytes),
+                "output_policy": "label", "public_trained_on_private_data": cfg.tune_public,
+                "train_config": {**asdict(cfg), "seed": run_seed}},
+        dataset=data.name, data_config=dict(data.options), seed=run_seed, metrics=metrics,
+        model_config={"source": split.spec, "split_at": cut.name,
+                      "public_data": public_data.name if public_data is not None else None},
+        public_onnx=torch.frombuffer(bytearray(public_bytes), dtype=torch.uint8))
+
+
+def _onnx_diff(public_bytes: bytes, head_bytes: bytes, model: nn.Module, x: np.ndarray) -> float:
+    """max |ONNX Runtime (public -> head) - torch| on `x`; an error above the export tolerance."""
+    from sealnet.onnx_session import ort_session
+    from sealnet.protect.onnx_export import FEATURES_NAME, INPUT_NAME, check_diff
+
+    feats = ort_session(public_bytes).run(None, {INPUT_NAME: x})[0]
+    got = ort_session(head_bytes).run(None, {FEATURES_NAME: feats})[0]
+    return check_diff(got, _logits(model, x).numpy())
+
+
+def _model_name(spec: str) -> str:
+    """A model id stem from a model spec: the factory name, timm's model name, or the .onnx file's stem."""
+    import re
+
+    kind, _, rest = spec.partition(":")
+    if kind == "timm":
+        stem = rest
+    elif spec.endswith(".onnx"):
+        stem = Path(spec).stem
+    else:
+        file, _, factory = spec.rpartition(":")
+        stem = f"{Path(file).stem}-{factory}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "user-model"

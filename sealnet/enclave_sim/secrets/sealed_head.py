@@ -19,6 +19,8 @@ class SealedHead:
     def __init__(self, config: dict[str, Any], arrays: dict[str, np.ndarray], threads: int = 1):
         self.num_classes = int(config["num_classes"])
         self.num_features = int(config["num_features"])
+        # a user's model may be cut where the features are a map ([C, H, W]); sealnet's backbones give vectors
+        self.features_shape = tuple(int(d) for d in config.get("features_shape", [self.num_features]))
         self.policy: OutputPolicy = parse_policy(config["policy"], self.num_classes)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -48,7 +50,7 @@ class SealedHeadSecret(ModuleSecret):
             raise ValueError(f"bundle manifest outputs do not match the sealed output policy {self._head.policy}")
 
     def item_shape(self, manifest: dict[str, Any]) -> tuple[int, ...]:
-        return (self._head.num_features,)
+        return self._head.features_shape
 
     def classify(self, features: np.ndarray) -> dict[str, np.ndarray]:
         return self._head.answer(features)

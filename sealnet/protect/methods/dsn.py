@@ -93,7 +93,7 @@ class DSN(ProtectionMethod):
                             help="target: student with any of 20 other customers' SNs at most this")
 
     def protect(self, args: argparse.Namespace) -> int:
-        from sealnet.data import load_dataset
+        from sealnet.data import load_data_from_args
         from sealnet.licenses import load_owner_key
         from sealnet.protect.serial import DSNConfig, DSNTargets, DSNTrainingError, protect_dsn
         from sealnet.protect.train import TrainConfig
@@ -101,7 +101,7 @@ class DSN(ProtectionMethod):
 
         record = serial_record(args, None)
         owner_key = load_owner_key(args.owner_key)
-        data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+        data = load_data_from_args(args, seed=args.seed)
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         claim = args.serial_out or serial_path(args.out)
         teacher = args.teacher or args.out.with_name(args.out.stem + ".teacher.pt")

@@ -55,14 +55,14 @@ class Passport(ProtectionMethod):
                             help="passport file (default: OUT with suffix .passport.pt)")
 
     def protect(self, args: argparse.Namespace) -> int:
-        from sealnet.data import load_dataset
+        from sealnet.data import load_data_from_args
         from sealnet.protect.passport_train import PassportConfig, default_passport_path, protect_passport
         from sealnet.protect.train import TrainConfig
 
         width = args.width
         if width is not None and (args.model != "resnet18_p" or width < 1):
             raise ValueError(f"--width {width}: only resnet18_p takes a width, a positive channel count")
-        data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+        data = load_data_from_args(args, seed=args.seed)
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         overrides = {k: getattr(args, k) for k in ("fake_weight", "decor_weight", "sign_weight", "lr_schedule",
                                                      "optimizer", "warm_start")

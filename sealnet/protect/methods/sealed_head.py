@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sealnet.bundle import CLASSIFY
+from sealnet.errors import InvalidArgument
 from sealnet.processes import SEALED_HEAD_DEMO_MODEL_ID
 from sealnet.protect.methods.base import DemoPlan, ExportOptions, ProtectionMethod, Split, register
+from sealnet.protect.user_args import add_model_arguments
 
 if TYPE_CHECKING:
     import torch
@@ -46,15 +48,27 @@ class SealedHead(ProtectionMethod):
                             help="distillation temperature of the head")
         parser.add_argument("--max-drop", type=float, default=0.015,
                             help="refuse a head whose accuracy is below baseline - this (default 0.015 = 1.5 pts)")
+        group = parser.add_argument_group("your own model (instead of --backbone / --backbone-weights)")
+        add_model_arguments(group)
+        group.add_argument("--public-data", metavar="DATA",
+                           help="pretrain the public part on these (public) images only, e.g. digits; default: "
+                                "it keeps the --model / --weights weights as they are")
+        group.add_argument("--public-epochs", type=int, default=8, help="epochs of --public-data pretraining")
+        group.add_argument("--tune-public", action="store_true",
+                           help="fine-tune the public part on the private data too (NOT recommended: public.onnx "
+                                "then carries what it learnt; the export and attack report say so)")
 
     def protect(self, args: argparse.Namespace) -> int:
-        from sealnet.data import load_dataset
+        from sealnet.data import load_data_from_args
+
+        if args.model:
+            return _protect_user(args)
         from sealnet.protect.checkpoint import save_checkpoint
         from sealnet.protect.sealed_head import SealedHeadConfig, SealedHeadTrainingError, protect_sealed_head
 
         if args.backbone_weights is None:
             raise SystemExit("sealnet protect sealed-head needs --backbone-weights FILE (see `sealnet backbone make`)")
-        data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+        data = load_data_from_args(args, seed=args.seed)
         arch = args.backbone or ("resnet18" if data.input_shape[0] == 3 else "tap_cnn")
         cfg = SealedHeadConfig(hidden=tuple(args.head_hidden), epochs=args.head_epochs, lr=args.lr,
                                batch_size=args.batch_size, temperature=args.head_temperature,
@@ -84,12 +98,48 @@ class SealedHead(ProtectionMethod):
               log: Callable[[str], None]) -> Split:
         if options.output_policy is not None:
             ckpt.secret["output_policy"] = options.output_policy
-        return _split(ckpt, data, onnx_path, log)
+        return _split_user(ckpt, data, onnx_path, log) if ckpt.user_model else _split(ckpt, data, onnx_path, log)
 
     def demo(self) -> DemoPlan:
         return DemoPlan(SEALED_HEAD_DEMO_MODEL_ID, "owner: a public backbone trained only on public data "
                         "(scikit-learn's 8x8 digits, upscaled), then the baseline and the sealed head on the frozen "
                         "backbone's taps (embedded MNIST)", _train_demo, stealing=True)
+
+
+def _protect_user(args: argparse.Namespace) -> int:
+    from sealnet.protect.checkpoint import save_checkpoint
+    from sealnet.protect.user_args import user_data_and_model, user_head_config
+
+    if args.backbone_weights is not None or args.backbone is not None:
+        raise InvalidArgument("--model replaces --backbone / --backbone-weights; give one or the other")
+    data, user, public_data = user_data_and_model(args, seed=args.seed)
+    ckpt = train_user_head(user, data, user_head_config(args), args.split_at, public_data)
+    save_checkpoint(ckpt, args.out)
+    _print_user_result(ckpt, args.out)
+    return 0
+
+
+def train_user_head(user, data: Dataset, cfg, split_at: str | None, public_data: Dataset | None
+                    ) -> ProtectedCheckpoint:
+    """Split the user's model and train its sealed head (protect/sealed_head.py); the checkpoint, not written."""
+    from sealnet.protect.sealed_head import protect_user_sealed_head
+
+    split = user.split(split_at)
+    print(f"{user.spec}: public part up to {split.cut.name!r} (features {list(split.features_shape)}), sealed head "
+          f"= the rest ({split.cut.head_share:.1%} of the MACs)", file=sys.stderr)
+    return protect_user_sealed_head(split, data, cfg, public_data=public_data)
+
+
+def _print_user_result(ckpt: ProtectedCheckpoint, out: Path) -> None:
+    m = ckpt.metrics
+    print(f"checkpoint {out} (mode 0600: it holds the sealed head), {ckpt.model_config['source']} split at "
+          f"{ckpt.model_config['split_at']!r}, public weights sha256 {ckpt.secret['backbone_sha256'][:16]}...")
+    print(f"  baseline   accuracy {m['baseline_acc']:.2%}  (the whole network fine-tuned on the data)")
+    print(f"  authorized accuracy {m['authorized_acc']:.2%}  (public part + sealed head, seed {ckpt.seed})")
+    print(f"  MACs public {m['backbone_flops']:,}  head {m['head_flops']:,}  (head = {m['head_share']:.1%} of all)")
+    if ckpt.secret.get("public_trained_on_private_data"):
+        print("  WARNING: the public part was fine-tuned on the private data (--tune-public): a copy of "
+              "public.onnx is worth more than black-box access; `sealnet attack` measures how much")
 
 
 def _train_demo(data: Dataset, workdir: Path, epochs: int, seed: int) -> ProtectedCheckpoint:
@@ -179,4 +229,57 @@ def _split(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, log: Calla
     arrays = {"head_onnx": np.frombuffer(head_bytes, dtype=np.uint8).copy()}
     manifest = {"output_policy": str(policy),
                 "backbone": {"arch": ckpt.model_name, "sha256": digest, "num_features": int(feats.shape[1])}}
+    return Split(config, arrays, checks, manifest, outputs=policy_outputs(policy, ckpt.num_classes))
+
+
+def _split_user(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, log: Callable[[str], None]) -> Split:
+    """A user's model: public.onnx is the public part exactly as protect exported it (its weights digest checked
+    again); the head is the ONNX graph of everything after the cut, sealed, run by ONNX Runtime in the module."""
+    import numpy as np
+
+    from sealnet.onnx_session import ort_session
+    from sealnet.outputs import DEFAULT_POLICY, parse_policy, policy_outputs
+    from sealnet.protect.methods.base import ExportError
+    from sealnet.protect.onnx_export import FEATURES_NAME, INPUT_NAME
+    from sealnet.protect.user_model import onnx_weights_digest
+
+    policy = parse_policy(ckpt.secret.get("output_policy", DEFAULT_POLICY), ckpt.num_classes)
+    public_bytes = ckpt.public_onnx.numpy().tobytes()
+    head_bytes = ckpt.secret["head_onnx"].numpy().tobytes()
+    digest = ckpt.secret["backbone_sha256"]
+    if onnx_weights_digest(public_bytes) != digest:
+        raise ExportError("the checkpoint's public part differs from the one protect recorded (weights sha256 "
+                          f"{digest[:16]}...); re-run `sealnet protect`")
+    onnx_path.write_bytes(public_bytes)
+    public, sealed = ort_session(onnx_path), ort_session(head_bytes)
+    x, y = data.x_test, data.y_test
+    feats = np.concatenate([public.run(None, {INPUT_NAME: x[i : i + 250]})[0] for i in range(0, len(x), 250)])
+    features_shape = [int(d) for d in ckpt.secret["features_shape"]]
+    if list(feats.shape[1:]) != features_shape:
+        raise ExportError(f"public.onnx yields features {list(feats.shape[1:])}, the head takes {features_shape}")
+    logits = np.concatenate([sealed.run(None, {FEATURES_NAME: feats[i : i + 250]})[0]
+                             for i in range(0, len(feats), 250)])
+    authorized = float((logits.argmax(1) == y).mean())
+    if abs(authorized - ckpt.metrics["authorized_acc"]) > 0.02:
+        raise ExportError(f"public.onnx + head reach {authorized:.1%} in ONNX Runtime but {ckpt.metrics['authorized_acc']:.1%} "
+                          "in training: the ONNX graphs do not compute the trained model")
+    leaked = bool(ckpt.secret.get("public_trained_on_private_data"))
+    checks = {"authorized_acc": authorized, "onnx_max_abs_diff": ckpt.metrics["onnx_max_abs_diff"],
+              "backbone_sha256": digest,
+              "num_features": int(np.prod(features_shape)), "features_shape": features_shape,
+              "public_trained_on_private_data": leaked,
+              **{k: ckpt.metrics[k] for k in ("baseline_acc", "backbone_flops", "head_flops", "flops_ratio",
+                                              "head_share") if k in ckpt.metrics}}
+    log(f"public.onnx: {ckpt.model_config.get('source')} up to {ckpt.model_config.get('split_at')!r} (weights sha256 "
+        f"{digest[:16]}...); head sealed ({len(head_bytes):,} bytes of ONNX, {checks.get('head_share', 0):.1%} of "
+        f"the MACs); authorized {authorized:.1%}; output policy {policy}"
+        + ("; WARNING: the public part was fine-tuned on the private data" if leaked else ""))
+    config = {"method": SealedHead.name, "policy": str(policy), "num_classes": ckpt.num_classes,
+              "num_features": int(np.prod(features_shape)), "features_shape": features_shape}
+    arrays = {"head_onnx": np.frombuffer(head_bytes, dtype=np.uint8).copy()}
+    manifest = {"output_policy": str(policy),
+                "backbone": {"arch": ckpt.model_name, "source": Path(str(ckpt.model_config.get("source"))).name,
+                             "split_at": ckpt.model_config.get("split_at"), "sha256": digest,
+                             "num_features": int(np.prod(features_shape)), "features_shape": features_shape,
+                             "public_trained_on_private_data": leaked}}
     return Split(config, arrays, checks, manifest, outputs=policy_outputs(policy, ckpt.num_classes))

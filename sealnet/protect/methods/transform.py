@@ -33,11 +33,11 @@ class Transform(ProtectionMethod):
         parser.add_argument("--gamma", type=float, default=0.01, help="weight of ||x_p - x_r||^2")
 
     def protect(self, args: argparse.Namespace) -> int:
-        from sealnet.data import load_dataset
+        from sealnet.data import load_data_from_args
         from sealnet.protect.pipeline import protect_transform
         from sealnet.protect.train import TrainConfig
 
-        data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+        data = load_data_from_args(args, seed=args.seed)
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           alpha=args.alpha, beta=args.beta, gamma=args.gamma)
         ckpt = protect_transform(data, args.variant, args.out, cfg, baseline=not args.no_baseline)

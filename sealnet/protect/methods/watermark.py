@@ -26,7 +26,7 @@ class Watermark(ProtectionMethod):
     def protect(self, args: argparse.Namespace) -> int:
         import torch
 
-        from sealnet.data import load_dataset
+        from sealnet.data import load_data_from_args
         from sealnet.licenses import load_owner_key
         from sealnet.protect.onnx_export import INPUT_NAME, export_onnx
         from sealnet.protect.train import TrainConfig
@@ -35,7 +35,7 @@ class Watermark(ProtectionMethod):
 
         record = serial_record(args, "all")
         owner_key = load_owner_key(args.owner_key)
-        data = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+        data = load_data_from_args(args, seed=args.seed)
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
         claim = args.serial_out or serial_path(args.out)
         wcfg = WatermarkConfig(trigger_size=args.trigger_size,

@@ -1,7 +1,8 @@
-"""A bundle's public.onnx turned back into a trainable torch network, whatever the method or architecture.
+"""An ONNX graph turned into a trainable torch network, whatever the method or architecture.
 
-This is what a thief does first: every weight of the ONNX graph becomes a parameter that can be fine-tuned, and
-the graph can be cut at any tensor (e.g. before the last fully connected layer, to put a new head there).
+A user's `.onnx` model is fine-tuned this way (its sealed head; its public part on public data), and a thief
+does the same with a bundle's public.onnx: every weight of the graph becomes a parameter that can be trained,
+and the graph can be cut at any tensor (e.g. before the last fully connected layer, to put a new head there).
 Only the operators sealnet's exported networks use are interpreted; any other is refused by name.
 """
 
@@ -203,4 +204,16 @@ def penultimate(model: onnx.ModelProto) -> tuple[str, int]:
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0) if node.op_type == "Gemm" else 0
             return node.input[0], int(w.dims[1] if trans_b else w.dims[0])
     dims = graph.output[0].type.tensor_type.shape.dim
-    return name, int(dims[-1].dim_value)
+    return name, math.prod(int(d.dim_value) for d in dims[1:])  # features of any rank are flattened
+
+
+def with_weights(model: onnx.ModelProto, module: OnnxModule) -> onnx.ModelProto:
+    """A copy of `model` whose initializers hold `module`'s current (e.g. fine-tuned) weights."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    weights = module.named_onnx_weights()
+    for init in out.graph.initializer:
+        if init.name in weights:
+            value = weights[init.name].detach().cpu().numpy().astype(numpy_helper.to_array(init).dtype)
+            init.CopyFrom(numpy_helper.from_array(value, init.name))
+    return out

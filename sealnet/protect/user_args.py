@@ -1,0 +1,69 @@
+"""The command-line side of models users bring (`--model`, `--weights`, `--split-at`): flags shared by
+`protect`, `demo` and `inspect`, and what they resolve to. Torch-free on import, like every parser."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sealnet.data import Dataset, ImageOptions
+    from sealnet.protect.sealed_head import UserHeadConfig
+    from sealnet.protect.user_model import UserModel
+
+MODEL_SPEC_HELP = "FILE.py:FACTORY (a function returning an nn.Module), timm:NAME, or FILE.onnx"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser | Any) -> None:
+    parser.add_argument("--model", metavar="MODEL", help=f"your network: {MODEL_SPEC_HELP}")
+    parser.add_argument("--weights", type=Path, help="state_dict for --model (.pt / .pth / .safetensors)")
+    parser.add_argument("--split-at", metavar="NAME",
+                        help="where the public part ends: a module path (torch, e.g. layer4) or a tensor name "
+                             "(ONNX); `sealnet inspect --model ...` lists them (default: before the classifier)")
+
+
+def model_image_defaults(spec: str) -> ImageOptions:
+    """Input size and normalisation from the model's own config (timm's pretrained_cfg), where it has one."""
+    from sealnet.data import ImageOptions
+
+    kind, _, name = spec.partition(":")
+    if kind != "timm":
+        return ImageOptions()
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is None:
+        return ImageOptions()  # open_user_model names the missing package
+    import timm
+
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is None:
+        return ImageOptions()
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    size = cfg.get("input_size")
+    return ImageOptions(image_size=tuple(size[1:]) if size else None, mean=tuple(cfg["mean"]) if cfg.get("mean") else None,
+                        std=tuple(cfg["std"]) if cfg.get("std") else None)
+
+
+def user_data_and_model(args: argparse.Namespace, seed: int) -> tuple[Dataset, UserModel, Dataset | None]:
+    """The private data, the user's model (checked against it) and the optional public data, from the flags."""
+    from sealnet.data import ImageOptions, image_options, load_dataset
+    from sealnet.protect.user_model import open_user_model
+
+    opts = image_options(args, model_image_defaults(args.model))
+    data = load_dataset(args.dataset, args.data_dir, seed=seed, options=opts)
+    user = open_user_model(args.model, input_shape=data.input_shape, num_classes=data.num_classes,
+                           weights=args.weights)
+    public_data = None
+    if getattr(args, "public_data", None):
+        public_data = load_dataset(args.public_data, args.data_dir, seed=seed,
+                                   options=ImageOptions(tuple(data.input_shape[1:]), opts.mean, opts.std))
+    return data, user, public_data
+
+
+def user_head_config(args: argparse.Namespace) -> UserHeadConfig:
+    from sealnet.protect.sealed_head import UserHeadConfig
+
+    return UserHeadConfig(epochs=args.head_epochs, baseline_epochs=args.epochs, public_epochs=args.public_epochs,
+                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_drop=args.max_drop,
+                          tune_public=args.tune_public)
