@@ -56,5 +56,7 @@ def with_params(model: onnx.ModelProto, params: dict[str, np.ndarray]) -> onnx.M
 
 def ort_accuracy(session, x: np.ndarray, y: np.ndarray, batch_size: int = 500) -> float:
     name = session.get_inputs()[0].name
-    preds = [session.run(None, {name: x[i : i + batch_size]})[0].argmax(1) for i in range(0, len(x), batch_size)]
+    # outputs of any rank are read as flat scores (a public part that ends in a feature map)
+    preds = [session.run(None, {name: x[i : i + batch_size]})[0].reshape(len(x[i : i + batch_size]), -1).argmax(1)
+             for i in range(0, len(x), batch_size)]
     return float((np.concatenate(preds) == y).mean())

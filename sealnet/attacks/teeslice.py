@@ -200,21 +200,23 @@ def insider_imitation(target: Target, budget: Budget, out: Path) -> Outcome:
     rng = np.random.default_rng(target.seed)
     half = n // 2
     a, b = rng.integers(0, n, half), rng.integers(0, n, half)
-    lam = rng.random((half, 1), dtype=np.float32)
+    lam = rng.random((half,) + (1,) * (pool.ndim - 1), dtype=np.float32)  # one mixing weight per probe
     probes = {"natural": pool,
               "natural + mixtures": np.concatenate([pool[rng.permutation(n)[: n - half]],
                                                     lam * pool[a] + (1 - lam) * pool[b]]).astype(np.float32)}
     steps = max(budget.steal_steps * 4, 600)
     insider = {}
+    flat_test = test.reshape(len(test), -1)  # copies are MLPs over flat features, whatever their shape
     for label, queries in progress(probes.items(), desc="insider imitation (query plan)", unit="plan"):
         hard, soft = _answer_targets(_module_answers(target, queries))
         with torch_threads(1):
-            head = _fit_head(queries, hard, soft, data.num_classes, steps=steps, seed=target.seed)
-            insider[label] = torch_accuracy(head, test, data.y_test)
+            head = _fit_head(queries.reshape(len(queries), -1), hard, soft, data.num_classes, steps=steps,
+                             seed=target.seed)
+            insider[label] = torch_accuracy(head, flat_test, data.y_test)
     hard, soft = _answer_targets(_endpoint_answers(target, data.x_train))
     with torch_threads(1):
-        box = torch_accuracy(_fit_head(pool, hard, soft, data.num_classes, steps=steps, seed=target.seed), test,
-                             data.y_test)
+        box = torch_accuracy(_fit_head(pool.reshape(n, -1), hard, soft, data.num_classes, steps=steps,
+                                       seed=target.seed), flat_test, data.y_test)
     best = max(insider, key=insider.get)
     ratio = insider[best] / max(box, 1e-9)
     policy = target.bundle.manifest.get("output_policy", "label")

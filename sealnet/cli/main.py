@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sealnet.data import DATASETS, add_data_arguments
+from sealnet.protect.user_args import add_model_arguments as add_user_model_arguments
 from sealnet.errors import SealnetError, missing_extra
 from sealnet.rpc import default_enclave_address
 
@@ -249,8 +250,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise SystemExit("sealnet demo: --seeds must be at least 1")
+    from sealnet.protect.user_args import UserModelChoice
+
     kwargs = {"epochs": args.epochs, "json_path": args.json, "seed": args.seed, "keystore": args.keystore,
-              "method": args.method, "engine": args.engine}
+              "method": args.method, "engine": args.engine, "user": UserModelChoice.from_args(args)}
     if args.seeds > 1:
         return run_demo_seeds(args.workdir, args.seeds, **kwargs)
     return run_demo(args.workdir, **kwargs)
@@ -267,9 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_protect_parser(sub)
     from sealnet.cli.passport import add_passport_eval_parser, add_verify_parser
-    from sealnet.cli.sealed_head import add_backbone_parser
+    from sealnet.cli.sealed_head import add_backbone_parser, add_inspect_parser
     from sealnet.cli.serial import add_ca_parser, add_serial_eval_parser, add_verify_serial_arguments
 
+    add_inspect_parser(sub)
     p = sub.add_parser("export", help="build a bundle: public ONNX, sealed secrets, signed manifest")
     add_export_arguments(p)
     p.set_defaults(func=cmd_export)
@@ -383,6 +387,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sealed-head: public backbone + sealed head, plus the stealing and insider measurements")
     p.add_argument("--engine", choices=["python", "triton"], default="python",
                    help="triton: serve on NVIDIA Triton Inference Server (./dev installs it)")
+    user = p.add_argument_group("your own model and data (--method sealed-head; default: the embedded demo)")
+    add_user_model_arguments(user)
+    add_data_arguments(user, default=None)
+    user.add_argument("--public-data", metavar="DATA", help="pretrain the public part on these public images only")
+    user.add_argument("--public-epochs", type=int, default=8)
+    user.add_argument("--head-epochs", type=int, default=20)
+    user.add_argument("--max-drop", type=float, default=0.02,
+                      help="refuse a head below baseline - this (default 0.02 = 2 pts)")
     p.set_defaults(func=cmd_demo)
 
     from sealnet.cli.attack import add_attack_parser

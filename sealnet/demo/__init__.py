@@ -23,7 +23,9 @@ from sealnet.attacks.direct_piracy import direct_piracy_accuracy
 from sealnet.data import mnist_embedded
 from sealnet.deployment import LocalDeployment
 from sealnet.enclave_sim.service import EnclaveOptions
+from sealnet.errors import InvalidArgument
 from sealnet.protect.methods import DemoPlan, get_method, with_demo
+from sealnet.protect.user_args import UserModelChoice
 from sealnet.runtime.client import InferenceClient
 
 
@@ -60,7 +62,9 @@ def _query(
 
 
 def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, seed: int = 0,
-             keystore: str = "embedded", method: str = "transform", engine: str = "python") -> int:
+             keystore: str = "embedded", method: str = "transform", engine: str = "python",
+             user: UserModelChoice | None = None) -> int:
+    """The demo on the embedded data, or with `user` on the user's own model and data."""
     workdir = Path(workdir)
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -73,7 +77,8 @@ def run_demo(workdir: Path, *, epochs: int = 8, json_path: Path | None = None, s
         if reason := swtpm_unavailable():
             print(f"error: --keystore tpm needs a software TPM: {reason}", file=sys.stderr)
             return 2
-    return _run(workdir, keystore, epochs=epochs, json_path=json_path, seed=seed, method=method, engine=engine)
+    return _run(workdir, keystore, epochs=epochs, json_path=json_path, seed=seed, method=method, engine=engine,
+                user=user)
 
 
 def run_demo_seeds(workdir: Path, seeds: int, *, seed: int = 0, json_path: Path | None = None,
@@ -136,13 +141,24 @@ def _stealing(bundle: Path, server_addr: str, enclave_addr: str, token: str, see
 
 
 def _run(workdir: Path, keystore: str, *, epochs: int, json_path: Path | None, seed: int, method: str,
-         engine: str = "python") -> int:
+         engine: str = "python", user: UserModelChoice | None = None) -> int:
     started = time.perf_counter()
-    data = mnist_embedded(seed=0)
     plan = demo_plan(method)
-    _step(plan.story)
-    ckpt = plan.train(data, workdir, epochs, seed)
-    model_id, metrics = plan.model_id, ckpt.metrics
+    if user is None:
+        _step(plan.story)
+        data = mnist_embedded(seed=0)
+        ckpt = plan.train(data, workdir, epochs, seed)
+        model_id = plan.model_id
+    else:
+        if plan.train_user is None:
+            users = [m for m in with_demo() if demo_plan(m).train_user is not None]
+            raise InvalidArgument(f"sealnet demo --model: method {method!r} does not take your own model "
+                                  f"(methods that do: {', '.join(users)})")
+        _step(f"owner: your model {user.model} on {user.dataset}: the baseline (whole network fine-tuned) and "
+              "the sealed head (everything after the split, on the frozen public part's features)")
+        data, ckpt = plan.train_user(user, workdir, epochs, seed)
+        model_id = None  # the checkpoint's default: <model>-sealed-head
+    metrics = ckpt.metrics
     extra: dict = {}
     with contextlib.ExitStack() as stack:
         _step(f"integrator: set up the trusted module's keystore ({keystore}) and export the bundle")
@@ -151,6 +167,7 @@ def _run(workdir: Path, keystore: str, *, epochs: int, json_path: Path | None, s
             engine=engine, enclave_options=EnclaveOptions(audit_log=workdir / "logs" / "audit.jsonl"))
         stack.callback(deployment.stop)
         manifest = deployment.manifest
+        model_id = deployment.model_id
         license_ok = deployment.license("acme", "SN-0001")
         license_other = deployment.license("acme", "SN-0002", model_id="another-model")
         _step("edge host: start the trusted module (Unix socket) and the KServe v2 endpoint (loopback TCP)")
@@ -203,7 +220,7 @@ def _run(workdir: Path, keystore: str, *, epochs: int, json_path: Path | None, s
         rows += [(f"thief with {p} of the labels / black-box", f"{extra[f'stealing_ratio_{k}']:.3f}x")
                  for p, k in (("1%", "1pct"), ("10%", "10pct"))]
         rows.append(("insider (module queries) / black-box", f"{extra['insider_ratio']:.3f}x"))
-    _print_table("sealnet demo (1,000 test images)", "result", rows, rule=16)
+    _print_table(f"sealnet demo ({len(data.y_test):,} test images)", "result", rows, rule=16)
     print(f"\nfinished in {result['seconds']} s; artefacts in {workdir}/")
     _write_json(json_path, result)
     ok = status_ok == "OK" and status_none != "OK" and status_other != "OK"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,17 +47,19 @@ def model_image_defaults(spec: str) -> ImageOptions:
 
 
 def user_data_and_model(args: argparse.Namespace, seed: int) -> tuple[Dataset, UserModel, Dataset | None]:
-    """The private data, the user's model (checked against it) and the optional public data, from the flags."""
+    """The private data, the user's model (checked against it) and the optional public data, from the flags.
+    A user's data is split by a fixed seed (0), as the export splits it: the training seed changes the
+    training, never which images are held out."""
     from sealnet.data import ImageOptions, image_options, load_dataset
     from sealnet.protect.user_model import open_user_model
 
     opts = image_options(args, model_image_defaults(args.model))
-    data = load_dataset(args.dataset, args.data_dir, seed=seed, options=opts)
+    data = load_dataset(args.dataset, args.data_dir, seed=0, options=opts)
     user = open_user_model(args.model, input_shape=data.input_shape, num_classes=data.num_classes,
-                           weights=args.weights)
+                           weights=args.weights, seed=seed)
     public_data = None
     if getattr(args, "public_data", None):
-        public_data = load_dataset(args.public_data, args.data_dir, seed=seed,
+        public_data = load_dataset(args.public_data, args.data_dir, seed=0,
                                    options=ImageOptions(tuple(data.input_shape[1:]), opts.mean, opts.std))
     return data, user, public_data
 
@@ -67,3 +70,39 @@ def user_head_config(args: argparse.Namespace) -> UserHeadConfig:
     return UserHeadConfig(epochs=args.head_epochs, baseline_epochs=args.epochs, public_epochs=args.public_epochs,
                           batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_drop=args.max_drop,
                           tune_public=args.tune_public)
+
+
+@dataclass(frozen=True)
+class UserModelChoice:
+    """What `sealnet demo --model ...` was asked to protect: the flags of add_model_arguments and
+    add_data_arguments (read by user_data_and_model like a parsed namespace) plus the head's training."""
+
+    model: str
+    dataset: str
+    weights: Path | None = None
+    split_at: str | None = None
+    data_dir: Path | None = None
+    image_size: list[int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    public_data: str | None = None
+    public_epochs: int = 8
+    head_epochs: int = 20
+    max_drop: float = 0.02
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> UserModelChoice | None:
+        """None when no --model was given (then --data, which only a user's model reads, is refused)."""
+        from sealnet.errors import InvalidArgument
+
+        if not getattr(args, "model", None):
+            if getattr(args, "dataset", None):
+                raise InvalidArgument("--data names the data for your --model; give --model too")
+            return None
+        if not args.dataset:
+            raise InvalidArgument("--model needs --data (imagefolder:DIR, npz:FILE or a built-in dataset)")
+        return cls(model=args.model, dataset=args.dataset, weights=args.weights, split_at=args.split_at,
+                   data_dir=args.data_dir, image_size=args.image_size, mean=args.mean, std=args.std,
+                   public_data=args.public_data, public_epochs=args.public_epochs, head_epochs=args.head_epochs,
+                   max_drop=args.max_drop)

@@ -100,14 +100,16 @@ class UserModel:
 
 # -- loading ---------------------------------------------------------------------------------------------------
 def open_user_model(spec: str, *, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
-                    weights: Path | None = None) -> UserModel:
+                    weights: Path | None = None, seed: int = 0) -> UserModel:
     """Resolve `spec` (MODEL_SPEC_HELP). `input_shape` (C, H, W) is needed for torch models unless timm's
     config gives one; `num_classes`, when given, is checked against the model's outputs (and passed to
-    a factory or timm that takes it)."""
+    a factory or timm that takes it). Torch models are built after seeding torch with `seed`, so weights the
+    factory initialises at random are the same for the same seed."""
     if spec.endswith(".onnx"):
         if weights is not None:
             raise ModelError("--weights applies to torch models; an .onnx file carries its own weights")
         return OnnxUserModel(Path(spec), num_classes)
+    torch.manual_seed(seed)
     module, cfg = _torch_module(spec, num_classes, input_shape)
     if weights is not None:
         load_weights(module, weights)

@@ -16,6 +16,7 @@ from sealnet.errors import InvalidArgument
 if TYPE_CHECKING:
     from sealnet.data import Dataset
     from sealnet.protect.checkpoint import ProtectedCheckpoint
+    from sealnet.protect.user_args import UserModelChoice
 
 
 
@@ -49,6 +50,8 @@ class DemoPlan:
     story: str  # the demo's first step, as printed
     train: Callable[[Dataset, Path, int, int], ProtectedCheckpoint]
     stealing: bool = False
+    # `sealnet demo --model ...`: train_user(choice, workdir, epochs, seed) -> (the user's data, checkpoint)
+    train_user: Callable[[UserModelChoice, Path, int, int], tuple[Dataset, ProtectedCheckpoint]] | None = None
 
 
 class ProtectionMethod:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from sealnet.data import Dataset
     from sealnet.protect.checkpoint import ProtectedCheckpoint
+    from sealnet.protect.user_args import UserModelChoice
 
 BACKBONES = ("tap_cnn", "resnet18")  # protect/backbones.py registers them (checked by a test)
 
@@ -103,7 +104,7 @@ class SealedHead(ProtectionMethod):
     def demo(self) -> DemoPlan:
         return DemoPlan(SEALED_HEAD_DEMO_MODEL_ID, "owner: a public backbone trained only on public data "
                         "(scikit-learn's 8x8 digits, upscaled), then the baseline and the sealed head on the frozen "
-                        "backbone's taps (embedded MNIST)", _train_demo, stealing=True)
+                        "backbone's taps (embedded MNIST)", _train_demo, stealing=True, train_user=_train_user_demo)
 
 
 def _protect_user(args: argparse.Namespace) -> int:
@@ -140,6 +141,21 @@ def _print_user_result(ckpt: ProtectedCheckpoint, out: Path) -> None:
     if ckpt.secret.get("public_trained_on_private_data"):
         print("  WARNING: the public part was fine-tuned on the private data (--tune-public): a copy of "
               "public.onnx is worth more than black-box access; `sealnet attack` measures how much")
+
+
+def _train_user_demo(choice: UserModelChoice, workdir: Path, epochs: int, seed: int
+                     ) -> tuple[Dataset, ProtectedCheckpoint]:
+    from sealnet.protect.checkpoint import save_checkpoint
+    from sealnet.protect.sealed_head import UserHeadConfig
+    from sealnet.protect.user_args import user_data_and_model
+
+    data, user, public_data = user_data_and_model(choice, seed=seed)
+    cfg = UserHeadConfig(epochs=choice.head_epochs, baseline_epochs=epochs, public_epochs=choice.public_epochs,
+                         seed=seed, max_drop=choice.max_drop)
+    ckpt = train_user_head(user, data, cfg, choice.split_at, public_data)
+    save_checkpoint(ckpt, Path(workdir) / "protected.pt")
+    _print_user_result(ckpt, Path(workdir) / "protected.pt")
+    return data, ckpt
 
 
 def _train_demo(data: Dataset, workdir: Path, epochs: int, seed: int) -> ProtectedCheckpoint:
