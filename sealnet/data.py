@@ -327,7 +327,8 @@ def load_npz(path: Path, seed: int = 0) -> Dataset:
         raise DataError(f"{name}: not a readable .npz file ({exc})") from None
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
-        raise DataError(f"{name}: missing array(s) {missing} (has {sorted(arrays)}); save with np.savez(FILE, x=..., y=...)")
+        raise DataError(f"{name}: missing array(s) {missing} (has {sorted(arrays)}); "
+                        "save with np.savez(FILE, x=..., y=...)")
     test = None
     if "x_test" in arrays or "y_test" in arrays:
         if not ("x_test" in arrays and "y_test" in arrays):

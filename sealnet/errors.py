@@ -61,6 +61,10 @@ class InvalidArgument(SealnetError):
     status = S.INVALID_ARGUMENT
 
 
+class ExportError(InvalidArgument):
+    """A checkpoint cannot be exported safely; the message says why."""
+
+
 class NotFound(SealnetError):
     """What was named does not exist (a model, a version)."""
 

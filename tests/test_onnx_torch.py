@@ -8,9 +8,9 @@ import onnx
 import pytest
 import torch
 
-from sealnet.protect.onnx_torch import OnnxModule, penultimate
 from sealnet.bundle import PUBLIC_ONNX
 from sealnet.onnx_session import ort_session
+from sealnet.protect.onnx_torch import OnnxModule, penultimate
 
 
 @pytest.mark.parametrize("fixture", ["artefacts", "passport_bundle", "dsn_student"])

@@ -171,7 +171,6 @@ def passport_cerb_forgery(target: Target, budget: Budget, out: Path) -> Outcome:
     import torch
     import torch.nn.functional as F
 
-    from sealnet.protect.onnx_torch import OnnxModule
     from sealnet.evaluate.passport_eval import (
         CERB_FRACTIONS,
         attack_subset,
@@ -180,6 +179,7 @@ def passport_cerb_forgery(target: Target, budget: Budget, out: Path) -> Outcome:
         train_forged_params,
         verify_bundle,
     )
+    from sealnet.protect.onnx_torch import OnnxModule
     from sealnet.protect.passport import signature_to_bits
     from sealnet.protect.passport_train import save_passport_file
 

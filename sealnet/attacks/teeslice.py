@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sealnet.attacks.base import Budget, Metric, Outcome, Skip, Target, pct, progress, torch_threads
-from sealnet.protect.onnx_torch import OnnxModule, penultimate
 from sealnet.attacks.plots import grouped_bars
 from sealnet.attacks.registry import register_attack
 from sealnet.attacks.stealing import fit_steps, torch_accuracy
 from sealnet.bundle import CLASSIFY
 from sealnet.outputs import predicted_labels
+from sealnet.protect.onnx_torch import OnnxModule, penultimate
 
 RATIO_LIMIT = 1.05
 JUDGED_FRACTIONS = (0.01, 0.1)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sealnet.data import DATASETS, add_data_arguments
-from sealnet.protect.user_args import add_model_arguments as add_user_model_arguments
+from sealnet.data import add_data_arguments
 from sealnet.errors import SealnetError, missing_extra
+from sealnet.protect.user_args import add_model_arguments as add_user_model_arguments
 from sealnet.rpc import default_enclave_address
 
 
@@ -26,9 +26,13 @@ def _read_license(args: argparse.Namespace) -> str | None:
 
 # -- protect / export ------------------------------------------------------------------------------------
 def cmd_protect(args: argparse.Namespace) -> int:
+    from sealnet.errors import InvalidArgument
     from sealnet.protect.methods import get_method
 
-    return get_method(args.method).protect(args)
+    method = get_method(args.method)
+    if args.model and method.user_model_refusal:
+        raise InvalidArgument(f"sealnet protect {method.name} --model: {method.user_model_refusal}")
+    return method.protect(args)
 
 
 def add_protect_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +44,7 @@ def add_protect_parser(sub: argparse._SubParsersAction) -> None:
     for name, method in METHODS.items():
         p = methods.add_parser(name, help=method.summary, description=method.summary)
         add_data_arguments(p)
+        add_user_model_arguments(p.add_argument_group("your own network (sealnet inspect --model lists --split-at)"))
         p.add_argument("--epochs", type=int, default=8)
         p.add_argument("--batch-size", type=int, default=128)
         p.add_argument("--lr", type=float, default=1e-3)
@@ -208,13 +213,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     import grpc
 
-    from sealnet.data import load_dataset
+    from sealnet.data import load_data_from_args
     from sealnet.runtime.client import InferenceClient
 
     if args.input:
         x, y = np.load(args.input).astype(np.float32), None
     else:
-        data = load_dataset(args.dataset, args.data_dir)
+        data = load_data_from_args(args)
         x, y = data.x_test[: args.count], data.y_test[: args.count]
     client = InferenceClient(args.server, args.model)
     try:
@@ -364,8 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--license-file", type=Path, help="license token file (default: $SEALNET_LICENSE)")
     p.add_argument("--input", type=Path, help="float32 .npy batch shaped like the model input")
-    p.add_argument("--dataset", default="mnist-embedded", choices=DATASETS)
-    p.add_argument("--data-dir", type=Path)
+    add_data_arguments(p)
     p.add_argument("--count", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=cmd_infer)

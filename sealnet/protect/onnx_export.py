@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from sealnet.data import Dataset
+from sealnet.errors import ExportError
 from sealnet.onnx_session import ort_accuracy, ort_session
 from sealnet.protect.checkpoint import ProtectedCheckpoint
-from sealnet.protect.methods.base import ExportError
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -60,12 +60,17 @@ def export_public_network(ckpt: ProtectedCheckpoint, data: Dataset, processed: n
     """For methods whose trusted module processes the inputs (transform, DSN stamp): export the checkpoint's
     public network as is, compare it with torch on `processed` (the test split as the module returns it), and
     measure and gate its accuracy on raw inputs."""
-    model = ckpt.build_public_model()
-    export_onnx(model, (torch.zeros(1, *ckpt.input_shape),), onnx_path, [INPUT_NAME])
-    session = ort_session(onnx_path)
-    with torch.no_grad():
-        reference = model(torch.from_numpy(processed[:256])).numpy()
-    diff = check_diff(session.run(None, {INPUT_NAME: processed[:256]})[0], reference)
+    if ckpt.user_model:  # a user's network: the ONNX bytes protect exported and checked against torch
+        onnx_path.write_bytes(ckpt.public_onnx.numpy().tobytes())
+        session = ort_session(onnx_path)
+        diff = float(ckpt.metrics["onnx_max_abs_diff"])
+    else:
+        model = ckpt.build_public_model()
+        export_onnx(model, (torch.zeros(1, *ckpt.input_shape),), onnx_path, [INPUT_NAME])
+        session = ort_session(onnx_path)
+        with torch.no_grad():
+            reference = model(torch.from_numpy(processed[:256])).numpy()
+        diff = check_diff(session.run(None, {INPUT_NAME: processed[:256]})[0], reference)
     checks = {"onnx_max_abs_diff": diff, "public_raw_acc": ort_accuracy(session, data.x_test, data.y_test),
               "authorized_acc": ort_accuracy(session, processed, data.y_test)}
     log(f"public.onnx: max |onnx - torch| = {diff:.2e}; raw-input accuracy {checks['public_raw_acc']:.1%} "

@@ -408,7 +408,8 @@ def protect_passport(data: Dataset, out: Path, cfg: TrainConfig, pcfg: PassportC
     ckpt = ProtectedCheckpoint(
         method="passport", model_name=model_name, input_shape=data.input_shape, num_classes=data.num_classes,
         public_state={k: v.detach().clone() for k, v in model.state_dict().items()},
-        secret=secret, dataset=data.name, data_config=dict(data.options), seed=cfg.seed, metrics=metrics, model_config=mcfg,
+        secret=secret, dataset=data.name,
+        data_config=dict(data.options), seed=cfg.seed, metrics=metrics, model_config=mcfg,
     )
     save_checkpoint(ckpt, out)
     save_passport_file(secret, passport_out or default_passport_path(out), model_name=model_name,

@@ -147,7 +147,8 @@ def protect_sealed_head(data: Dataset, backbone_weights: Path, arch: str, cfg: S
                 "head_state": {k: v.detach().clone() for k, v in head.state_dict().items()},
                 "backbone_sha256": digest, "output_policy": "label",
                 "train_config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(run).items()}},
-        dataset=data.name, data_config=dict(data.options), seed=run.seed, metrics=metrics, model_config=dict(model_config or {}))
+        dataset=data.name,
+        data_config=dict(data.options), seed=run.seed, metrics=metrics, model_config=dict(model_config or {}))
 
 
 def protect_demo_sealed_head(data: Dataset, workdir: Path, *, epochs: int = 8, seed: int = 0,
@@ -244,7 +245,8 @@ def protect_user_sealed_head(split: Any, data: Dataset, cfg: UserHeadConfig, *, 
     if cfg.tune_public:
         log("WARNING: --tune-public: the public part is the baseline's, fine-tuned on the private data; a copy of "
             "public.onnx carries what it learnt from it (the attack report measures how much)")
-        public, head = baseline.public, baseline.head
+        public.load_state_dict(baseline.public.state_dict())
+        head.load_state_dict(baseline.head.state_dict())
         acc, attempt, run_seed = baseline_acc, 0, cfg.seed
     else:
         for p in public.parameters():
@@ -271,12 +273,13 @@ def protect_user_sealed_head(split: Any, data: Dataset, cfg: UserHeadConfig, *, 
     public_bytes, head_bytes = split.public_onnx(), split.head_onnx()
     diff = _onnx_diff(public_bytes, head_bytes, _Joined(public, head), data.x_test[:256])
     cut = split.cut
-    metrics = {"onnx_max_abs_diff": diff, "baseline_acc": baseline_acc, "authorized_acc": acc, "backbone_flops": cut.public_macs,
-               "head_flops": cut.head_macs, "flops_ratio": cut.head_macs / max(cut.public_macs, 1),
+    metrics = {"onnx_max_abs_diff": diff, "baseline_acc": baseline_acc, "authorized_acc": acc,
+               "backbone_flops": cut.public_macs, "head_flops": cut.head_macs,
+               "flops_ratio": cut.head_macs / max(cut.public_macs, 1),
                "head_share": cut.head_share, "head_attempts": attempt + 1, "feature_dim": width}
-    name = _model_name(split.spec)
     return ProtectedCheckpoint(
-        method=METHOD, model_name=name, input_shape=data.input_shape, num_classes=data.num_classes, public_state={},
+        method=METHOD, model_name=split.name, input_shape=data.input_shape, num_classes=data.num_classes,
+        public_state={},
         secret={"head_onnx": torch.frombuffer(bytearray(head_bytes), dtype=torch.uint8),
                 "features_shape": list(split.features_shape), "backbone_sha256": onnx_weights_digest(public_bytes),
                 "output_policy": "label", "public_trained_on_private_data": cfg.tune_public,
@@ -295,18 +298,3 @@ def _onnx_diff(public_bytes: bytes, head_bytes: bytes, model: nn.Module, x: np.n
     feats = ort_session(public_bytes).run(None, {INPUT_NAME: x})[0]
     got = ort_session(head_bytes).run(None, {FEATURES_NAME: feats})[0]
     return check_diff(got, _logits(model, x).numpy())
-
-
-def _model_name(spec: str) -> str:
-    """A model id stem from a model spec: the factory name, timm's model name, or the .onnx file's stem."""
-    import re
-
-    kind, _, rest = spec.partition(":")
-    if kind == "timm":
-        stem = rest
-    elif spec.endswith(".onnx"):
-        stem = Path(spec).stem
-    else:
-        file, _, factory = spec.rpartition(":")
-        stem = f"{Path(file).stem}-{factory}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "user-model"

@@ -262,7 +262,8 @@ def load_or_train_teacher(path: Path | None, data: Dataset, cfg: TrainConfig, mo
         save_checkpoint(ProtectedCheckpoint(
             method=TEACHER_METHOD, model_name=model_name, input_shape=data.input_shape, num_classes=data.num_classes,
             public_state={k: v.detach().clone() for k, v in teacher.state_dict().items()}, secret={},
-            dataset=data.name, data_config=dict(data.options), seed=cfg.seed, metrics={"teacher_acc": acc, "teacher_epoch_s": epoch_s},
+            dataset=data.name,
+            data_config=dict(data.options), seed=cfg.seed, metrics={"teacher_acc": acc, "teacher_epoch_s": epoch_s},
             model_config=dict(model_config or {})), path)
     return teacher, acc
 
@@ -369,7 +370,8 @@ def protect_dsn(data: Dataset, out: Path, cfg: TrainConfig, owner_key: Ed25519Pr
     ckpt = ProtectedCheckpoint(
         method="dsn", model_name=model_name, input_shape=data.input_shape, num_classes=data.num_classes,
         public_state={k: v.detach().clone() for k, v in student.state_dict().items()},
-        secret=dsn_secret(record, signature, spec, dcfg, cfg), dataset=data.name, data_config=dict(data.options), seed=cfg.seed, metrics=metrics,
+        secret=dsn_secret(record, signature, spec, dcfg, cfg), dataset=data.name,
+        data_config=dict(data.options), seed=cfg.seed, metrics=metrics,
         model_config=dict(model_config or {}))
     save_checkpoint(ckpt, out)
     write_claim(make_claim(owner_key, "dsn", record, signature, pattern_size=pattern_size),

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sealnet.data import Dataset, ImageOptions
-    from sealnet.protect.sealed_head import UserHeadConfig
     from sealnet.protect.user_model import UserModel
 
 MODEL_SPEC_HELP = "FILE.py:FACTORY (a function returning an nn.Module), timm:NAME, or FILE.onnx"
@@ -42,7 +41,8 @@ def model_image_defaults(spec: str) -> ImageOptions:
         return ImageOptions()
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     size = cfg.get("input_size")
-    return ImageOptions(image_size=tuple(size[1:]) if size else None, mean=tuple(cfg["mean"]) if cfg.get("mean") else None,
+    return ImageOptions(image_size=tuple(size[1:]) if size else None,
+                        mean=tuple(cfg["mean"]) if cfg.get("mean") else None,
                         std=tuple(cfg["std"]) if cfg.get("std") else None)
 
 
@@ -62,14 +62,6 @@ def user_data_and_model(args: argparse.Namespace, seed: int) -> tuple[Dataset, U
         public_data = load_dataset(args.public_data, args.data_dir, seed=0,
                                    options=ImageOptions(tuple(data.input_shape[1:]), opts.mean, opts.std))
     return data, user, public_data
-
-
-def user_head_config(args: argparse.Namespace) -> UserHeadConfig:
-    from sealnet.protect.sealed_head import UserHeadConfig
-
-    return UserHeadConfig(epochs=args.head_epochs, baseline_epochs=args.epochs, public_epochs=args.public_epochs,
-                          batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_drop=args.max_drop,
-                          tune_public=args.tune_public)
 
 
 @dataclass(frozen=True)

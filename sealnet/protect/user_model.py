@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from sealnet.errors import InvalidArgument, MissingExtra
-from sealnet.protect.user_args import MODEL_SPEC_HELP
 
 
 class ModelError(InvalidArgument, ValueError):
@@ -48,8 +47,8 @@ class Cut:
 class SplitModel:
     """Both halves of a cut model, trainable: `public` maps inputs to features, `head` features to logits."""
 
-    def __init__(self, spec: str, cut: Cut, input_shape: tuple[int, ...], public: nn.Module, head: nn.Module):
-        self.spec, self.cut, self.input_shape = spec, cut, tuple(input_shape)
+    def __init__(self, user: UserModel, cut: Cut, public: nn.Module, head: nn.Module):
+        self.spec, self.name, self.cut, self.input_shape = user.spec, user.name, cut, tuple(user.input_shape)
         self.public, self.head = public, head
 
     @property
@@ -72,6 +71,21 @@ class UserModel:
     input_shape: tuple[int, ...]
     num_outputs: int
     pretrained_cfg: dict[str, Any] | None = None  # timm's input size / mean / std, where the model has one
+
+    @property
+    def name(self) -> str:
+        """A model id stem: the factory's file and name, timm's model name, or the .onnx file's stem."""
+        import re
+
+        kind, _, rest = self.spec.partition(":")
+        if kind == "timm":
+            stem = rest
+        elif self.spec.endswith(".onnx"):
+            stem = Path(self.spec).stem
+        else:
+            file, _, factory = self.spec.rpartition(":")
+            stem = f"{Path(file).stem}-{factory}"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-") or "user-model"
 
     def cuts(self) -> list[Cut]:
         raise NotImplementedError
@@ -101,10 +115,10 @@ class UserModel:
 # -- loading ---------------------------------------------------------------------------------------------------
 def open_user_model(spec: str, *, input_shape: tuple[int, ...] | None = None, num_classes: int | None = None,
                     weights: Path | None = None, seed: int = 0) -> UserModel:
-    """Resolve `spec` (MODEL_SPEC_HELP). `input_shape` (C, H, W) is needed for torch models unless timm's
-    config gives one; `num_classes`, when given, is checked against the model's outputs (and passed to
-    a factory or timm that takes it). Torch models are built after seeding torch with `seed`, so weights the
-    factory initialises at random are the same for the same seed."""
+    """Resolve `spec`: FILE.py:FACTORY, timm:NAME or FILE.onnx. `input_shape` (C, H, W) is needed for torch
+    models unless timm's config gives one; `num_classes`, when given, is checked against the model's outputs
+    (and passed to a factory or timm that takes it). Torch models are built after seeding torch with `seed`, so
+    weights the factory initialises at random are the same for the same seed."""
     if spec.endswith(".onnx"):
         if weights is not None:
             raise ModelError("--weights applies to torch models; an .onnx file carries its own weights")
@@ -115,7 +129,8 @@ def open_user_model(spec: str, *, input_shape: tuple[int, ...] | None = None, nu
         load_weights(module, weights)
     shape = tuple(input_shape) if input_shape else tuple(cfg.get("input_size", ())) if cfg else ()
     if len(shape) != 3:
-        raise ModelError(f"{spec}: the input shape is unknown; pass --data (its images give it) or --input-shape C H W")
+        raise ModelError(f"{spec}: the input shape is unknown; pass --data (its images give it) or "
+                         "--input-shape C H W")
     return TorchUserModel(module, spec, shape, num_classes, cfg)
 
 
@@ -140,7 +155,7 @@ def _torch_module(spec: str, num_classes: int | None, input_shape: tuple[int, ..
         return module, dict(getattr(module, "pretrained_cfg", {}) or {})
     path, sep, factory = spec.rpartition(":")
     if not sep or not path.endswith(".py") or not factory:
-        raise ModelError(f"--model {spec!r}: expected {MODEL_SPEC_HELP}")
+        raise ModelError(f"--model {spec!r}: expected FILE.py:FACTORY, timm:NAME or FILE.onnx")
     file = Path(path)
     if not file.is_file():
         raise ModelError(f"--model {spec}: {file} not found")
@@ -330,7 +345,7 @@ class TorchUserModel(UserModel):
         # deep copies: the halves train separately and never share a weight with each other or the user's model
         public = torch.fx.GraphModule(copy.deepcopy(self.module), public_graph).eval()
         head = torch.fx.GraphModule(copy.deepcopy(self.module), head_graph).eval()
-        return TorchSplit(self.spec, cut, self.input_shape, public, head)
+        return TorchSplit(self, cut, public, head)
 
 
 class TorchSplit(SplitModel):
@@ -473,7 +488,7 @@ class OnnxUserModel(UserModel):
                         {cut.name: FEATURES_NAME, self.output_name: OUTPUT_NAME})
         for part, what in ((public, "public part"), (head, "head")):
             _check_batching(part, what, self.spec)
-        return OnnxSplit(self.spec, cut, self.input_shape, OnnxModule(public), OnnxModule(head), public, head)
+        return OnnxSplit(self, cut, OnnxModule(public), OnnxModule(head), public, head)
 
 
 def _renamed(model: onnx.ModelProto, names: dict[str, str]) -> onnx.ModelProto:
@@ -507,9 +522,9 @@ def _check_batching(model: onnx.ModelProto, what: str, spec: str) -> None:
 
 
 class OnnxSplit(SplitModel):
-    def __init__(self, spec: str, cut: Cut, input_shape: tuple[int, ...], public: nn.Module, head: nn.Module,
+    def __init__(self, user: UserModel, cut: Cut, public: nn.Module, head: nn.Module,
                  public_proto: onnx.ModelProto, head_proto: onnx.ModelProto):
-        super().__init__(spec, cut, input_shape, public, head)
+        super().__init__(user, cut, public, head)
         self._protos = {"public": public_proto, "head": head_proto}
 
     def _bytes(self, part: str, module: nn.Module) -> bytes:

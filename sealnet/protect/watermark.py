@@ -147,7 +147,8 @@ def protect_watermark(data: Dataset, out: Path, cfg: TrainConfig, owner_key: Ed2
     ckpt = ProtectedCheckpoint(
         method="watermark", model_name=model_name, input_shape=data.input_shape, num_classes=data.num_classes,
         public_state={k: v.detach().clone() for k, v in model.state_dict().items()},
-        secret=watermark_secret(trigger, serial, record, signature, seed, wcfg, cfg), dataset=data.name, data_config=dict(data.options), seed=cfg.seed,
+        secret=watermark_secret(trigger, serial, record, signature, seed, wcfg, cfg), dataset=data.name,
+        data_config=dict(data.options), seed=cfg.seed,
         metrics=metrics, model_config=dict(model_config or {}))
     save_checkpoint(ckpt, out)
     claim = make_claim(owner_key, "watermark", record, signature, serial=serial, trigger=trigger,

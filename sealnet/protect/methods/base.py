@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from sealnet.bundle import MODULE_STEPS
-from sealnet.errors import InvalidArgument
+from sealnet.errors import ExportError
 
 if TYPE_CHECKING:
     from sealnet.data import Dataset
@@ -20,8 +20,6 @@ if TYPE_CHECKING:
 
 
 
-class ExportError(InvalidArgument):
-    """The checkpoint cannot be exported safely; the message says why."""
 
 
 @dataclass
@@ -65,6 +63,9 @@ class ProtectionMethod:
     # The module of sealnet.attacks that registers this method's own attacks (the generic ones apply anyway).
     attack_module: ClassVar[str | None] = None
     baseline_option: ClassVar[bool] = True  # the method trains an unprotected baseline unless --no-baseline
+    # Why `sealnet protect NAME --model ...` (a user's own network) is refused; None: the method takes one.
+    user_model_refusal: ClassVar[str | None] = ("a user's network is not supported by this method yet; protect it "
+                                                "with sealed-head or transform")
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The method's own flags of `sealnet protect NAME` (the common ones are added by the CLI)."""

@@ -65,6 +65,8 @@ def serial_record(args: argparse.Namespace, default_customer: str | None) -> Any
 class DSN(ProtectionMethod):
     name = "dsn"
     summary = "Deep Serial Number: a per-customer student that works only on inputs the module stamps"
+    user_model_refusal = ("the Deep Serial Number distils a sealnet teacher into sealnet's registry networks; a "
+                          "user's network as teacher or student is not supported: use sealed-head (or transform)")
     module_step = PREPROCESS
     attack_module = "sealnet.attacks.serial_attacks"
     baseline_option = False  # the teacher plays the baseline

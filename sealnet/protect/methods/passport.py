@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 class Passport(ProtectionMethod):
     name = "passport"
     summary = "digital passports (Fan, Ng & Chan): the module derives the passport layers' gamma/beta"
+    user_model_refusal = ("passport layers are sealnet's own networks (resnet18_p, alexnet_p, cnn_p), whose "
+                          "Conv->BN pairs are trained with their passports; converting a user's network is not "
+                          "supported: protect it with sealed-head (or transform)")
     module_step = PARAMS
     attack_module = "sealnet.attacks.passport_attacks"
 

@@ -14,7 +14,6 @@ from sealnet.bundle import CLASSIFY
 from sealnet.errors import InvalidArgument
 from sealnet.processes import SEALED_HEAD_DEMO_MODEL_ID
 from sealnet.protect.methods.base import DemoPlan, ExportOptions, ProtectionMethod, Split, register
-from sealnet.protect.user_args import add_model_arguments
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +29,7 @@ BACKBONES = ("tap_cnn", "resnet18")  # protect/backbones.py registers them (chec
 class SealedHead(ProtectionMethod):
     name = "sealed-head"
     summary = "sealed head (public backbone, private head run by the module): a copy is worth black-box access"
+    user_model_refusal = None
     module_step = CLASSIFY
     takes_output_policy = True
     baseline_option = False  # the baseline is the head's accuracy floor: always trained
@@ -49,8 +49,7 @@ class SealedHead(ProtectionMethod):
                             help="distillation temperature of the head")
         parser.add_argument("--max-drop", type=float, default=0.015,
                             help="refuse a head whose accuracy is below baseline - this (default 0.015 = 1.5 pts)")
-        group = parser.add_argument_group("your own model (instead of --backbone / --backbone-weights)")
-        add_model_arguments(group)
+        group = parser.add_argument_group("with --model (your own network, instead of --backbone)")
         group.add_argument("--public-data", metavar="DATA",
                            help="pretrain the public part on these (public) images only, e.g. digits; default: "
                                 "it keeps the --model / --weights weights as they are")
@@ -109,12 +108,16 @@ class SealedHead(ProtectionMethod):
 
 def _protect_user(args: argparse.Namespace) -> int:
     from sealnet.protect.checkpoint import save_checkpoint
-    from sealnet.protect.user_args import user_data_and_model, user_head_config
+    from sealnet.protect.sealed_head import UserHeadConfig
+    from sealnet.protect.user_args import user_data_and_model
 
     if args.backbone_weights is not None or args.backbone is not None:
         raise InvalidArgument("--model replaces --backbone / --backbone-weights; give one or the other")
     data, user, public_data = user_data_and_model(args, seed=args.seed)
-    ckpt = train_user_head(user, data, user_head_config(args), args.split_at, public_data)
+    cfg = UserHeadConfig(epochs=args.head_epochs, baseline_epochs=args.epochs, public_epochs=args.public_epochs,
+                         batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_drop=args.max_drop,
+                         tune_public=args.tune_public)
+    ckpt = train_user_head(user, data, cfg, args.split_at, public_data)
     save_checkpoint(ckpt, args.out)
     _print_user_result(ckpt, args.out)
     return 0
@@ -277,7 +280,8 @@ def _split_user(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, log: 
                              for i in range(0, len(feats), 250)])
     authorized = float((logits.argmax(1) == y).mean())
     if abs(authorized - ckpt.metrics["authorized_acc"]) > 0.02:
-        raise ExportError(f"public.onnx + head reach {authorized:.1%} in ONNX Runtime but {ckpt.metrics['authorized_acc']:.1%} "
+        raise ExportError(f"public.onnx + head reach {authorized:.1%} in ONNX Runtime but "
+                          f"{ckpt.metrics['authorized_acc']:.1%} "
                           "in training: the ONNX graphs do not compute the trained model")
     leaked = bool(ckpt.secret.get("public_trained_on_private_data"))
     checks = {"authorized_acc": authorized, "onnx_max_abs_diff": ckpt.metrics["onnx_max_abs_diff"],

@@ -24,6 +24,7 @@ class Transform(ProtectionMethod):
     summary = "anti-piracy input transform (Chen & Wu): the module perturbs inputs before the public network"
     module_step = PREPROCESS
     attack_module = "sealnet.attacks.transform_attacks"
+    user_model_refusal = None  # a torch model; protect says why an .onnx file cannot be retrained here
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--variant", default="generator", choices=VARIANTS)
@@ -37,10 +38,22 @@ class Transform(ProtectionMethod):
         from sealnet.protect.pipeline import protect_transform
         from sealnet.protect.train import TrainConfig
 
-        data = load_data_from_args(args, seed=args.seed)
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           alpha=args.alpha, beta=args.beta, gamma=args.gamma)
-        ckpt = protect_transform(data, args.variant, args.out, cfg, baseline=not args.no_baseline)
+        user = None
+        if args.model:
+            from sealnet.protect.user_args import user_data_and_model
+            from sealnet.protect.user_model import ModelError, TorchUserModel
+
+            if args.split_at:
+                raise ModelError("--split-at applies to sealed-head; the transform keeps the whole network public")
+            data, user, _ = user_data_and_model(args, seed=args.seed)
+            if not isinstance(user, TorchUserModel):
+                raise ModelError("the transform retrains the whole network on transformed inputs: give a torch "
+                                 "model (FILE.py:FACTORY or timm:NAME), not an .onnx file (sealed-head takes one)")
+        else:
+            data = load_data_from_args(args, seed=args.seed)
+        ckpt = protect_transform(data, args.variant, args.out, cfg, baseline=not args.no_baseline, user=user)
         m = ckpt.metrics
         print(f"checkpoint {args.out} (mode 0600: it holds the secret transform)")
         if "baseline_acc" in m:

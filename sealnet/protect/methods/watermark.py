@@ -15,6 +15,8 @@ from sealnet.protect.methods.dsn import add_record_arguments, serial_record
 class Watermark(ProtectionMethod):
     name = "watermark"
     summary = "serial-number watermark (Xu & Yuan): a trigger set makes the outputs spell a CA-endorsed serial"
+    user_model_refusal = ("the serial-number watermark trains a sealnet registry network on its trigger set; "
+                          "a user's network is not supported: use sealed-head (or transform)")
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_record_arguments(parser, "default 'all'")
