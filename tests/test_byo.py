@@ -279,3 +279,21 @@ def test_cli_bad_inputs_exit_2(model_file, tmp_path, capsys, argv, message):
     argv = [a.format(file=model_file, tmp=tmp_path) for a in argv]
     assert main([*argv, "--workdir", str(tmp_path / "w")] if argv[0] == "demo" else argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_transform_on_a_users_torch_model_exports_its_network(model_file, digits, artefacts, tmp_path):
+    from sealnet.protect.pipeline import protect_transform
+    from sealnet.protect.train import TrainConfig
+
+    user = open_user_model(f"{model_file}:tiny", input_shape=digits.input_shape, num_classes=10)
+    cfg = TrainConfig(epochs=6, batch_size=64, lr=3e-3, progress=False)
+    ckpt = protect_transform(digits, "generator", tmp_path / "t.pt", cfg, user=user)
+    assert ckpt.user_model and ckpt.model_name == "tiny_net-tiny" and ckpt.public_state == {}
+    manifest = build_bundle(tmp_path / "t.pt", tmp_path / "bundle", owner_key=artefacts["owner_key_path"],
+                            keystore=artefacts["keystore"], model_id="tiny-transform", max_raw_acc=1.0,
+                            log=lambda *_: None)
+    assert (tmp_path / "bundle" / PUBLIC_ONNX).read_bytes() == ckpt.public_onnx.numpy().tobytes()
+    assert abs(manifest["checks"]["authorized_acc"] - ckpt.metrics["authorized_acc"]) < 0.02
+    assert abs(manifest["checks"]["public_raw_acc"] - ckpt.metrics["raw_acc"]) < 0.02
+    with pytest.raises(ModelError, match="an .onnx file carries its own weights"):
+        open_user_model(str(tmp_path / "m.onnx"), weights=tmp_path / "t.pt")

@@ -30,7 +30,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
     from sealnet.protect.methods import get_method
 
     method = get_method(args.method)
-    if args.model and method.user_model_refusal:
+    if not method.own_model_flag and args.model and method.user_model_refusal:
         raise InvalidArgument(f"sealnet protect {method.name} --model: {method.user_model_refusal}")
     return method.protect(args)
 
@@ -44,7 +44,9 @@ def add_protect_parser(sub: argparse._SubParsersAction) -> None:
     for name, method in METHODS.items():
         p = methods.add_parser(name, help=method.summary, description=method.summary)
         add_data_arguments(p)
-        add_user_model_arguments(p.add_argument_group("your own network (sealnet inspect --model lists --split-at)"))
+        if not method.own_model_flag:
+            add_user_model_arguments(p.add_argument_group("your own network (sealnet inspect --model lists "
+                                                          "--split-at)"))
         p.add_argument("--epochs", type=int, default=8)
         p.add_argument("--batch-size", type=int, default=128)
         p.add_argument("--lr", type=float, default=1e-3)

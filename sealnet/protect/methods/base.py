@@ -66,6 +66,7 @@ class ProtectionMethod:
     # Why `sealnet protect NAME --model ...` (a user's own network) is refused; None: the method takes one.
     user_model_refusal: ClassVar[str | None] = ("a user's network is not supported by this method yet; protect it "
                                                 "with sealed-head or transform")
+    own_model_flag: ClassVar[bool] = False  # the method's own --model flag names one of its networks
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """The method's own flags of `sealnet protect NAME` (the common ones are added by the CLI)."""

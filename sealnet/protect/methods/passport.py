@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sealnet.bundle import PARAMS
+from sealnet.errors import InvalidArgument
 from sealnet.protect import DEFAULT_SIGNATURE, PASSPORT_FNS, PASSPORT_MODELS, PASSPORT_TYPES, SCHEMES
 from sealnet.protect.methods.base import ExportOptions, ProtectionMethod, Split, register
 
@@ -28,6 +29,7 @@ class Passport(ProtectionMethod):
                           "Conv->BN pairs are trained with their passports; converting a user's network is not "
                           "supported: protect it with sealed-head (or transform)")
     module_step = PARAMS
+    own_model_flag = True  # --model names one of its passport networks
     attack_module = "sealnet.attacks.passport_attacks"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -40,7 +42,8 @@ class Passport(ProtectionMethod):
                             help="which of gamma/beta are derived from passports (Digital Passport V1/V2/V3)")
         parser.add_argument("--signature", default=DEFAULT_SIGNATURE,
                             help="ASCII signature embedded in sign(gamma)")
-        parser.add_argument("--model", default="cnn_p", choices=PASSPORT_MODELS)
+        parser.add_argument("--model", default="cnn_p", metavar="NETWORK",
+                            help=f"the passport network: {', '.join(PASSPORT_MODELS)} (not a network of your own)")
         parser.add_argument("--width", type=int, default=None,
                             help="resnet18_p: base channel width (default 64, the paper's; e.g. 16 trains fast "
                                  "on a CPU)")
@@ -62,6 +65,8 @@ class Passport(ProtectionMethod):
         from sealnet.protect.passport_train import PassportConfig, default_passport_path, protect_passport
         from sealnet.protect.train import TrainConfig
 
+        if args.model not in PASSPORT_MODELS:
+            raise InvalidArgument(f"--model {args.model}: {self.user_model_refusal}")
         width = args.width
         if width is not None and (args.model != "resnet18_p" or width < 1):
             raise ValueError(f"--width {width}: only resnet18_p takes a width, a positive channel count")
