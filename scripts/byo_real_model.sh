@@ -5,7 +5,8 @@
 #   scripts/byo_real_model.sh [WORKDIR]       (default runs/byo-resnet18; about 10 minutes on 2 cores)
 #
 # torchvision's PyPI wheel does not load beside the project's CPU torch 2.13.0, so this sets up its own
-# virtualenv, .byo-venv/, with torch 2.14.1 + torchvision 0.29.1 (CUDA builds, run on the CPU; about 5.5 GB).
+# virtualenv, .byo-venv/, with torch 2.14.1 + torchvision 0.29.1 (CUDA builds, run on the CPU; about 5.5 GB)
+# and timm (whose resnet18 is listed too, as `--model timm:resnet18`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-runs/byo-resnet18}
@@ -15,8 +16,8 @@ if [ ! -f "$venv/.installed" ]; then
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" >&2 || true
   "$venv/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" 2>&1 | grep -v "is ignored" >&2 || true
-  "$venv/bin/python" -m pip install -q -e ".[train]" 2>&1 | grep -v "is ignored" >&2 || true
-  "$venv/bin/python" -c "import torchvision, sealnet" || { echo "[byo] set-up failed (see pip above)" >&2; exit 1; }
+  "$venv/bin/python" -m pip install -q -e ".[train]" timm 2>&1 | grep -v "is ignored" >&2 || true
+  "$venv/bin/python" -c "import torchvision, timm, sealnet" || { echo "[byo] set-up failed (see pip above)" >&2; exit 1; }
   touch "$venv/.installed"
 fi
 sn="$venv/bin/sealnet"
@@ -32,6 +33,7 @@ step() {  # step NAME COMMAND...: run it, print and record its wall time
 step data "$venv/bin/python" scripts/byo_example_data.py --out "$work"
 data=(--data "imagefolder:$work/mnist-png" --image-size 32)
 step inspect "$sn" inspect --model "$model" "${data[@]}" --split-at layer3 | tee "$work/inspect.txt"
+"$sn" inspect --model timm:resnet18 "${data[@]}" --split-at layer3 | tee "$work/inspect-timm.txt"
 step protect "$sn" protect sealed-head --model "$model" "${data[@]}" --split-at layer3 --public-data digits \
   --public-epochs 3 --epochs 3 --head-epochs 6 --max-drop 0.05 --out "$work/protected.pt" 2>&1 \
   | grep -v "epoch [0-9]" | tee "$work/protect.txt"

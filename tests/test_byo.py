@@ -220,7 +220,7 @@ def _protect_export(user_spec, data_spec, split_at, root, artefacts, model_id):
     return data, load_checkpoint(root / "protected.pt"), manifest
 
 
-def _serve_and_check(root, data, ckpt, manifest, artefacts, model_id, short_tmp):
+def _serve_and_check(root, data, ckpt, manifest, artefacts, model_id, short_tmp, attacks: bool = False):
     assert manifest["checks"]["authorized_acc"] >= 0.6
     assert manifest["checks"]["authorized_acc"] >= manifest["checks"]["baseline_acc"] - FAST.max_drop
     # public.onnx alone: features, not labels
@@ -236,6 +236,21 @@ def _serve_and_check(root, data, ckpt, manifest, artefacts, model_id, short_tmp)
 
         with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
             kserve_infer(s["client"], model_id, data.x_test[:4], None)
+        if attacks:  # the model suite reads the user's data from the manifest and the feature maps as they are
+            import dataclasses
+
+            from sealnet.attacks.base import BUDGETS, Target
+            from sealnet.attacks.teeslice import insider_imitation, teeslice_stealing
+
+            d = s["deployment"]
+            target = Target(root / "bundle", endpoint=d.endpoint, enclave=d.enclave, license=token, seed=0)
+            assert target.data.x_test.shape == data.x_test.shape
+            budget = dataclasses.replace(BUDGETS["small"], steal_steps=40)
+            (root / "report").mkdir()
+            steal = teeslice_stealing(target, budget, root / "report")
+            insider = insider_imitation(target, budget, root / "report")
+            ratios = [m.value for m in (*steal.metrics, *insider.metrics) if "ratio" in m.name]
+            assert len(ratios) == 4 and all(0 < r < 5 for r in ratios)
 
 
 def test_torch_model_on_an_image_folder_end_to_end(model_file, image_folder, artefacts, tmp_path, short_tmp):
@@ -243,7 +258,7 @@ def test_torch_model_on_an_image_folder_end_to_end(model_file, image_folder, art
                                            artefacts, "tiny-byo")
     assert ckpt.user_model and ckpt.secret["features_shape"] == [16, 4, 4]
     assert manifest["backbone"]["split_at"] == "pool" and not manifest["backbone"]["public_trained_on_private_data"]
-    _serve_and_check(tmp_path, data, ckpt, manifest, artefacts, "tiny-byo", short_tmp)
+    _serve_and_check(tmp_path, data, ckpt, manifest, artefacts, "tiny-byo", short_tmp, attacks=True)
 
 
 def test_onnx_model_on_an_npz_end_to_end(model_file, digits, artefacts, tmp_path, short_tmp):

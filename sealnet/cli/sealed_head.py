@@ -59,9 +59,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise InvalidArgument("sealnet inspect needs --model MODEL")
     shape, classes = args.input_shape, args.num_classes
     if args.dataset and shape is None:
-        from sealnet.data import image_options, load_dataset
+        from sealnet.data import ImageOptions, image_options, load_dataset
 
-        data = load_dataset(args.dataset, args.data_dir, options=image_options(args, model_image_defaults(args.model)))
+        size = ImageOptions(image_size=model_image_defaults(args.model).image_size)  # shapes only: no normalising
+        data = load_dataset(args.dataset, args.data_dir, options=image_options(args, size))
         shape, classes = data.input_shape, classes or data.num_classes
     user = open_user_model(args.model, input_shape=tuple(shape) if shape else None, num_classes=classes,
                            weights=args.weights)

@@ -53,8 +53,14 @@ def user_data_and_model(args: argparse.Namespace, seed: int) -> tuple[Dataset, U
     from sealnet.data import ImageOptions, image_options, load_dataset
     from sealnet.protect.user_model import open_user_model
 
-    opts = image_options(args, model_image_defaults(args.model))
+    defaults = model_image_defaults(args.model)
+    opts = image_options(args, ImageOptions(image_size=defaults.image_size))
     data = load_dataset(args.dataset, args.data_dir, seed=0, options=opts)
+    channels = data.input_shape[0]
+    if (opts.mean is None and opts.std is None and defaults.mean is not None
+            and len(defaults.mean) == channels and len(defaults.std or ()) == channels):
+        opts = ImageOptions(opts.image_size, defaults.mean, defaults.std)  # the model's own normalisation
+        data = load_dataset(args.dataset, args.data_dir, seed=0, options=opts)
     user = open_user_model(args.model, input_shape=data.input_shape, num_classes=data.num_classes,
                            weights=args.weights, seed=seed)
     public_data = None
