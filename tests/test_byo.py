@@ -3,6 +3,7 @@ test exports, protected with the sealed head from an ImageFolder of PNG files an
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import numpy as np
@@ -312,3 +313,22 @@ def test_transform_on_a_users_torch_model_exports_its_network(model_file, digits
     assert abs(manifest["checks"]["public_raw_acc"] - ckpt.metrics["raw_acc"]) < 0.02
     with pytest.raises(ModelError, match="an .onnx file carries its own weights"):
         open_user_model(str(tmp_path / "m.onnx"), weights=tmp_path / "t.pt")
+
+
+@pytest.mark.slow
+def test_torchvision_resnet18_through_inspect_protect_export_serve(tmp_path):
+    """scripts/byo_real_model.sh (its own virtualenv with torchvision; minutes): the served accuracy is the one
+    export measured, and far above chance."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    work = tmp_path / "resnet18"
+    run = subprocess.run(["bash", "scripts/byo_real_model.sh", str(work)], cwd=root, capture_output=True, text=True,
+                         timeout=3600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    served = float(re.search(r"accuracy on 1000 test images: ([0-9.]+)%", run.stdout).group(1)) / 100
+    manifest = json.loads((work / "bundle" / "manifest.json").read_text())
+    assert abs(served - manifest["checks"]["authorized_acc"]) < 1e-6 and served > 0.5
+    assert manifest["backbone"]["split_at"] == "layer3" and 0.1 < manifest["checks"]["head_share"] < 0.4

@@ -67,7 +67,8 @@ class SealedHead(ProtectionMethod):
         from sealnet.protect.sealed_head import SealedHeadConfig, SealedHeadTrainingError, protect_sealed_head
 
         if args.backbone_weights is None:
-            raise SystemExit("sealnet protect sealed-head needs --backbone-weights FILE (see `sealnet backbone make`)")
+            raise InvalidArgument("sealnet protect sealed-head needs --backbone-weights FILE (see `sealnet backbone "
+                                  "make`), or --model for a network of your own (docs/byo.md)")
         data = load_data_from_args(args, seed=args.seed)
         arch = args.backbone or ("resnet18" if data.input_shape[0] == 3 else "tap_cnn")
         cfg = SealedHeadConfig(hidden=tuple(args.head_hidden), epochs=args.head_epochs, lr=args.lr,
