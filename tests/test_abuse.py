@@ -141,9 +141,9 @@ def test_untrusted_caller_cannot_dodge_the_lockout_by_naming_fresh_clients(artef
         module.close()
 
 
-def test_lockout_holds_for_a_license_with_a_cached_session(artefacts, short_tmp):
-    """The runtime reuses one module session per license; a client locked out afterwards is still refused with
-    that license (RESOURCE_EXHAUSTED), while another client using the same license is served."""
+def test_a_clients_guesses_never_cost_a_valid_license(artefacts, short_tmp):
+    """A client that guessed ten times is locked out for guesses (RESOURCE_EXHAUSTED) but still served with a
+    license the owner signed, on a session cached before and on a new one; so is every other client."""
     good = _license(artefacts)
     with _stack(artefacts, short_tmp) as s:
         a = triton.InferenceServerClient(f"127.0.0.1:{s.port}")
@@ -152,7 +152,9 @@ def test_lockout_holds_for_a_license_with_a_cached_session(artefacts, short_tmp)
             assert _status(lambda: kserve_infer(a, MODEL_ID, X, good)) == "OK"  # the session is now cached
             statuses = [_status(lambda: kserve_infer(a, MODEL_ID, X, _forged())) for _ in range(10)]
             assert statuses == ["StatusCode.PERMISSION_DENIED"] * 10
-            assert _status(lambda: kserve_infer(a, MODEL_ID, X, good)) == "StatusCode.RESOURCE_EXHAUSTED"
+            assert _status(lambda: kserve_infer(a, MODEL_ID, X, _forged())) == "StatusCode.RESOURCE_EXHAUSTED"
+            assert _status(lambda: kserve_infer(a, MODEL_ID, X, good)) == "OK"
+            assert _status(lambda: kserve_infer(a, MODEL_ID, X, _license(artefacts, customer_id="new"))) == "OK"
             assert _status(lambda: kserve_infer(b, MODEL_ID, X, good)) == "OK"
         finally:
             a.close()
@@ -472,3 +474,15 @@ def test_build_engine_script_reports_a_missing_keystore_or_owner_key(artefacts, 
     assert main([*base, "--owner-key", str(tmp_path / "not-a-key"), "--keystore-dir",
                  str(artefacts["keystore"].directory)]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_bad_attempts_are_limited_globally_without_refusing_valid_licenses(artefacts, short_tmp):
+    """Past the global ceiling every bad attempt is refused at once (RESOURCE_EXHAUSTED, audited once a second),
+    whatever client it claims; a valid license is still served."""
+    from sealnet.enclave_sim.policy import PolicyConfig
+
+    policy = PolicyConfig(max_failures=1000, max_bad_attempts=20)
+    with _stack(artefacts, short_tmp, runtime=False, policy=policy) as s:
+        codes = [_code(lambda i=i: _open(s.addr, _forged(), client=f"ipv4:10.1.0.{i}")) for i in range(25)]
+        assert codes == [S.PERMISSION_DENIED] * 20 + [S.RESOURCE_EXHAUSTED] * 5
+        assert _open(s.addr, _license(artefacts), client="ipv4:10.1.0.99").session_id

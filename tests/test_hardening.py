@@ -80,17 +80,18 @@ def test_eleventh_bad_license_in_a_minute_is_locked_out_per_client(enclave_facto
             grpc.StatusCode.PERMISSION_DENIED
     assert _code(lambda: _open(addr, _bad_license(artefacts), client="ipv4:10.0.0.1")) == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
-    # the locked client is refused even with a good license; another client is not affected
-    assert _code(lambda: _open(addr, _license(artefacts), client="ipv4:10.0.0.1")) == \
-        grpc.StatusCode.RESOURCE_EXHAUSTED
+    # the signature is checked first: a license the owner signed is served, from this client and any other
+    assert _open(addr, _license(artefacts), client="ipv4:10.0.0.1").session_id
     assert _open(addr, _license(artefacts), client="ipv4:10.0.0.2").session_id
+    assert _code(lambda: _open(addr, _bad_license(artefacts), client="ipv4:10.0.0.2")) == \
+        grpc.StatusCode.PERMISSION_DENIED  # another client's guesses are its own
     # counters persist across a restart of the trusted module, even a crash: the state is written within a second
     time.sleep(1.1)
     server.stop(0).wait()
     addr2, _, _ = enclave_factory(name="e2.sock", state_dir=tmp_path / "state")
-    assert _code(lambda: _open(addr2, _license(artefacts), client="ipv4:10.0.0.1")) == \
+    assert _code(lambda: _open(addr2, _bad_license(artefacts), client="ipv4:10.0.0.1")) == \
         grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert _open(addr2, _license(artefacts), client="ipv4:10.0.0.3").session_id
+    assert _open(addr2, _license(artefacts), client="ipv4:10.0.0.1").session_id
 
 
 def test_lockout_through_the_runtime_distinguishes_end_clients(artefacts, short_tmp):
@@ -193,10 +194,12 @@ def test_tcp_requires_mtls_and_identifies_callers_by_certificate(artefacts, tmp_
         tester = client_credentials(tmp_path / "tls", "tester")
         for _ in range(10):
             _code(lambda: _open(addr, _bad_license(artefacts), credentials=tester))
-        assert _code(lambda: _open(addr, _license(artefacts), credentials=tester)) == \
+        assert _code(lambda: _open(addr, _bad_license(artefacts), credentials=tester)) == \
             grpc.StatusCode.RESOURCE_EXHAUSTED
         runtime_creds = client_credentials(tmp_path / "tls", "runtime")
-        assert _open(addr, _license(artefacts), credentials=runtime_creds).session_id
+        assert _code(lambda: _open(addr, _bad_license(artefacts), credentials=runtime_creds)) == \
+            grpc.StatusCode.PERMISSION_DENIED  # another certificate: its own count
+        assert _open(addr, _license(artefacts), credentials=tester).session_id  # a signed license: served
     finally:
         server.stop(0)
         module.close()

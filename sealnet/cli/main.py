@@ -178,6 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sealnet.licenses import load_public_key
     from sealnet.rpc import stop_on_signals, wait_forever
     from sealnet.runtime.batching import BatchingConfig
+    from sealnet.runtime.identity import TrustedProxies
     from sealnet.runtime.server import serve
 
     if args.engine == "triton":
@@ -204,7 +205,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             enclave_tls=args.enclave_tls, expected_measurements=args.expected_measurements,
                             attest_timeout=args.attest_timeout, batching=batching,
                             providers=["auto"] if args.providers == "auto" else ["CPUExecutionProvider"],
-                            owner_public_key=load_public_key(args.owner_public_key) if args.owner_public_key else None)
+                            owner_public_key=load_public_key(args.owner_public_key) if args.owner_public_key else None,
+                            trusted_proxies=TrustedProxies(args.trusted_proxy or ()))
     providers = ",".join(service.pipeline.session.get_providers())
     print(f"KServe v2 endpoint for {service.model_id} on {args.listen} (trusted module {enclave}, {providers})",
           flush=True)

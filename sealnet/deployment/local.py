@@ -281,7 +281,8 @@ class LocalDeployment:
         default, policy = EnclaveOptions(), o.policy
         if policy != PolicyConfig():
             args += ["--max-failures", str(policy.max_failures), "--lockout-window", str(policy.window_s),
-                     "--quota-items", str(policy.quota_items), "--quota-window", str(policy.quota_window_s)]
+                     "--max-bad-attempts", str(policy.max_bad_attempts), "--quota-items", str(policy.quota_items),
+                     "--quota-window", str(policy.quota_window_s)]
         if o.workers != default.workers:
             args += ["--workers", str(o.workers)]
         for name in o.forwarders:

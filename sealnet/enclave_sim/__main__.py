@@ -43,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failures", type=int, default=10,
                    help="failed license checks per client, and per license, per window")
     p.add_argument("--lockout-window", type=float, default=60.0, help="lockout window in seconds")
+    p.add_argument("--max-bad-attempts", type=int, default=600,
+                   help="failed license checks of all clients together per window; past it every bad attempt is "
+                        "refused at once (a license the owner signed never is)")
     p.add_argument("--quota-items", type=int, default=0, help="items per license per quota window (0: unlimited)")
     p.add_argument("--quota-window", type=float, default=3600.0, help="quota window in seconds")
     p.add_argument("--workers", type=int, default=4, help="gRPC worker threads")
@@ -64,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         tls_dir=args.tls_dir, workers=args.workers, forwarders=tuple(args.forwarder),
         audit_max_bytes=int(args.audit_max_mb * (1 << 20)), audit_keep=args.audit_keep,
         policy=PolicyConfig(max_failures=args.max_failures, window_s=args.lockout_window,
-                            quota_items=args.quota_items, quota_window_s=args.quota_window),
+                            max_bad_attempts=args.max_bad_attempts, quota_items=args.quota_items,
+                            quota_window_s=args.quota_window),
     )
     server, module = serve(args.bundle, args.listen, keystore_spec(args), options)
     signal.signal(signal.SIGHUP, lambda *_: module.audit.reopen())  # after logrotate renamed the audit log

@@ -1,12 +1,16 @@
 """Access policy of the trusted module: dictionary-attack lockout, revocation, quotas and the audit log.
 
 Like a TPM's dictionary-attack protection, failed license checks are counted in a sliding window, per end
-client (the caller, or the client a trusted forwarder such as the runtime names) and per license (only for
-tokens whose owner signature verified: anybody can write any license id into a forged token). Past the
-threshold the client, or the license, is refused (RESOURCE_EXHAUSTED) until the window has passed, at
-OpenSession and on every data call, so a cached session does not bypass it. There is no shared ceiling: no
-client's failures can lock out another client. Counters and quota usage persist in a state file, pruned of
-what has expired and written at most once per second, so restarting the module does not reset them.
+client (the caller, or the client a trusted forwarder such as the runtime names), per license (only for
+tokens whose owner signature verified: anybody can write any license id into a forged token) and over all
+callers together. The license's signature is checked first: a license the owner signed is refused only for
+its own failures (expired, revoked, another model: the license lockout, at OpenSession and on every data
+call), never for a client's, so no amount of other clients' bad attempts (from however many addresses, or
+one shared address) refuses a valid license. A bad attempt from a client over its threshold, or any bad
+attempt while all of them together are over the global one, is refused RESOURCE_EXHAUSTED instead of
+PERMISSION_DENIED until the window has passed (and audited once a second rather than once per attempt).
+Counters and quota usage persist in a state file, pruned of what has expired and written at most once per
+second, so restarting the module does not reset them.
 The audit log is hash-chained (each record carries the sha256 of the one before, across rotated files) so a
 deleted or edited record is detected by `sealnet audit verify`.
 Nothing here ever records a secret: clients are named by peer / certificate / forwarded identity, licenses
@@ -15,6 +19,7 @@ by their id, never by the token.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -38,6 +43,7 @@ GENESIS = "0" * 64  # `prev` of the first record of a new audit chain
 class PolicyConfig:
     max_failures: int = 10  # failed OpenSession attempts allowed per client, and per license, in `window_s`
     window_s: float = 60.0
+    max_bad_attempts: int = 600  # failed attempts of all callers together in `window_s` (then refused at once)
     quota_items: int = 0  # items per license per `quota_window_s`; 0 = unlimited
     quota_window_s: float = 3600.0
 
@@ -218,6 +224,7 @@ class AccessPolicy:
         self._clock = clock
         self._lock = threading.Lock()
         self._failures: dict[str, list[float]] = {}
+        self._all_failures: collections.deque[float] = collections.deque(maxlen=max(1, config.max_bad_attempts))
         self._usage: dict[str, list[list[float]]] = {}  # license id -> [[time, items], ...]
         self._dirty = False
         self._last_save = 0.0  # time.monotonic() of the last write
@@ -238,11 +245,17 @@ class AccessPolicy:
             self._failures.pop(key, None)
         return times
 
-    def check_not_locked(self, client: str, license_id: str | None = None) -> None:
-        """Raise PolicyRefusal('lockout') while `client`, or the license `license_id`, is over the threshold."""
+    def check_not_locked(self, client: str | None, license_id: str | None = None, *,
+                         all_clients: bool = False) -> None:
+        """Raise PolicyRefusal('lockout') while `client`, the license `license_id` or (`all_clients`) the bad
+        attempts of all callers together are over their threshold."""
         now = self._clock()
-        keys = [("client", client)] + ([("license", license_id)] if license_id else [])
+        keys = ([("client", client)] if client else []) + ([("license", license_id)] if license_id else [])
         with self._lock:
+            if all_clients and len(self._all_failures) >= self.config.max_bad_attempts \
+                    and now - self._all_failures[0] < self.config.window_s:
+                raise PolicyRefusal("lockout", f"more than {self.config.max_bad_attempts} failed license checks "
+                                               f"from all clients in {self.config.window_s:.0f} s; retry later")
             for kind, name in keys:
                 recent = self._recent(f"{kind}:{name}", now)
                 if len(recent) >= self.config.max_failures:
@@ -255,6 +268,7 @@ class AccessPolicy:
         now = self._clock()
         keys = [f"client:{client}"] + ([f"license:{license_id}"] if license_id else [])
         with self._lock:
+            self._all_failures.append(now)
             for key in keys:
                 times = self._failures.setdefault(key, [])
                 times.append(now)

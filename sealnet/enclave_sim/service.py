@@ -107,6 +107,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         self.revocations = revocations or Revocations(None)
         self.audit = audit or AuditLog(None)
         self._forwarders = forwarders
+        self._last_lockout_audit = 0.0
         self.keystore_backend = keystore.backend
 
     def close(self) -> None:
@@ -135,14 +136,13 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
 
     def OpenSession(self, request, context):
         client = end_client(context, self._forwarders)
-        self._refuse_if_locked(client, None, "open_session")
         if not request.license:
             raise InvalidArgument("license: empty; pass a token from `sealnet license issue`")
-        try:
+        try:  # the signature first: a license the owner signed is never refused for a client's failures
             lic = verify_license(request.license, self._owner, model_id=self.model_id)
         except LicenseError as exc:
             self._deny(client, exc.license_id, exc)
-        self._refuse_if_locked(client, lic.license_id, "open_session")
+        self._refuse_if_locked(None, lic.license_id, "open_session")
         try:
             revoked = self.revocations.is_revoked(lic.license_id, lic.serial_number)
         except PolicyRefusal as exc:  # the list is missing: refused, but not counted against the client
@@ -166,7 +166,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
                                                customer_id=lic.customer_id)
 
     def Preprocess(self, request, context):
-        session = self._session(request.session_id, context)
+        session = self._session(request.session_id)
         self._require_step(PREPROCESS, "Preprocess")
         batch = self._tensor(request.input, self._item_shape, "input")
         self._charge(request.session_id, session, len(batch), "preprocess")
@@ -176,7 +176,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         return enclave_pb2.PreprocessResponse(output=enclave_pb2.Tensor(shape=list(out.shape), data=out.tobytes()))
 
     def PassportParams(self, request, context):
-        session = self._session(request.session_id, context)
+        session = self._session(request.session_id)
         self._require_step(PARAMS, "PassportParams")
         if not 1 <= request.items <= self._max_batch:
             raise InvalidArgument(f"items: must be 1..{self._max_batch} (the batch the parameters are used for)")
@@ -188,7 +188,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
             for name, v in self._secret.params().items()])
 
     def Classify(self, request, context):
-        session = self._session(request.session_id, context)
+        session = self._session(request.session_id)
         self._require_step(CLASSIFY, "Classify")
         features = self._tensor(request.features, self._item_shape, "features")
         self._charge(request.session_id, session, len(features), "classify")
@@ -208,17 +208,23 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
             raise FailedPrecondition(f"method: this module serves a {self.method} bundle, whose data call is "
                                      f"{_RPC_OF_STEP[self.step]}; {rpc} is for {served} bundles")
 
-    def _refuse_if_locked(self, client: str, license_id: str | None, event: str) -> None:
+    def _refuse_if_locked(self, client: str | None, license_id: str | None, event: str, *,
+                          all_clients: bool = False) -> None:
         try:
-            self.policy.check_not_locked(client, license_id)
+            self.policy.check_not_locked(client, license_id, all_clients=all_clients)
         except PolicyRefusal as exc:
-            self.audit.write(event, client=client, decision="locked_out", **({"license_id": license_id}
-                                                                             if license_id else {}))
+            now = time.monotonic()
+            if now - self._last_lockout_audit >= 1.0:  # a flood of refused guesses: one record a second
+                self._last_lockout_audit = now
+                self.audit.write(event, client=client or "", decision="locked_out",
+                                 **({"license_id": license_id} if license_id else {}))
             raise ResourceExhausted(f"lockout: {exc}") from None
 
     def _deny(self, client: str, license_id: str | None, reason: object) -> None:
-        """A failed license check: counted against the client and (signature verified) the license; raises
+        """A failed license check: refused RESOURCE_EXHAUSTED while the client, the license (signature verified)
+        or all bad attempts together are over their threshold, else counted against them and refused
         PermissionDenied."""
+        self._refuse_if_locked(client, license_id, "open_session", all_clients=True)
         self.policy.record_failure(client, license_id)
         self.audit.write("open_session", client=client, decision="denied", reason=str(reason))
         log.info("open_session refused for %s: %s", client, reason)
@@ -240,7 +246,7 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
         with self._lock:
             self._sessions.pop(session_id, None)
 
-    def _session(self, session_id: str, context) -> _Session:
+    def _session(self, session_id: str) -> _Session:
         if not session_id:
             raise Unauthenticated("session_id: empty; call OpenSession with a license first")
         with self._lock:
@@ -250,9 +256,9 @@ class TrustedModule(enclave_pb2_grpc.TrustedModuleServicer):
                 session = None
         if session is None:
             raise Unauthenticated("session_id: unknown or expired; open a new session")
-        # Lockout holds on every data call, for the client of this call: the runtime reuses one session per
-        # license for all its clients, so a locked-out client must not ride on a session opened earlier.
-        self._refuse_if_locked(end_client(context, self._forwarders), session.license.license_id, "data_call")
+        # The license lockout holds on every data call (a session opened before it does not bypass it); a
+        # client's failed guesses never refuse a license the owner signed.
+        self._refuse_if_locked(None, session.license.license_id, "data_call")
         return session
 
     def _tensor(self, tensor, item_shape: tuple[int, ...], field: str) -> np.ndarray:

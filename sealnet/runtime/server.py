@@ -14,7 +14,6 @@ run in worker threads behind the dynamic batcher.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import threading
 import time
@@ -35,11 +34,14 @@ from sealnet.rpc import LICENSE_METADATA, MAX_MESSAGE_BYTES, AsyncErrorIntercept
 from sealnet.runtime.batching import DEFAULT_BATCHING, BatchingConfig, DynamicBatcher
 from sealnet.runtime.enclave_client import CallObserver, EnclaveClient
 from sealnet.runtime.errors import AttestationFailed, EnclaveError, RequestError
+from sealnet.runtime.identity import TrustedProxies, address_identity, parse_address
 from sealnet.runtime.pipeline import Pipeline
 
 log = logging.getLogger("sealnet.runtime")
 
 MODEL_VERSION = "1"
+READY_POLL_S = 0.5  # how often readiness (grpc.health) re-checks the trusted module
+FORWARDED_METADATA = "x-forwarded-for"  # read only from a --trusted-proxy peer
 REQUEST_SLACK_BYTES = 64 * 1024  # room for names, shape, parameters beside the largest tensor a request may carry
 
 
@@ -49,8 +51,10 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     the trusted-module hop. Create it inside the server's event loop (the batcher lives there)."""
 
     def __init__(self, bundle: Bundle, enclave: EnclaveClient | None, *, ort_threads: int = 0,
-                 batching: BatchingConfig | None = DEFAULT_BATCHING, providers: list[str] | None = None):
+                 batching: BatchingConfig | None = DEFAULT_BATCHING, providers: list[str] | None = None,
+                 trusted_proxies: TrustedProxies | None = None):
         self.bundle = bundle
+        self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.enclave = enclave
         self.model_id = bundle.model_id
         self.pipeline = Pipeline(bundle, enclave, ort_threads=ort_threads, providers=providers)
@@ -72,7 +76,7 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
         if self.enclave is None:
             return True
         checked_at, ok = self._ready_cache
-        if time.monotonic() - checked_at < 1.0:
+        if time.monotonic() - checked_at < READY_POLL_S:
             return ok
         try:
             ok = self.enclave.health().model_id == self.model_id
@@ -111,10 +115,12 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         """Refusals are raised as ServingError; the server's AsyncErrorInterceptor answers with their status."""
         self._check_model(request.model_name, request.model_version)
-        token = ""
+        token, forwarded = "", ""
         for key, value in context.invocation_metadata() or ():
             if key == LICENSE_METADATA:
                 token = value
+            elif key == FORWARDED_METADATA:
+                forwarded = value if not forwarded else f"{forwarded},{value}"
         if not token and self.enclave is not None:
             raise RequestError(grpc.StatusCode.UNAUTHENTICATED, f"metadata '{LICENSE_METADATA}': missing; "
                                "send your license token as request metadata")
@@ -124,7 +130,8 @@ class InferenceService(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if out.name not in names:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"outputs.name: unknown output "
                                    f"{clip(out.name)}; this model has {', '.join(map(repr, names))}")
-        answer = await self.batcher.submit(token, client_identity(context), batch, context.time_remaining())
+        client = client_identity(context, self.trusted_proxies, forwarded)
+        answer = await self.batcher.submit(token, client, batch, context.time_remaining())
         resp = inference_pb2.ModelInferResponse(model_name=self.model_id, model_version=MODEL_VERSION, id=request.id)
         wanted = {out.name for out in request.outputs} or set(names)
         for spec in self.outputs:
@@ -200,23 +207,16 @@ def max_request_bytes(max_batch: int, item_shape: tuple[int, ...]) -> int:
     return 2 * max_batch * int(np.prod(item_shape)) * 4 + REQUEST_SLACK_BYTES
 
 
-def client_identity(context) -> str:
-    """The end client as the trusted module should count it for lockout: its address without the port; for
-    IPv6 its /64 network, the block one subscriber usually holds (each address in it would otherwise be a
-    fresh client with its own allowance of failures)."""
+def client_identity(context, proxies: TrustedProxies | None = None, forwarded: str = "") -> str:
+    """The end client as the trusted module should count it for lockout (runtime/identity.py): the peer's
+    address (IPv6: its /64), or, when the peer is a trusted proxy, the client its X-Forwarded-For chain names."""
     peer = context.peer() or "unknown"
     if not peer.startswith(("ipv4:", "ipv6:")):
-        return peer
-    address = peer.rsplit(":", 1)[0]
-    if peer.startswith("ipv6:"):
-        try:
-            ip = ipaddress.IPv6Address(address.removeprefix("ipv6:").strip("[]").split("%")[0])
-        except ValueError:
-            return address
-        if ip.ipv4_mapped is None:
-            return f"ipv6:{ipaddress.IPv6Network((ip, 64), strict=False)}"
-        return f"ipv4:{ip.ipv4_mapped}"
-    return address
+        return peer  # a Unix socket: its callers are this host's
+    ip = parse_address(peer.rsplit(":", 1)[0] if peer.startswith("ipv4:") else peer)
+    if ip is None:
+        return peer.rsplit(":", 1)[0]
+    return (proxies or TrustedProxies()).client(ip, forwarded) or address_identity(ip)
 
 
 def attest_at_start(enclave: EnclaveClient, timeout: float) -> None:
@@ -278,9 +278,24 @@ class RuntimeServer:
         if not port:
             raise OSError(f"cannot listen on {address}")
         await self._server.start()
-        for name in health_names:
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health_task = asyncio.get_running_loop().create_task(self._follow_module(health_servicer,
+                                                                                         health_names))
         return port
+
+    async def _follow_module(self, health, names: tuple[str, ...]) -> None:
+        """grpc.health says SERVING only while the trusted module answers (checked every READY_POLL_S), as
+        ServerReady / ModelReady do: a load balancer stops sending traffic that could only fail."""
+        last = None
+        while True:
+            ok = await self.service._ready()
+            if ok != last:
+                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in names:
+                    await health.set(name, status)
+                if last is not None:
+                    log.warning("trusted module %s: readiness now %s", "answers" if ok else "unreachable", ok)
+                last = ok
+            await asyncio.sleep(READY_POLL_S)
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         """True if `timeout` passed with the server still running (grpc.Server semantics)."""
@@ -295,6 +310,7 @@ class RuntimeServer:
         """Stop serving, close the service and the loop; the returned event is already set."""
         done = threading.Event()
         if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._health_task.cancel)
             self._call(self._server.stop(grace))
             self._call(self.service.aclose())
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -306,7 +322,8 @@ class RuntimeServer:
 def serve(bundle_dir: Path, address: str, enclave_address: str | None, *, ort_threads: int = 0,
           enclave_tls: Path | None = None, expected_measurements: Path | None = None, attest_timeout: float = 60.0,
           batching: BatchingConfig | None = DEFAULT_BATCHING, providers: list[str] | None = None,
-          owner_public_key: Ed25519PublicKey | None = None) -> tuple[RuntimeServer, InferenceService]:
+          owner_public_key: Ed25519PublicKey | None = None, trusted_proxies: TrustedProxies | None = None
+          ) -> tuple[RuntimeServer, InferenceService]:
     """Attest the trusted module, then start the endpoint on `address` (HOST:PORT or unix:PATH).
 
     The manifest must be the one the module measures, and signed by `owner_public_key` when given (the
@@ -322,7 +339,7 @@ def serve(bundle_dir: Path, address: str, enclave_address: str | None, *, ort_th
         log.warning("BENCHMARK BYPASS: serving the public network on raw inputs without the trusted module "
                     "(answers are near chance; for measuring the trusted module's cost only)")
     server = RuntimeServer(lambda: InferenceService(bundle, enclave, ort_threads=ort_threads, batching=batching,
-                                                    providers=providers), address)
+                                                    providers=providers, trusted_proxies=trusted_proxies), address)
     server.service.port = server.port
     return server, server.service
 

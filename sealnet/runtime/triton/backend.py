@@ -24,6 +24,7 @@ import triton_python_backend_utils as pb_utils
 
 from sealnet.bundle import load_bundle
 from sealnet.runtime.errors import InternalError, RequestError, ServingError
+from sealnet.runtime.identity import TrustedProxies
 from sealnet.runtime.pipeline import Pipeline, Request
 from sealnet.runtime.server import attested_enclave
 from sealnet.runtime.triton.protocol import CODE_MAP, REASONS, credentials, error_message, refusal_reason
@@ -85,6 +86,7 @@ class TritonPythonModel:
         bundle = load_bundle(model_dir / params["bundle"])
         self.metrics = Metrics(args["model_name"])
         self.client_header = params.get("client_header", "x-forwarded-for")
+        self.proxies = TrustedProxies(params.get("trusted_proxies", "").split(","))
         tls = params.get("enclave_tls") or None
         enclave = attested_enclave(bundle, params["enclave"], enclave_tls=Path(tls) if tls else None,
                                    attest_timeout=float(params.get("attest_timeout_s", "60")),
@@ -124,7 +126,7 @@ class TritonPythonModel:
             self.pipeline.enclave.close()
 
     def _parse(self, request) -> Request:
-        token, client = credentials(request.parameters(), self.client_header)
+        token, client = credentials(request.parameters(), self.client_header, self.proxies)
         batch = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy()
         if not np.isfinite(batch).all():
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"inputs[0] ({self.input_name}): contains NaN or "

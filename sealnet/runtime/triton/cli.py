@@ -8,6 +8,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from sealnet.runtime.identity import TrustedProxies
 from sealnet.runtime.triton.protocol import DEFAULT_CLIENT_HEADER
 
 
@@ -21,6 +22,10 @@ def _add_repo_options(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
                    help="copies of the protected model (one Python-backend process each)")
     p.add_argument("--client-header", default=DEFAULT_CLIENT_HEADER,
                    help="forwarded header that names the end client for the lockout (set by a trusted proxy)")
+    p.add_argument("--trusted-proxy", action="append", metavar="CIDR",
+                   help="a proxy whose forwarded header names the end client (repeatable); without one the header "
+                        "is ignored. Behind Triton, which cannot see the peer, it also states that Triton is "
+                        "reachable only through these proxies")
 
 
 def build_options(args: argparse.Namespace, *, network: str, instances: int):
@@ -30,7 +35,9 @@ def build_options(args: argparse.Namespace, *, network: str, instances: int):
                        max_batch_size=args.triton_max_batch_size,
                        max_queue_delay_us=int(round(args.max_queue_delay_ms * 1000)), instances=instances,
                        ort_threads=args.ort_threads, attest_timeout_s=args.attest_timeout,
-                       client_header=args.client_header, providers=args.providers)
+                       client_header=args.client_header, providers=args.providers,
+                       trusted_proxies=tuple(str(TrustedProxies(args.trusted_proxy or ())).split(",")) if
+                       args.trusted_proxy else ())
 
 
 def _owner(args: argparse.Namespace):

@@ -4,7 +4,9 @@ the rules are tested without a server).
 Credentials: tritonserver runs with `--grpc-header-forward-pattern` / `--http-header-forward-pattern` matching
 `sealnet-license` and the client-identity header (default `x-forwarded-for`), so both arrive as request
 parameters. A client can also set request parameters itself, so a name that appears twice (a trusted proxy's
-header plus the client's own parameter) is refused rather than guessed.
+header plus the client's own parameter) is refused rather than guessed. The identity header is read only when
+trusted proxies are configured (runtime/identity.py: Triton does not tell its backends the peer's address);
+otherwise it is ignored and the end client is unknown ('').
 
 Errors: Triton has no UNAUTHENTICATED, PERMISSION_DENIED or RESOURCE_EXHAUSTED, so the sealnet status is the
 first word of the message (`PERMISSION_DENIED: license: ...`) and the Triton code is the nearest one
@@ -20,11 +22,10 @@ import re
 import grpc
 
 from sealnet.runtime.errors import RequestError, ServingError
+from sealnet.runtime.identity import TrustedProxies
 
 LICENSE_KEY = "sealnet-license"
 DEFAULT_CLIENT_HEADER = "x-forwarded-for"
-MAX_IDENTITY = 64
-_IDENTITY_CHARS = re.compile(r"[^A-Za-z0-9.:\[\]_-]")
 
 CODE_MAP = {
     grpc.StatusCode.INVALID_ARGUMENT: "INVALID_ARG",
@@ -47,9 +48,11 @@ def forward_pattern(client_header: str = DEFAULT_CLIENT_HEADER) -> str:
     return f"^({re.escape(LICENSE_KEY)}|{re.escape(client_header.lower())})$"
 
 
-def credentials(parameters: str, client_header: str = DEFAULT_CLIENT_HEADER) -> tuple[str, str]:
+def credentials(parameters: str, client_header: str = DEFAULT_CLIENT_HEADER,
+                proxies: TrustedProxies | None = None) -> tuple[str, str]:
     """(license token, end-client identity) from a request's parameters JSON; RequestError if either is
-    given twice or is not a string, or the license is missing."""
+    given twice or is not a string, or the license is missing. The identity is '' unless `proxies` are
+    configured (then: the right-most forwarded address that is not one of them)."""
     wanted = {LICENSE_KEY: "", client_header.lower(): ""}
     seen: set[str] = set()
     bad = grpc.StatusCode.INVALID_ARGUMENT
@@ -72,14 +75,7 @@ def credentials(parameters: str, client_header: str = DEFAULT_CLIENT_HEADER) -> 
     if not token:
         raise RequestError(grpc.StatusCode.UNAUTHENTICATED, f"header '{LICENSE_KEY}': missing; send your license "
                            "token as a request header")
-    return token, client_identity(wanted[client_header.lower()])
-
-
-def client_identity(forwarded: str) -> str:
-    """The end client as the trusted module counts it for lockout: the last (nearest proxy's) entry of the
-    forwarded header, cut to printable address characters; empty when no header was forwarded."""
-    last = forwarded.rsplit(",", 1)[-1].strip()
-    return _IDENTITY_CHARS.sub("?", last)[:MAX_IDENTITY]
+    return token, (proxies or TrustedProxies()).client(None, wanted[client_header.lower()])
 
 
 def refusal_reason(error: ServingError) -> str:

@@ -52,6 +52,7 @@ class RepoOptions:
     ort_threads: int = 0  # ONNX Runtime intra-op threads (0: ONNX Runtime's default)
     attest_timeout_s: float = 60.0
     client_header: str = "x-forwarded-for"  # forwarded header naming the end client (lockout identity)
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose forwarded header counts (none: the header is ignored)
     providers: str = "auto"  # ONNX Runtime: "auto" (TensorRT / CUDA when present) or "cpu"
 
 
@@ -89,6 +90,7 @@ def protected_config(manifest: dict[str, Any], options: RepoOptions, public_mode
         "ort_threads": str(options.ort_threads),
         "providers": options.providers,
         "client_header": options.client_header.lower(),
+        "trusted_proxies": ",".join(options.trusted_proxies),
     }
     return (f'name: "{manifest["model_id"]}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
             + _io([_tensor(inp["name"], "FP32", inp["shape"][1:])], outputs)
