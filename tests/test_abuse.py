@@ -319,6 +319,24 @@ def test_end_client_identity_groups_an_ipv6_subscriber(peer, identity):
     assert runtime_server.client_identity(SimpleNamespace(peer=lambda: peer)) == identity
 
 
+def test_forwarded_for_counts_only_from_a_trusted_proxy():
+    from sealnet.runtime.identity import TrustedProxies
+
+    def who(peer: str, forwarded: str, proxies: TrustedProxies | None = None) -> str:
+        return runtime_server.client_identity(SimpleNamespace(peer=lambda: peer), proxies, forwarded)
+
+    proxies = TrustedProxies(["10.0.0.0/8", "fd00::/8"])
+    assert who("ipv4:203.0.113.5:4000", "198.51.100.1") == "ipv4:203.0.113.5"  # no proxies: the peer, always
+    assert who("ipv4:203.0.113.5:4000", "198.51.100.1", proxies) == "ipv4:203.0.113.5"  # an untrusted peer
+    # a trusted proxy (chain of two): the right-most entry that is not a proxy; the client's own entries, left
+    # of it, are ignored
+    assert who("ipv4:10.1.2.3:4000", "1.1.1.1, 198.51.100.1, 10.9.9.9", proxies) == "ipv4:198.51.100.1"
+    assert who("ipv6:[fd00::5]:4000", "2001:db8:1:2::9", proxies) == "ipv6:2001:db8:1:2::/64"
+    assert who("ipv4:10.1.2.3:4000", "", proxies) == "ipv4:10.1.2.3"  # a proxy that forwarded nobody
+    with pytest.raises(ValueError, match="--trusted-proxy"):
+        TrustedProxies(["not-a-network"])
+
+
 # -- reliability --------------------------------------------------------------------------------------------
 def test_internal_errors_fail_their_own_requests_and_never_a_worker(artefacts, short_tmp, monkeypatch):
     """More internal failures than batch workers (e.g. ONNX Runtime failing in the pipeline): each fails its own

@@ -12,10 +12,13 @@ build would mix two standard libraries in one process.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +29,7 @@ from sealnet.errors import FailedPrecondition
 from sealnet.processes import free_port
 from sealnet.runtime.triton.protocol import DEFAULT_CLIENT_HEADER, forward_pattern
 
+log = logging.getLogger("sealnet.runtime.triton")
 ROOT = Path(__file__).resolve().parents[3]
 SYSTEM_TRITON = Path("/opt/tritonserver")
 
@@ -86,15 +90,84 @@ def triton_unavailable_reason() -> str | None:
     return None
 
 
+def protected_models(repository: Path) -> dict[str, tuple[str, Path | None]]:
+    """The protected models of a sealnet repository: name -> (trusted module address, its mTLS directory)."""
+    found = {}
+    for config in sorted(Path(repository).glob("*/config.pbtxt")):
+        text = config.read_text()
+        params = dict(re.findall(r'key: "([^"]+)" value: \{ string_value: "([^"]*)" \}', text))
+        if "enclave" in params and "bundle" in params:
+            found[config.parent.name] = (params["enclave"], Path(params["enclave_tls"]) if params.get("enclave_tls")
+                                         else None)
+    return found
+
+
+class ReadinessWatch:
+    """Triton's readiness told the truth: while a protected model's trusted module does not answer, the model
+    is unloaded and loaded again, so it and /v2/health/ready (strict readiness) read false; its load waits in
+    initialize for the module's attestation and turns ready once the module is back. Polls every `interval`."""
+
+    def __init__(self, server: TritonServer, models: dict[str, tuple[str, Path | None]], interval: float = 0.5):
+        from sealnet.runtime.enclave_client import EnclaveClient
+
+        self.server, self.interval = server, interval
+        self._probes = {name: EnclaveClient(address, tls_dir=tls, timeout=1.0) for name, (address, tls)
+                        in models.items()}
+        self._loading: dict[str, threading.Thread] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="triton-readiness", daemon=True)
+        self.reloads = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for probe in self._probes.values():
+            probe.close()
+
+    def _module_answers(self, name: str) -> bool:
+        from sealnet.runtime.errors import EnclaveError
+
+        try:
+            self._probes[name].health()
+            return True
+        except EnclaveError:
+            return False
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for name in self._probes:
+                loading = self._loading.get(name)
+                if loading is not None and loading.is_alive():
+                    continue
+                up, ready = self._module_answers(name), self.server.model_ready(name)
+                if ready and not up:
+                    log.warning("trusted module of %s unreachable: unloading the model (readiness false)", name)
+                    self.server.repository_call(name, "unload")
+                if not ready or not up:
+                    self._reload(name)
+
+    def _reload(self, name: str) -> None:
+        """Load `name` in the background (its initialize waits for the module); one load at a time per model."""
+        self.reloads += 1
+        thread = threading.Thread(target=self.server.repository_call, args=(name, "load"), daemon=True)
+        self._loading[name] = thread
+        thread.start()
+
+
 class TritonServer:
     """tritonserver as a child process on `repository`, ready (all models loaded, so every protected model has
-    attested its trusted module) when `start()` / `__enter__` returns. Ports 0 pick free ones."""
+    attested its trusted module) when `start()` / `__enter__` returns. Ports 0 pick free ones. Models are under
+    explicit control, so the ReadinessWatch can take a protected model out of service while its trusted module
+    is down (`watch_modules=False`: never)."""
 
     def __init__(self, repository: Path, *, install: TritonInstall | None = None, host: str = "127.0.0.1",
                  grpc_port: int = 0, http_port: int = 0, metrics_port: int = 0, log_path: Path | None = None,
                  log_verbose: int = 0, model_config_name: str | None = None,
                  client_header: str = DEFAULT_CLIENT_HEADER, extra_args: tuple[str, ...] = (),
-                 ready_timeout: float = 180.0, stub_timeout_s: int = 120):
+                 ready_timeout: float = 180.0, stub_timeout_s: int = 120, watch_modules: bool = True):
         self.repository = Path(repository)
         self.install = install or TritonInstall.find()
         self.host = host
@@ -108,6 +181,8 @@ class TritonServer:
         self.ready_timeout = ready_timeout
         self.stub_timeout_s = stub_timeout_s
         self.process: subprocess.Popen | None = None
+        self.watch: ReadinessWatch | None = None
+        self._watch_modules = watch_modules
 
     @property
     def grpc_url(self) -> str:
@@ -138,6 +213,7 @@ class TritonServer:
                # the protected model's initialize waits for the trusted module's attestation
                f"--backend-config=python,stub-timeout-seconds={self.stub_timeout_s}",
                "--exit-timeout-secs=5", "--strict-readiness=true", "--exit-on-error=true",
+               "--model-control-mode=explicit", "--load-model=*",
                f"--log-verbose={self.log_verbose}"]
         if self.model_config_name:
             cmd.append(f"--model-config-name={self.model_config_name}")
@@ -150,6 +226,10 @@ class TritonServer:
                                             env=self.install.environment(), start_new_session=True)
         try:
             self.wait_ready()
+            models = protected_models(self.repository) if self._watch_modules else {}
+            if models:
+                self.watch = ReadinessWatch(self, models)
+                self.watch.start()
         except BaseException:
             self.stop()
             raise
@@ -161,6 +241,26 @@ class TritonServer:
             with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as resp:
                 return resp.status == 200
         except (urllib.error.URLError, OSError):
+            return False
+
+    def model_ready(self, name: str) -> bool:
+        """Triton's /v2/models/NAME/ready."""
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{name}/ready", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def repository_call(self, name: str, action: str) -> bool:
+        """POST /v2/repository/models/NAME/load|unload (explicit model control); True on success. A load
+        blocks until the model is ready or failed."""
+        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{name}/{action}", data=b"{}",
+                                         method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.ready_timeout) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError) as exc:
+            log.info("Triton %s of %s: %s", action, name, exc)
             return False
 
     def wait_ready(self) -> None:
@@ -182,6 +282,9 @@ class TritonServer:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM (Triton finishes in-flight requests), then SIGKILL of its process group if it lingers."""
+        if self.watch is not None:
+            self.watch.stop()
+            self.watch = None
         proc, self.process = self.process, None
         if proc is None or proc.poll() is not None:
             return
