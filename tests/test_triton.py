@@ -392,3 +392,30 @@ def _up(client) -> bool:
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+@needs_triton
+def test_triton_watch_keeps_a_plain_tritonservers_readiness_true(artefacts, short_tmp, tmp_path):
+    """`sealnet triton-watch` beside a tritonserver started without sealnet's watch (as in a container)."""
+    with LocalDeployment(artefacts["bundle"], keystore=artefacts["keystore"], runtime=False,
+                         enclave_address=f"unix:{short_tmp / 'w.sock'}") as module:
+        write_repository(artefacts["bundle"], tmp_path / "models", RepoOptions(module.enclave, attest_timeout_s=60))
+        with TritonServer(tmp_path / "models", log_path=tmp_path / "t.log", watch_modules=False) as triton:
+            watch = subprocess.Popen(sealnet_command("triton-watch", "--http", triton.http_url, "--repository",
+                                                     str(tmp_path / "models")), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+            try:
+                assert "watching" in watch.stdout.readline()
+                module.kill_enclave()
+                killed = time.monotonic()
+                while triton.ready():
+                    assert time.monotonic() - killed < 5.0
+                    time.sleep(0.1)
+                module.start_enclave()
+                restarted = time.monotonic()
+                while not (triton.ready() and triton.model_ready(MODEL_ID)):
+                    assert time.monotonic() - restarted < 5.0
+                    time.sleep(0.1)
+            finally:
+                watch.send_signal(signal.SIGTERM)
+                assert watch.wait(timeout=10) == 0

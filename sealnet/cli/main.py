@@ -362,11 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: TensorRT / CUDA execution providers when present, else CPU")
     p.add_argument("--benchmark-bypass-trusted-module", action="store_true",
                    help="MEASUREMENT ONLY: run the public network on raw inputs (near-chance answers)")
-    from sealnet.runtime.triton.cli import add_serve_triton_arguments, add_triton_repo_parser
+    from sealnet.runtime.triton.cli import add_serve_triton_arguments, add_triton_repo_parser, add_triton_watch_parser
 
     add_serve_triton_arguments(p)
     p.set_defaults(func=cmd_serve)
     add_triton_repo_parser(sub, default_enclave_address())
+    add_triton_watch_parser(sub)
 
     p = sub.add_parser("infer", help="query an endpoint with test images or a .npy batch")
     p.add_argument("--server", default="127.0.0.1:8001")

@@ -53,9 +53,28 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
                                                                  instances=args.instances), force=args.force,
                             expected_owner=_owner(args))
     print(f"Triton model repository {args.out}: " + ", ".join(d.name for d in dirs))
-    print(f"serve it: tritonserver --model-repository {args.out} "
-          "--grpc-header-forward-pattern='^(sealnet-license|x-forwarded-for)$' "
-          "--http-header-forward-pattern='^(sealnet-license|x-forwarded-for)$'  (or: sealnet serve --engine triton)")
+    print(f"serve it: tritonserver --model-repository {args.out} --model-control-mode=explicit --load-model='*' "
+          "--strict-readiness=true --grpc-header-forward-pattern='^(sealnet-license|x-forwarded-for)$' "
+          "--http-header-forward-pattern='^(sealnet-license|x-forwarded-for)$'")
+    print(f"  and beside it: sealnet triton-watch --http HOST:8000 --repository {args.out}  (readiness follows the "
+          "trusted module); or both at once: sealnet serve --engine triton")
+    return 0
+
+
+def cmd_triton_watch(args: argparse.Namespace) -> int:
+    """Keep a running Triton's readiness true to its protected models' trusted modules, until a signal."""
+    from sealnet.rpc import stop_on_signals
+    from sealnet.runtime.triton.server import ReadinessWatch, TritonHttp, protected_models
+
+    models = protected_models(args.repository)
+    if not models:
+        raise ValueError(f"--repository {args.repository}: no sealnet protected model (sealnet triton-repo writes one)")
+    watch = ReadinessWatch(TritonHttp(args.http, args.load_timeout), models, interval=args.interval)
+    watch.start()
+    print(f"watching {', '.join(models)} on Triton {args.http}: unloaded while the trusted module is down, "
+          "loaded again when it answers", flush=True)
+    stop_on_signals().wait()
+    watch.stop()
     return 0
 
 
@@ -115,6 +134,15 @@ def add_serve_triton_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--triton-arg", action="append", metavar="ARG",
                    help="extra tritonserver argument, e.g. --triton-arg=--grpc-use-ssl=true (repeatable)")
     _add_repo_options(g, prefix="triton-")
+
+
+def add_triton_watch_parser(sub) -> None:
+    p = sub.add_parser("triton-watch", help="keep a running Triton's readiness true to its trusted modules")
+    p.add_argument("--http", required=True, metavar="HOST:PORT", help="Triton's HTTP endpoint (repository API)")
+    p.add_argument("--repository", type=Path, required=True, help="the model repository `sealnet triton-repo` wrote")
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between checks of each trusted module")
+    p.add_argument("--load-timeout", type=float, default=180.0, help="longest wait for one model load")
+    p.set_defaults(func=cmd_triton_watch)
 
 
 def add_triton_repo_parser(sub, default_enclave: str) -> None:

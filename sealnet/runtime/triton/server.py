@@ -102,15 +102,42 @@ def protected_models(repository: Path) -> dict[str, tuple[str, Path | None]]:
     return found
 
 
+class TritonHttp:
+    """The parts of Triton's HTTP API the readiness watch uses (a running server at `url`, HOST:PORT)."""
+
+    def __init__(self, url: str, load_timeout: float = 180.0):
+        self.url, self.load_timeout = url, load_timeout
+
+    def model_ready(self, name: str) -> bool:
+        """/v2/models/NAME/ready."""
+        try:
+            with urllib.request.urlopen(f"http://{self.url}/v2/models/{name}/ready", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def repository_call(self, name: str, action: str) -> bool:
+        """POST /v2/repository/models/NAME/load|unload (explicit model control); True on success. A load
+        blocks until the model is ready or failed."""
+        request = urllib.request.Request(f"http://{self.url}/v2/repository/models/{name}/{action}", data=b"{}",
+                                         method="POST", headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.load_timeout) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError) as exc:
+            log.info("Triton %s of %s: %s", action, name, exc)
+            return False
+
+
 class ReadinessWatch:
     """Triton's readiness told the truth: while a protected model's trusted module does not answer, the model
     is unloaded and loaded again, so it and /v2/health/ready (strict readiness) read false; its load waits in
     initialize for the module's attestation and turns ready once the module is back. Polls every `interval`."""
 
-    def __init__(self, server: TritonServer, models: dict[str, tuple[str, Path | None]], interval: float = 0.5):
+    def __init__(self, triton: TritonHttp, models: dict[str, tuple[str, Path | None]], interval: float = 0.5):
         from sealnet.runtime.enclave_client import EnclaveClient
 
-        self.server, self.interval = server, interval
+        self.triton, self.interval = triton, interval
         self._probes = {name: EnclaveClient(address, tls_dir=tls, timeout=1.0) for name, (address, tls)
                         in models.items()}
         self._loading: dict[str, threading.Thread] = {}
@@ -142,17 +169,17 @@ class ReadinessWatch:
                 loading = self._loading.get(name)
                 if loading is not None and loading.is_alive():
                     continue
-                up, ready = self._module_answers(name), self.server.model_ready(name)
+                up, ready = self._module_answers(name), self.triton.model_ready(name)
                 if ready and not up:
                     log.warning("trusted module of %s unreachable: unloading the model (readiness false)", name)
-                    self.server.repository_call(name, "unload")
+                    self.triton.repository_call(name, "unload")
                 if not ready or not up:
                     self._reload(name)
 
     def _reload(self, name: str) -> None:
         """Load `name` in the background (its initialize waits for the module); one load at a time per model."""
         self.reloads += 1
-        thread = threading.Thread(target=self.server.repository_call, args=(name, "load"), daemon=True)
+        thread = threading.Thread(target=self.triton.repository_call, args=(name, "load"), daemon=True)
         self._loading[name] = thread
         thread.start()
 
@@ -228,7 +255,7 @@ class TritonServer:
             self.wait_ready()
             models = protected_models(self.repository) if self._watch_modules else {}
             if models:
-                self.watch = ReadinessWatch(self, models)
+                self.watch = ReadinessWatch(TritonHttp(self.http_url, self.ready_timeout), models)
                 self.watch.start()
         except BaseException:
             self.stop()
@@ -244,24 +271,7 @@ class TritonServer:
             return False
 
     def model_ready(self, name: str) -> bool:
-        """Triton's /v2/models/NAME/ready."""
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{name}/ready", timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def repository_call(self, name: str, action: str) -> bool:
-        """POST /v2/repository/models/NAME/load|unload (explicit model control); True on success. A load
-        blocks until the model is ready or failed."""
-        request = urllib.request.Request(f"http://{self.http_url}/v2/repository/models/{name}/{action}", data=b"{}",
-                                         method="POST", headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.ready_timeout) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError) as exc:
-            log.info("Triton %s of %s: %s", action, name, exc)
-            return False
+        return TritonHttp(self.http_url).model_ready(name)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout
