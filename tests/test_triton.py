@@ -1,7 +1,7 @@
 """Serving bundles through NVIDIA Triton Inference Server (the pip tritonserver 2.51 on CPU, installed by ./dev):
-stock tritonclient over HTTP and gRPC, one Triton start for the module (transform and sealed head with the
-public network as its own model over BLS, DSN and passport inline), real trusted modules on Unix sockets, the
-python engine as the reference."""
+stock tritonclient over HTTP and gRPC, one Triton start for the module (transform and sealed head as ensembles of
+the module step and the public model, DSN with the public model over BLS, passport inline), real trusted modules
+on Unix sockets, the python engine as the reference."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from sealnet.licenses import issue_license
 from sealnet.processes import free_port, sealnet_command
 from sealnet.runtime.errors import EnclaveError, RequestError
 from sealnet.runtime.identity import TrustedProxies
-from sealnet.runtime.triton.protocol import credentials, refusal_reason
+from sealnet.runtime.triton.protocol import credentials, refusal_reason, sealnet_status
 from sealnet.runtime.triton.repo import RepoOptions, protected_config, write_repository
 from sealnet.runtime.triton.server import TritonServer, triton_unavailable_reason
 from tests.conftest import DSN_MODEL_ID, MODEL_ID, PASSPORT_MODEL_ID, SEALED_HEAD_MODEL_ID
@@ -50,7 +50,7 @@ def test_repository_has_the_protected_model_and_the_public_network_for_every_bac
     assert "sealnet.runtime.triton.backend" in (tmp_path / MODEL_ID / "1" / "model.py").read_text()
     public = tmp_path / f"{MODEL_ID}-public"
     assert 'backend: "python"' in (public / "config.pbtxt").read_text()
-    assert 'platform: "onnxruntime_onnx"' in (public / "configs" / "onnxruntime.pbtxt").read_text()
+    assert 'backend: "onnxruntime"' in (public / "configs" / "onnxruntime.pbtxt").read_text()
     assert 'platform: "tensorrt_plan"' in (public / "configs" / "tensorrt.pbtxt").read_text()
     assert (public / "1" / "model.onnx").read_bytes() == (artefacts["bundle"] / "public.onnx").read_bytes()
     with pytest.raises(FileExistsError):
@@ -59,6 +59,27 @@ def test_repository_has_the_protected_model_and_the_public_network_for_every_bac
         write_repository(passport_bundle["bundle"], tmp_path / "p", RepoOptions("unix:/tmp/x.sock", network="bls"))
     with pytest.raises(ValueError, match="mTLS"):
         write_repository(artefacts["bundle"], tmp_path / "t", RepoOptions("127.0.0.1:9001"))
+
+
+def test_ensemble_wires_the_module_step_and_the_public_model_in_the_bundles_order(artefacts, sealed_head, tmp_path):
+    options = RepoOptions("unix:/tmp/x.sock", network="ensemble", ort_threads=2, public_instances=2,
+                          accelerator="tensorrt")
+    write_repository(artefacts["bundle"], tmp_path, options)  # transform: module first
+    ensemble = (tmp_path / MODEL_ID / "config.pbtxt").read_text()
+    assert 'platform: "ensemble"' in ensemble and 'name: "input"' in ensemble and 'name: "logits"' in ensemble
+    first = ensemble.index(f'model_name: "{MODEL_ID}-module"')
+    assert first < ensemble.index(f'model_name: "{MODEL_ID}-public"')
+    assert 'output_map { key: "processed" value: "processed" }' in ensemble
+    module = (tmp_path / f"{MODEL_ID}-module" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in module and 'string_value: "ensemble"' in module
+    assert (tmp_path / f"{MODEL_ID}-module" / "bundle" / "manifest.json").is_file()
+    ort = (tmp_path / f"{MODEL_ID}-public" / "configs" / "onnxruntime.pbtxt").read_text()
+    assert 'backend: "onnxruntime"' in ort and "dynamic_batching" in ort and "count: 2" in ort
+    assert 'key: "intra_op_thread_count" value: { string_value: "2" }' in ort and 'name : "tensorrt"' in ort
+    write_repository(sealed_head["bundle"], tmp_path, RepoOptions("unix:/tmp/y.sock", network="ensemble"))
+    ensemble = (tmp_path / SEALED_HEAD_MODEL_ID / "config.pbtxt").read_text()  # sealed head: module last
+    assert ensemble.index(f'"{SEALED_HEAD_MODEL_ID}-public"') < ensemble.index(f'"{SEALED_HEAD_MODEL_ID}-module"')
+    assert 'output_map { key: "label" value: "label" }' in ensemble
 
 
 def test_sealed_head_outputs_become_the_models_outputs(artefacts):
@@ -103,10 +124,10 @@ def deployment(artefacts, dsn_student, passport_bundle, sealed_head):
     with tempfile.TemporaryDirectory(prefix="sn-tr-", dir="/tmp") as d, contextlib.ExitStack() as stack:
         root = Path(d)
         os.chmod(root, 0o700)
-        bundles = {MODEL_ID: (artefacts["bundle"], "bls", PolicyConfig(max_failures=MAX_FAILURES)),
-                   DSN_MODEL_ID: (dsn_student["bundle"], "inline", PolicyConfig()),
+        bundles = {MODEL_ID: (artefacts["bundle"], "ensemble", PolicyConfig(max_failures=MAX_FAILURES)),
+                   DSN_MODEL_ID: (dsn_student["bundle"], "bls", PolicyConfig()),
                    PASSPORT_MODEL_ID: (passport_bundle["bundle"], "inline", PolicyConfig()),
-                   SEALED_HEAD_MODEL_ID: (sealed_head["bundle"], "bls", PolicyConfig())}
+                   SEALED_HEAD_MODEL_ID: (sealed_head["bundle"], "ensemble", PolicyConfig())}
         # per model: a deployment (its trusted module, which a test may kill and restart, and the python engine)
         modules, python_engine = {}, {}
         for i, (model, (bundle, network, policy)) in enumerate(bundles.items()):
@@ -127,6 +148,11 @@ def deployment(artefacts, dsn_student, passport_bundle, sealed_head):
         yield {"triton": triton, "modules": modules, "python": python_engine, "tokens": tokens, "root": root,
                "grpc": tgrpc.InferenceServerClient(triton.grpc_url),
                "http": thttp.InferenceServerClient(triton.http_url)}
+
+
+def _unprefixed(message: str) -> str:
+    """The message without the prefix Triton gives an ensemble's errors (`in ensemble 'M', `)."""
+    return re.sub(r"^in ensemble '[^']*', ", "", message)
 
 
 def _grpc(client, model: str, x: np.ndarray, headers: dict | None) -> dict[str, np.ndarray]:
@@ -159,7 +185,13 @@ def test_licensed_http_and_grpc_answer_as_the_python_engine(deployment, digits, 
     assert float((labels == digits.y_test[:24]).mean()) > 0.7  # the real, licensed answer
     # what perf_analyzer-style tools read: the model's config and its statistics
     config = deployment["grpc"].get_model_config(model).config
-    assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
+    assert config.max_batch_size > 0
+    if config.platform == "ensemble":  # the ensemble's models batch: the module step and the public network
+        steps = [s.model_name for s in config.ensemble_scheduling.step]
+        assert steps[0 if model == SEALED_HEAD_MODEL_ID else 1] == f"{model}-public"
+        assert all(deployment["grpc"].get_model_config(s).config.HasField("dynamic_batching") for s in steps)
+    else:
+        assert config.HasField("dynamic_batching")
     stats = deployment["http"].get_inference_statistics(model)["model_stats"][0]
     assert stats["inference_count"] >= 48 and stats["inference_stats"]["success"]["count"] >= 2
 
@@ -170,7 +202,7 @@ def test_no_license_and_a_wrong_license_are_refused_with_the_reason(deployment, 
     with pytest.raises(InferenceServerException) as err:
         _grpc(deployment["grpc"], MODEL_ID, x, None)
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert err.value.message().startswith("UNAUTHENTICATED: header 'sealnet-license': missing")
+    assert _unprefixed(err.value.message()).startswith("UNAUTHENTICATED: header 'sealnet-license': missing")
     with pytest.raises(InferenceServerException) as err:
         _http(deployment["http"], MODEL_ID, x, None)
     assert err.value.status() == "400" and "UNAUTHENTICATED" in err.value.message()
@@ -180,12 +212,12 @@ def test_no_license_and_a_wrong_license_are_refused_with_the_reason(deployment, 
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "input" in err.value.message()
     with pytest.raises(InferenceServerException) as err:
         _grpc(deployment["grpc"], MODEL_ID, np.full((2, 1, 8, 8), np.nan, np.float32), token)
-    assert err.value.message().startswith("INVALID_ARGUMENT: inputs[0] (input): contains NaN")
+    assert _unprefixed(err.value.message()).startswith("INVALID_ARGUMENT: inputs[0] (input): contains NaN")
     other = issue_license(artefacts["owner_key"], customer_id="acme", model_id="another-model", serial_number="S",
                           valid_seconds=600)
     with pytest.raises(InferenceServerException) as err:
         _grpc(deployment["grpc"], DSN_MODEL_ID, x, {"sealnet-license": other})
-    assert err.value.message().startswith("PERMISSION_DENIED: license:")
+    assert _unprefixed(err.value.message()).startswith("PERMISSION_DENIED: license:")
 
 
 @needs_triton
@@ -199,7 +231,7 @@ def test_spoofed_forwarded_headers_move_no_counter_and_lock_out_no_valid_license
     for i in range(100):
         with pytest.raises(InferenceServerException) as err:
             _grpc(deployment["grpc"], MODEL_ID, x, {"x-forwarded-for": f"203.0.113.{i}", "sealnet-license": forged})
-        codes.append(err.value.message().split(":", 1)[0])
+        codes.append(sealnet_status(err.value.message()))
     assert codes == ["PERMISSION_DENIED"] * MAX_FAILURES + ["RESOURCE_EXHAUSTED"] * (100 - MAX_FAILURES)
 
     def fresh(serial: str) -> str:  # a new license: no session cached in the runtime, so the module decides

@@ -27,6 +27,7 @@ from sealnet.errors import InvalidArgument
 from sealnet.protect.methods import DemoPlan, get_method, with_demo
 from sealnet.protect.user_args import UserModelChoice
 from sealnet.runtime.client import InferenceClient
+from sealnet.runtime.triton.protocol import sealnet_status
 
 
 def _step(text: str) -> None:
@@ -56,8 +57,7 @@ def _query(
     try:
         preds = [client.predict_labels(x[i : i + batch], token) for i in range(0, len(x), batch)]
     except grpc.RpcError as exc:
-        first = (exc.details() or "").split(":", 1)[0]
-        return None, first if first in grpc.StatusCode.__members__ else exc.code().name
+        return None, sealnet_status(exc.details() or "") or exc.code().name
     return np.concatenate(preds), "OK"
 
 

@@ -95,10 +95,15 @@ class TritonPythonModel:
         target = params.get("public_network", "inline")
         if target.startswith("bls:"):
             network = BlsNetwork(target.removeprefix("bls:"), config)
+        elif target == "ensemble":  # the module step alone: the ensemble runs the public network beside it
+            network = _in_ensemble
         providers = ["auto"] if params.get("providers", "auto") == "auto" else ["CPUExecutionProvider"]
         self.pipeline = Pipeline(bundle, enclave, ort_threads=int(params.get("ort_threads", "0")),
                                  providers=providers, network=network)
-        self.input_name = self.pipeline.input_name
+        self.input_name = config["input"][0]["name"]  # the bundle's input, or the ensemble's features
+        # a module-first step in an ensemble answers the processed input, under its config's output name
+        self.processed_name = config["output"][0]["name"] if target == "ensemble" and \
+            not self.pipeline.module_last else None
         log.info("sealnet model %s ready: trusted module at %s attested, public network %s", bundle.model_id,
                  params["enclave"], target)
 
@@ -117,6 +122,8 @@ class TritonPythonModel:
                     responses[i] = self._refuse(error)
                     continue
                 self.metrics.answered(len(request.batch))
+                if self.processed_name:
+                    outputs = {self.processed_name: next(iter(outputs.values()))}
                 responses[i] = pb_utils.InferenceResponse(
                     [pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in outputs.items()])
         return responses
@@ -137,6 +144,12 @@ class TritonPythonModel:
         self.metrics.refused(error)
         code = getattr(pb_utils.TritonError, CODE_MAP.get(error.code, "INTERNAL"))
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(error_message(error), code))
+
+
+def _in_ensemble(batch: np.ndarray) -> np.ndarray:
+    """The public network's place in the pipeline of an ensemble's module step: Triton runs it as its own model
+    before (sealed head: the batch is already its features) or after this step (the processed batch goes on)."""
+    return batch
 
 
 class BlsNetwork:

@@ -14,10 +14,17 @@ from sealnet.runtime.triton.protocol import DEFAULT_CLIENT_HEADER
 
 def _add_repo_options(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
     """Options shared by both commands (`serve` prefixes the Triton-only ones with --triton-)."""
-    p.add_argument(f"--{prefix}network", choices=["inline", "bls"], default="inline",
-                   help="inline: ONNX Runtime inside the protected model (default; fastest on the pip tritonserver); "
-                        "bls: the public network as its own Triton model (onnxruntime_onnx / tensorrt_plan in "
-                        "NVIDIA's containers), called through BLS")
+    p.add_argument(f"--{prefix}network", choices=["inline", "bls", "ensemble"], default="inline",
+                   help="inline: ONNX Runtime inside the protected model (default); ensemble: the public network "
+                        "as its own model on Triton's onnxruntime / TensorRT backend (pick with tritonserver "
+                        "--model-config-name onnxruntime|tensorrt; the pip tritonserver runs a Python stand-in) "
+                        "and only the trusted module's step in Python, wired in a Triton ensemble; bls: the same "
+                        "public model called from the protected model")
+    p.add_argument(f"--{prefix}public-instances", type=int, default=1,
+                   help="bls / ensemble: copies of the public model (instance_group count)")
+    p.add_argument(f"--{prefix}accelerator", choices=["none", "tensorrt"], default="none",
+                   help="the public model's onnxruntime config on a GPU host: tensorrt adds ONNX Runtime's "
+                        "TensorRT execution provider (configs/tensorrt.pbtxt is the TensorRT backend itself)")
     p.add_argument(f"--{prefix}instances", type=int, default=1,
                    help="copies of the protected model (one Python-backend process each)")
     p.add_argument("--client-header", default=DEFAULT_CLIENT_HEADER,
@@ -28,7 +35,8 @@ def _add_repo_options(p: argparse.ArgumentParser, *, prefix: str = "") -> None:
                         "reachable only through these proxies")
 
 
-def build_options(args: argparse.Namespace, *, network: str, instances: int):
+def build_options(args: argparse.Namespace, *, network: str, instances: int, public_instances: int = 1,
+                  accelerator: str = "none"):
     from sealnet.runtime.triton.repo import RepoOptions
 
     return RepoOptions(enclave=args.enclave, enclave_tls=args.enclave_tls, network=network,
@@ -36,6 +44,7 @@ def build_options(args: argparse.Namespace, *, network: str, instances: int):
                        max_queue_delay_us=int(round(args.max_queue_delay_ms * 1000)), instances=instances,
                        ort_threads=args.ort_threads, attest_timeout_s=args.attest_timeout,
                        client_header=args.client_header, providers=args.providers,
+                       public_instances=public_instances, accelerator=accelerator,
                        trusted_proxies=tuple(str(TrustedProxies(args.trusted_proxy or ())).split(",")) if
                        args.trusted_proxy else ())
 
@@ -50,7 +59,9 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
     from sealnet.runtime.triton.repo import write_repository
 
     dirs = write_repository(args.bundle, args.out, build_options(args, network=args.network,
-                                                                 instances=args.instances), force=args.force,
+                                                                 instances=args.instances,
+                                                                 public_instances=args.public_instances,
+                                                                 accelerator=args.accelerator), force=args.force,
                             expected_owner=_owner(args))
     print(f"Triton model repository {args.out}: " + ", ".join(d.name for d in dirs))
     print(f"serve it: tritonserver --model-repository {args.out} --model-control-mode=explicit --load-model='*' "
@@ -101,7 +112,9 @@ def serve_triton(args: argparse.Namespace, stop: threading.Event) -> int:
     repo = args.triton_repo or work / "models"
     try:
         write_repository(args.bundle, repo, build_options(args, network=args.triton_network,
-                                                          instances=args.triton_instances), force=True,
+                                                          instances=args.triton_instances,
+                                                          public_instances=args.triton_public_instances,
+                                                          accelerator=args.triton_accelerator), force=True,
                          expected_owner=_owner(args))
         server = TritonServer(repo, host=host, grpc_port=grpc_port, http_port=args.http_port,
                               metrics_port=args.metrics_port, log_path=args.triton_log or work / "tritonserver.log",

@@ -9,7 +9,8 @@ trusted proxies are configured (runtime/identity.py: Triton does not tell its ba
 otherwise it is ignored and the end client is unknown ('').
 
 Errors: Triton has no UNAUTHENTICATED, PERMISSION_DENIED or RESOURCE_EXHAUSTED, so the sealnet status is the
-first word of the message (`PERMISSION_DENIED: license: ...`) and the Triton code is the nearest one
+first word of the message (`PERMISSION_DENIED: license: ...`; behind an ensemble Triton puts
+`in ensemble 'MODEL', ` before it: `sealnet_status` reads either) and the Triton code is the nearest one
 (`CODE_MAP`): license refusals -> INVALID_ARG (gRPC INVALID_ARGUMENT, HTTP 400); lockout, quota and the
 trusted module down -> UNAVAILABLE (gRPC UNAVAILABLE, HTTP 503: retry later).
 """
@@ -93,6 +94,15 @@ def refusal_reason(error: ServingError) -> str:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return "invalid_input"
     return "internal"
+
+
+_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
+
+
+def sealnet_status(message: str) -> str:
+    """The sealnet status a Triton error message starts with (after an ensemble's prefix), else ''."""
+    word = _ENSEMBLE_PREFIX.sub("", message or "").split(":", 1)[0]
+    return word if word in grpc.StatusCode.__members__ else ""
 
 
 def error_message(error: ServingError) -> str:
