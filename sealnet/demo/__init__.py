@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from sealnet.attacks.direct_piracy import direct_piracy_accuracy
+from sealnet.bundle import PARAMS
 from sealnet.data import mnist_embedded
 from sealnet.deployment import LocalDeployment
 from sealnet.enclave_sim.service import EnclaveOptions
@@ -164,7 +165,10 @@ def _run(workdir: Path, keystore: str, *, epochs: int, json_path: Path | None, s
         _step(f"integrator: set up the trusted module's keystore ({keystore}) and export the bundle")
         deployment = LocalDeployment.export(
             workdir / "protected.pt", workdir, keystore=keystore, model_id=model_id, log=print, processes=True,
-            engine=engine, enclave_options=EnclaveOptions(audit_log=workdir / "logs" / "audit.jsonl"))
+            engine=engine, enclave_options=EnclaveOptions(audit_log=workdir / "logs" / "audit.jsonl"),
+            # on Triton the public network is its own model in an ensemble, except where the module's passport
+            # parameters change its weights per session
+            triton_network="inline" if get_method(method).module_step == PARAMS else "ensemble")
         stack.callback(deployment.stop)
         manifest = deployment.manifest
         model_id = deployment.model_id
@@ -178,10 +182,11 @@ def _run(workdir: Path, keystore: str, *, epochs: int, json_path: Path | None, s
         _, status_none = _query(d.client, data.x_test[:8], None)
         _, status_other = _query(d.client, data.x_test[:8], license_other)
         if engine == "triton":
-            from sealnet.runtime.triton.probe import http_infer, metric_families
+            from sealnet.runtime.triton.probe import ensemble_steps, http_infer, metric_families
 
             triton = {"http_status": http_infer(d.http_address, model_id, data.x_test[:8], license_ok)[0],
-                      "metrics": metric_families(d.metrics_url)}
+                      "metrics": metric_families(d.metrics_url),
+                      "triton_ensemble": ensemble_steps(d.http_address, model_id)}
         if plan.stealing:
             _step("thief and insider against black-box access (TEESlice protocol; trains small copies)")
             extra = _stealing(d.bundle, d.endpoint, d.enclave, license_ok, seed)
@@ -214,7 +219,9 @@ def _run(workdir: Path, keystore: str, *, epochs: int, json_path: Path | None, s
         ("license for another model", f"rejected: {status_other}"),
     ]
     if engine == "triton":
-        rows += [("Triton HTTP, licensed", f"HTTP {result['http_status']}"),
+        steps = result["triton_ensemble"]
+        rows += [("Triton model", f"ensemble: {' -> '.join(steps)}" if steps else "protected model (inline)"),
+                 ("Triton HTTP, licensed", f"HTTP {result['http_status']}"),
                  ("Triton metrics families (nv_*, sealnet_*)", str(len(result["metrics"])))]
     if extra:
         rows += [(f"thief with {p} of the labels / black-box", f"{extra[f'stealing_ratio_{k}']:.3f}x")

@@ -32,3 +32,12 @@ def metric_families(metrics_url: str) -> list[str]:
     with urllib.request.urlopen(metrics_url, timeout=10) as resp:
         text = resp.read().decode()
     return sorted(set(re.findall(r"^# TYPE (\S+)", text, re.M)))
+
+
+def ensemble_steps(url: str, model: str) -> list[str]:
+    """The models an ensemble runs, in order (its v2 model configuration); [] for a model that is not one."""
+    with urllib.request.urlopen(f"http://{url}/v2/models/{model}/config", timeout=10) as resp:
+        config = json.loads(resp.read())
+    if config.get("platform") != "ensemble":
+        return []
+    return [step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])]
