@@ -228,12 +228,17 @@ def _triton_counters(metrics_url: str) -> dict[str, float]:
         text = resp.read().decode()
     out: dict[str, float] = {}
     for name, labels, value in re.findall(r"^(\w+)\{([^}]*)\} (\S+)$", text, re.M):
-        if f'model="{MODEL_ID}"' not in labels:
+        model = re.search(r'model="([^"]+)"', labels)
+        if model is None or model.group(1) not in (MODEL_ID, *(MODEL_ID + s for s in _PARTS)):
             continue
         if name.startswith("nv_inference_") or name.startswith("sealnet_trusted_module_rpc_duration_us_"):
             rpc = re.search(r'rpc="(\w+)"', labels)
-            out[name + (f"/{rpc.group(1)}" if rpc else "")] = float(value)
+            part = model.group(1).removeprefix(MODEL_ID)  # "" (the protected model or the ensemble), or a step
+            out[part + name + (f"/{rpc.group(1)}" if rpc else "")] = float(value)
     return out
+
+
+_PARTS = ("-module", "-public")  # an ensemble's steps (sealnet/runtime/triton/repo.py)
 
 
 def _breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
@@ -246,10 +251,21 @@ def _breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, f
     calls = delta("sealnet_trusted_module_rpc_duration_us_count/Preprocess")
     per_request = {k: delta(f"nv_inference_{k}_duration_us") / requests if requests else None
                    for k in ("queue", "compute_input", "compute_infer", "compute_output", "request")}
+    if not calls:  # an ensemble: the module step is its own model
+        calls = delta("-modulesealnet_trusted_module_rpc_duration_us_count/Preprocess")
+        module_sum = delta("-modulesealnet_trusted_module_rpc_duration_us_sum/Preprocess")
+    else:
+        module_sum = delta("sealnet_trusted_module_rpc_duration_us_sum/Preprocess")
+    steps = {}
+    for part in _PARTS:  # per request of the ensemble: each step's backend execute time, and its batches
+        runs = delta(f"{part}nv_inference_exec_count")
+        if runs:
+            steps[f"{part[1:]}_execute_us_per_request"] = delta(f"{part}nv_inference_compute_infer_duration_us") \
+                / max(requests, 1)
+            steps[f"{part[1:]}_items_per_execution"] = delta(f"{part}nv_inference_count") / runs
     return {**{f"{k}_us_per_request": v for k, v in per_request.items()},
             "items_per_execution": delta("nv_inference_count") / executions if executions else None,
-            "module_preprocess_us_per_call": delta("sealnet_trusted_module_rpc_duration_us_sum/Preprocess") / calls
-            if calls else None}
+            "module_preprocess_us_per_call": module_sum / calls if calls else None, **steps}
 
 
 def measure_training(epochs: int = 1) -> dict[str, float]:
@@ -345,6 +361,18 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
                      b["compute_output_us_per_request"], b["items_per_execution"], b["module_preprocess_us_per_call"]]
             lines.append(f"| {r['batch']} | {r['concurrency']} | "
                          + " | ".join("n/a" if c is None else f"{c:.0f}" for c in cells) + " |")
+        steps = [r for r in breakdown if "public_items_per_execution" in r["triton_breakdown"]]
+        if steps:
+            lines += ["", "The ensemble's steps, per ensemble request (µs of backend execute) and the batches each "
+                      "step's dynamic batcher formed:", "",
+                      "| batch | clients | module step | its items/exec | public model | its items/exec |",
+                      "|---|---|---|---|---|---|"]
+            for r in steps:
+                b = r["triton_breakdown"]
+                cells = [b.get("module_execute_us_per_request"), b.get("module_items_per_execution"),
+                         b["public_execute_us_per_request"], b["public_items_per_execution"]]
+                lines.append(f"| {r['batch']} | {r['concurrency']} | "
+                             + " | ".join("n/a" if c is None else f"{c:.0f}" for c in cells) + " |")
     if report.get("training_s_per_epoch"):
         plain = report["training_s_per_epoch"]["plain"]
         lines += ["", "| training | s/epoch | x plain |", "|---|---|---|"]
