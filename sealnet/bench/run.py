@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=1, help="training epochs of the benchmark model")
     p.add_argument("--skip-kserve", action="store_true")
     p.add_argument("--skip-triton", action="store_true", help="skip the protected model on Triton (e)")
-    p.add_argument("--triton-network", choices=["inline", "bls", "ensemble"], default="inline",
+    p.add_argument("--triton-network", choices=["inline", "bls", "ensemble"], default="ensemble",
                    help="(e): public network inside the protected model, as its own model called through BLS, or "
                         "in a Triton ensemble beside the module step")
     p.add_argument("--skip-training", action="store_true", help="skip the training-cost measurement")
