@@ -337,6 +337,31 @@ def test_forwarded_for_counts_only_from_a_trusted_proxy():
         TrustedProxies(["not-a-network"])
 
 
+def test_a_trusted_proxys_forwarded_clients_are_counted_apart_through_the_endpoint(artefacts, short_tmp):
+    """The endpoint behind a trusted proxy (loopback here): each forwarded client has its own count; the same
+    header from an untrusted peer would change nothing (the unit test above)."""
+    from sealnet.runtime.identity import TrustedProxies
+
+    with _stack(artefacts, short_tmp, runtime=False) as s:
+        server, service = runtime_server.serve(artefacts["bundle"], "127.0.0.1:0", s.addr,
+                                               trusted_proxies=TrustedProxies(["127.0.0.0/8"]))
+        client = triton.InferenceServerClient(f"127.0.0.1:{service.port}")
+
+        def infer(token: str, forwarded: str) -> str:
+            inp = triton.InferInput("input", list(X.shape), "FP32")
+            inp.set_data_from_numpy(X)
+            return _status(lambda: client.infer(MODEL_ID, [inp], headers={"sealnet-license": token,
+                                                                          "x-forwarded-for": forwarded}))
+        try:
+            codes = [infer(_forged(), "198.51.100.1") for _ in range(11)]
+            assert codes == ["StatusCode.PERMISSION_DENIED"] * 10 + ["StatusCode.RESOURCE_EXHAUSTED"]
+            assert infer(_forged(), "198.51.100.2") == "StatusCode.PERMISSION_DENIED"  # another client's count
+            assert infer(_license(artefacts), "198.51.100.1") == "OK"
+        finally:
+            client.close()
+            server.stop(0)
+
+
 # -- reliability --------------------------------------------------------------------------------------------
 def test_internal_errors_fail_their_own_requests_and_never_a_worker(artefacts, short_tmp, monkeypatch):
     """More internal failures than batch workers (e.g. ONNX Runtime failing in the pipeline): each fails its own
