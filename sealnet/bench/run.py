@@ -268,6 +268,13 @@ def _breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, f
             "module_preprocess_us_per_call": module_sum / calls if calls else None, **steps}
 
 
+def _breakdown_row(result: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """One Markdown row of a Triton profile table: batch, clients, then `keys` of its breakdown (n/a: absent)."""
+    cells = [result["triton_breakdown"].get(k) for k in keys]
+    return (f"| {result['batch']} | {result['concurrency']} | "
+            + " | ".join("n/a" if c is None else f"{c:.0f}" for c in cells) + " |")
+
+
 def measure_training(epochs: int = 1) -> dict[str, float]:
     """Seconds per epoch of plain training and of each protection method on the embedded data."""
     from sealnet.data import mnist_embedded
@@ -355,24 +362,18 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
                   "output, items per backend execution, trusted-module Preprocess per call.", "",
                   "| batch | clients | queue | input | execute | output | items/exec | module |",
                   "|---|---|---|---|---|---|---|---|"]
-        for r in breakdown:
-            b = r["triton_breakdown"]
-            cells = [b["queue_us_per_request"], b["compute_input_us_per_request"], b["compute_infer_us_per_request"],
-                     b["compute_output_us_per_request"], b["items_per_execution"], b["module_preprocess_us_per_call"]]
-            lines.append(f"| {r['batch']} | {r['concurrency']} | "
-                         + " | ".join("n/a" if c is None else f"{c:.0f}" for c in cells) + " |")
+        lines += [_breakdown_row(r, ("queue_us_per_request", "compute_input_us_per_request",
+                                     "compute_infer_us_per_request", "compute_output_us_per_request",
+                                     "items_per_execution", "module_preprocess_us_per_call")) for r in breakdown]
         steps = [r for r in breakdown if "public_items_per_execution" in r["triton_breakdown"]]
         if steps:
             lines += ["", "The ensemble's steps, per ensemble request (µs of backend execute) and the batches each "
                       "step's dynamic batcher formed:", "",
                       "| batch | clients | module step | its items/exec | public model | its items/exec |",
                       "|---|---|---|---|---|---|"]
-            for r in steps:
-                b = r["triton_breakdown"]
-                cells = [b.get("module_execute_us_per_request"), b.get("module_items_per_execution"),
-                         b["public_execute_us_per_request"], b["public_items_per_execution"]]
-                lines.append(f"| {r['batch']} | {r['concurrency']} | "
-                             + " | ".join("n/a" if c is None else f"{c:.0f}" for c in cells) + " |")
+            lines += [_breakdown_row(r, ("module_execute_us_per_request", "module_items_per_execution",
+                                         "public_execute_us_per_request", "public_items_per_execution"))
+                      for r in steps]
     if report.get("training_s_per_epoch"):
         plain = report["training_s_per_epoch"]["plain"]
         lines += ["", "| training | s/epoch | x plain |", "|---|---|---|"]
