@@ -30,7 +30,7 @@ from sealnet.licenses import issue_license
 from sealnet.processes import free_port, sealnet_command
 from sealnet.runtime.errors import EnclaveError, RequestError
 from sealnet.runtime.identity import TrustedProxies
-from sealnet.runtime.triton.protocol import credentials, refusal_reason, sealnet_status
+from sealnet.runtime.triton.protocol import credentials, refusal_reason, sealnet_status, without_ensemble_prefix
 from sealnet.runtime.triton.repo import RepoOptions, protected_config, write_repository
 from sealnet.runtime.triton.server import TritonServer, triton_unavailable_reason
 from tests.conftest import DSN_MODEL_ID, MODEL_ID, PASSPORT_MODEL_ID, SEALED_HEAD_MODEL_ID
@@ -150,11 +150,6 @@ def deployment(artefacts, dsn_student, passport_bundle, sealed_head):
                "http": thttp.InferenceServerClient(triton.http_url)}
 
 
-def _unprefixed(message: str) -> str:
-    """The message without the prefix Triton gives an ensemble's errors (`in ensemble 'M', `)."""
-    return re.sub(r"^in ensemble '[^']*', ", "", message)
-
-
 def _grpc(client, model: str, x: np.ndarray, headers: dict | None) -> dict[str, np.ndarray]:
     inp = tgrpc.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
@@ -202,7 +197,7 @@ def test_no_license_and_a_wrong_license_are_refused_with_the_reason(deployment, 
     with pytest.raises(InferenceServerException) as err:
         _grpc(deployment["grpc"], MODEL_ID, x, None)
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert _unprefixed(err.value.message()).startswith("UNAUTHENTICATED: header 'sealnet-license': missing")
+    assert without_ensemble_prefix(err.value.message()).startswith("UNAUTHENTICATED: header 'sealnet-license': missing")
     with pytest.raises(InferenceServerException) as err:
         _http(deployment["http"], MODEL_ID, x, None)
     assert err.value.status() == "400" and "UNAUTHENTICATED" in err.value.message()
@@ -212,12 +207,12 @@ def test_no_license_and_a_wrong_license_are_refused_with_the_reason(deployment, 
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "input" in err.value.message()
     with pytest.raises(InferenceServerException) as err:
         _grpc(deployment["grpc"], MODEL_ID, np.full((2, 1, 8, 8), np.nan, np.float32), token)
-    assert _unprefixed(err.value.message()).startswith("INVALID_ARGUMENT: inputs[0] (input): contains NaN")
+    assert without_ensemble_prefix(err.value.message()).startswith("INVALID_ARGUMENT: inputs[0] (input): contains NaN")
     other = issue_license(artefacts["owner_key"], customer_id="acme", model_id="another-model", serial_number="S",
                           valid_seconds=600)
     with pytest.raises(InferenceServerException) as err:
         _grpc(deployment["grpc"], DSN_MODEL_ID, x, {"sealnet-license": other})
-    assert _unprefixed(err.value.message()).startswith("PERMISSION_DENIED: license:")
+    assert without_ensemble_prefix(err.value.message()).startswith("PERMISSION_DENIED: license:")
 
 
 @needs_triton

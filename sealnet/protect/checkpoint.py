@@ -83,6 +83,17 @@ class ProtectedCheckpoint:
             raise ValueError(f"checkpoint method is {self.method!r}, not {method!r}")
 
 
+def bytes_tensor(data: bytes) -> torch.Tensor:
+    """Bytes (an ONNX graph) as a uint8 tensor: what a checkpoint can hold and torch.load(weights_only=True)
+    reads back."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The bytes `bytes_tensor` stored."""
+    return tensor.numpy().tobytes()
+
+
 def save_checkpoint(ckpt: ProtectedCheckpoint, path: Path) -> Path:
     """Write atomically (temp file + rename) with mode 0600: the file holds the model's secret part."""
     path = Path(path)

@@ -18,7 +18,7 @@ import torch
 from sealnet.data import Dataset
 from sealnet.errors import ExportError
 from sealnet.onnx_session import ort_accuracy, ort_session
-from sealnet.protect.checkpoint import ProtectedCheckpoint
+from sealnet.protect.checkpoint import ProtectedCheckpoint, tensor_bytes
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -61,7 +61,7 @@ def export_public_network(ckpt: ProtectedCheckpoint, data: Dataset, processed: n
     public network as is, compare it with torch on `processed` (the test split as the module returns it), and
     measure and gate its accuracy on raw inputs."""
     if ckpt.user_model:  # a user's network: the ONNX bytes protect exported and checked against torch
-        onnx_path.write_bytes(ckpt.public_onnx.numpy().tobytes())
+        onnx_path.write_bytes(tensor_bytes(ckpt.public_onnx))
         session = ort_session(onnx_path)
         diff = float(ckpt.metrics["onnx_max_abs_diff"])
     else:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sealnet.data import Dataset
-from sealnet.protect.checkpoint import ProtectedCheckpoint, save_checkpoint
+from sealnet.protect.checkpoint import ProtectedCheckpoint, bytes_tensor, save_checkpoint
 from sealnet.protect.models import create_model
 from sealnet.protect.train import TrainConfig, accuracy, seed_everything, train_new_model, train_plain, train_transform
 from sealnet.protect.transform import create_transform
@@ -45,8 +45,7 @@ def protect_transform(data: Dataset, variant: str, out: Path, cfg: TrainConfig, 
     metrics["raw_acc"] = accuracy(model, data.x_test, data.y_test)
     public_onnx = None
     if user is not None:  # the user's network ships as ONNX: no registry entry rebuilds it
-        public_bytes = user_public_onnx(model, data, metrics)
-        public_onnx = torch.frombuffer(bytearray(public_bytes), dtype=torch.uint8)
+        public_onnx = bytes_tensor(user_public_onnx(model, data, metrics))
         model_name, model_config = user.name, {"source": user.spec}
     ckpt = ProtectedCheckpoint(
         method="transform", model_name=model_name, input_shape=data.input_shape, num_classes=data.num_classes,

@@ -21,7 +21,7 @@ from torch import nn
 from sealnet.data import Dataset
 from sealnet.errors import FailedPrecondition
 from sealnet.protect.backbones import backbone_digest, build_backbone, extract_features, load_backbone_weights
-from sealnet.protect.checkpoint import ProtectedCheckpoint
+from sealnet.protect.checkpoint import ProtectedCheckpoint, bytes_tensor
 from sealnet.protect.heads import SealedHead, flops
 from sealnet.protect.train import TrainConfig, accuracy, seed_everything, train_new_model, train_plain
 
@@ -280,14 +280,14 @@ def protect_user_sealed_head(split: Any, data: Dataset, cfg: UserHeadConfig, *, 
     return ProtectedCheckpoint(
         method=METHOD, model_name=split.name, input_shape=data.input_shape, num_classes=data.num_classes,
         public_state={},
-        secret={"head_onnx": torch.frombuffer(bytearray(head_bytes), dtype=torch.uint8),
+        secret={"head_onnx": bytes_tensor(head_bytes),
                 "features_shape": list(split.features_shape), "backbone_sha256": onnx_weights_digest(public_bytes),
                 "output_policy": "label", "public_trained_on_private_data": cfg.tune_public,
                 "train_config": {**asdict(cfg), "seed": run_seed}},
         dataset=data.name, data_config=dict(data.options), seed=run_seed, metrics=metrics,
         model_config={"source": split.spec, "split_at": cut.name,
                       "public_data": public_data.name if public_data is not None else None},
-        public_onnx=torch.frombuffer(bytearray(public_bytes), dtype=torch.uint8))
+        public_onnx=bytes_tensor(public_bytes))
 
 
 def _onnx_diff(public_bytes: bytes, head_bytes: bytes, model: nn.Module, x: np.ndarray) -> float:

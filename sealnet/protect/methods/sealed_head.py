@@ -214,7 +214,7 @@ def _split(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, log: Calla
     import torch
 
     from sealnet.onnx_session import ort_accuracy, ort_session
-    from sealnet.outputs import DEFAULT_POLICY, parse_policy, policy_outputs
+    from sealnet.outputs import DEFAULT_POLICY, parse_policy
     from sealnet.protect.onnx_export import FEATURES_NAME, INPUT_NAME, check_diff, export_onnx
 
     policy = parse_policy(ckpt.secret.get("output_policy", DEFAULT_POLICY), ckpt.num_classes)
@@ -244,12 +244,7 @@ def _split(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, log: Calla
     log(f"public.onnx: the published backbone, weights verified (sha256 {digest[:16]}...); head sealed "
         f"({len(head_bytes):,} bytes of ONNX); max |onnx - torch| = {checks['onnx_max_abs_diff']:.2e}; "
         f"authorized {checks['authorized_acc']:.1%}; output policy {policy}")
-    config = {"method": SealedHead.name, "policy": str(policy), "num_classes": ckpt.num_classes,
-              "num_features": int(feats.shape[1])}
-    arrays = {"head_onnx": np.frombuffer(head_bytes, dtype=np.uint8).copy()}
-    manifest = {"output_policy": str(policy),
-                "backbone": {"arch": ckpt.model_name, "sha256": digest, "num_features": int(feats.shape[1])}}
-    return Split(config, arrays, checks, manifest, outputs=policy_outputs(policy, ckpt.num_classes))
+    return _sealed_head(ckpt, policy, head_bytes, [int(feats.shape[1])], checks, {"sha256": digest})
 
 
 def _split_user(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, log: Callable[[str], None]) -> Split:
@@ -258,14 +253,14 @@ def _split_user(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, log: 
     import numpy as np
 
     from sealnet.onnx_session import ort_session
-    from sealnet.outputs import DEFAULT_POLICY, parse_policy, policy_outputs
+    from sealnet.outputs import DEFAULT_POLICY, parse_policy
+    from sealnet.protect.checkpoint import tensor_bytes
     from sealnet.protect.methods.base import ExportError
     from sealnet.protect.onnx_export import FEATURES_NAME, INPUT_NAME
     from sealnet.protect.user_model import onnx_weights_digest
 
     policy = parse_policy(ckpt.secret.get("output_policy", DEFAULT_POLICY), ckpt.num_classes)
-    public_bytes = ckpt.public_onnx.numpy().tobytes()
-    head_bytes = ckpt.secret["head_onnx"].numpy().tobytes()
+    public_bytes, head_bytes = tensor_bytes(ckpt.public_onnx), tensor_bytes(ckpt.secret["head_onnx"])
     digest = ckpt.secret["backbone_sha256"]
     if onnx_weights_digest(public_bytes) != digest:
         raise ExportError("the checkpoint's public part differs from the one protect recorded (weights sha256 "
@@ -295,12 +290,25 @@ def _split_user(ckpt: ProtectedCheckpoint, data: Dataset, onnx_path: Path, log: 
         f"{digest[:16]}...); head sealed ({len(head_bytes):,} bytes of ONNX, {checks.get('head_share', 0):.1%} of "
         f"the MACs); authorized {authorized:.1%}; output policy {policy}"
         + ("; WARNING: the public part was fine-tuned on the private data" if leaked else ""))
+    return _sealed_head(ckpt, policy, head_bytes, features_shape, checks,
+                        {"source": Path(str(ckpt.model_config.get("source"))).name,
+                         "split_at": ckpt.model_config.get("split_at"), "sha256": digest,
+                         "public_trained_on_private_data": leaked})
+
+
+def _sealed_head(ckpt: ProtectedCheckpoint, policy, head_bytes: bytes, features_shape: list[int],
+                 checks: dict, backbone: dict) -> Split:
+    """What both splits seal and sign: the head's ONNX graph and its settings for the module, the manifest's
+    output policy and backbone (`backbone`: its method-specific fields)."""
+    import numpy as np
+
+    from sealnet.outputs import policy_outputs
+
+    num_features = int(np.prod(features_shape))
     config = {"method": SealedHead.name, "policy": str(policy), "num_classes": ckpt.num_classes,
-              "num_features": int(np.prod(features_shape)), "features_shape": features_shape}
+              "num_features": num_features, "features_shape": list(features_shape)}
     arrays = {"head_onnx": np.frombuffer(head_bytes, dtype=np.uint8).copy()}
     manifest = {"output_policy": str(policy),
-                "backbone": {"arch": ckpt.model_name, "source": Path(str(ckpt.model_config.get("source"))).name,
-                             "split_at": ckpt.model_config.get("split_at"), "sha256": digest,
-                             "num_features": int(np.prod(features_shape)), "features_shape": features_shape,
-                             "public_trained_on_private_data": leaked}}
+                "backbone": {"arch": ckpt.model_name, **backbone, "num_features": num_features,
+                             "features_shape": list(features_shape)}}
     return Split(config, arrays, checks, manifest, outputs=policy_outputs(policy, ckpt.num_classes))

@@ -45,8 +45,7 @@ def build_options(args: argparse.Namespace, *, network: str, instances: int, pub
                        ort_threads=args.ort_threads, attest_timeout_s=args.attest_timeout,
                        client_header=args.client_header, providers=args.providers,
                        public_instances=public_instances, accelerator=accelerator,
-                       trusted_proxies=tuple(str(TrustedProxies(args.trusted_proxy or ())).split(",")) if
-                       args.trusted_proxy else ())
+                       trusted_proxies=tuple(map(str, TrustedProxies(args.trusted_proxy or ()).networks)))
 
 
 def _owner(args: argparse.Namespace):

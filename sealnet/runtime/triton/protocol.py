@@ -99,9 +99,14 @@ def refusal_reason(error: ServingError) -> str:
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 
 
+def without_ensemble_prefix(message: str) -> str:
+    """A Triton error message without the `in ensemble 'M', ` Triton puts before a composing model's error."""
+    return _ENSEMBLE_PREFIX.sub("", message or "")
+
+
 def sealnet_status(message: str) -> str:
     """The sealnet status a Triton error message starts with (after an ensemble's prefix), else ''."""
-    word = _ENSEMBLE_PREFIX.sub("", message or "").split(":", 1)[0]
+    word = without_ensemble_prefix(message).split(":", 1)[0]
     return word if word in grpc.StatusCode.__members__ else ""
 
 

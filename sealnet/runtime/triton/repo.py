@@ -84,6 +84,11 @@ def _io(inputs: list[str], outputs: list[str]) -> str:
     return "input [\n" + ",\n".join(inputs) + "\n]\noutput [\n" + ",\n".join(outputs) + "\n]\n"
 
 
+def _outputs(manifest: dict[str, Any]) -> list[str]:
+    """The bundle's output tensors (the manifest's `outputs`) as config entries."""
+    return [_tensor(o["name"], o["datatype"], o["shape"][1:]) for o in manifest["outputs"]]
+
+
 def _batching(max_queue_delay_us: int) -> str:
     return f"dynamic_batching {{ max_queue_delay_microseconds: {int(max_queue_delay_us)} }}\n"
 
@@ -94,7 +99,7 @@ def protected_config(manifest: dict[str, Any], options: RepoOptions, public_mode
     `module_io` (inputs, outputs) the ensemble's module step alone, called `name`."""
     max_batch = options.max_batch_size or int(manifest.get("max_batch", 1024))
     inp = manifest["input"]
-    outputs = [_tensor(o["name"], o["datatype"], o["shape"][1:]) for o in manifest["outputs"]]
+    outputs = _outputs(manifest)
     inputs = [_tensor(inp["name"], "FP32", inp["shape"][1:])]
     if module_io is not None:
         inputs, outputs = module_io
@@ -147,7 +152,7 @@ def ensemble_config(manifest: dict[str, Any], options: RepoOptions, public: str,
     with the bundle's input and outputs, so clients send and receive exactly what they did."""
     max_batch = options.max_batch_size or int(manifest.get("max_batch", 1024))
     inp = manifest["input"]
-    outputs = [_tensor(o["name"], o["datatype"], o["shape"][1:]) for o in manifest["outputs"]]
+    outputs = _outputs(manifest)
     pub_in, pub_out = public_io_names
 
     def step(model: str, inputs: dict[str, str], outs: dict[str, str]) -> str:
@@ -210,11 +215,7 @@ def write_repository(bundle_dir: Path, out: Path, options: RepoOptions, *, force
     if module:
         _write_ensemble(bundle, out, options, public, module)
     else:
-        protected = out / model_id
-        (protected / "1").mkdir(parents=True)
-        (protected / "1" / "model.py").write_text(_PROTECTED_MODEL_PY)
-        shutil.copytree(bundle.directory, protected / "bundle")
-        (protected / "config.pbtxt").write_text(protected_config(manifest, options, public))
+        _write_protected_model(out / model_id, bundle, protected_config(manifest, options, public))
     if public:
         max_batch = options.max_batch_size or int(manifest.get("max_batch", 1024))
         (out / public / "1").mkdir(parents=True)
@@ -235,13 +236,20 @@ def _write_ensemble(bundle: Bundle, out: Path, options: RepoOptions, public: str
     inp = manifest["input"]
     if manifest["module_step"] == CLASSIFY:
         io = ([_tensor(FEATURES, "FP32", out_dims)],
-              [_tensor(o["name"], o["datatype"], o["shape"][1:]) for o in manifest["outputs"]])
+              _outputs(manifest))
     else:
         io = ([_tensor(inp["name"], "FP32", inp["shape"][1:])], [_tensor(PROCESSED, "FP32", in_dims)])
-    (out / module / "1").mkdir(parents=True)
-    (out / module / "1" / "model.py").write_text(_PROTECTED_MODEL_PY)
-    shutil.copytree(bundle.directory, out / module / "bundle")
-    (out / module / "config.pbtxt").write_text(protected_config(manifest, options, None, module_io=io, name=module))
+    _write_protected_model(out / module, bundle, protected_config(manifest, options, None, module_io=io,
+                                                                   name=module))
     (out / bundle.model_id / "1").mkdir(parents=True)  # an ensemble has a version directory and no files
     (out / bundle.model_id / "config.pbtxt").write_text(ensemble_config(manifest, options, public, module,
                                                                          (in_name, out_name)))
+
+
+def _write_protected_model(directory: Path, bundle: Bundle, config: str) -> None:
+    """A model sealnet's backend serves (the protected model, or an ensemble's module step): its config, the
+    one-line model.py and a copy of the bundle."""
+    (directory / "1").mkdir(parents=True)
+    (directory / "1" / "model.py").write_text(_PROTECTED_MODEL_PY)
+    shutil.copytree(bundle.directory, directory / "bundle")
+    (directory / "config.pbtxt").write_text(config)

@@ -108,10 +108,17 @@ class TritonHttp:
     def __init__(self, url: str, load_timeout: float = 180.0):
         self.url, self.load_timeout = url, load_timeout
 
+    def server_ready(self) -> bool:
+        """/v2/health/ready: with strict readiness, every loaded model ready."""
+        return self._ok("/v2/health/ready")
+
     def model_ready(self, name: str) -> bool:
         """/v2/models/NAME/ready."""
+        return self._ok(f"/v2/models/{name}/ready")
+
+    def _ok(self, path: str) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.url}/v2/models/{name}/ready", timeout=2) as resp:
+            with urllib.request.urlopen(f"http://{self.url}{path}", timeout=2) as resp:
                 return resp.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -143,7 +150,6 @@ class ReadinessWatch:
         self._loading: dict[str, threading.Thread] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="triton-readiness", daemon=True)
-        self.reloads = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -178,7 +184,6 @@ class ReadinessWatch:
 
     def _reload(self, name: str) -> None:
         """Load `name` in the background (its initialize waits for the module); one load at a time per model."""
-        self.reloads += 1
         thread = threading.Thread(target=self.triton.repository_call, args=(name, "load"), daemon=True)
         self._loading[name] = thread
         thread.start()
@@ -264,11 +269,7 @@ class TritonServer:
 
     def ready(self) -> bool:
         """Triton's /v2/health/ready: all models loaded (protected ones attested their trusted module)."""
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return TritonHttp(self.http_url).server_ready()
 
     def model_ready(self, name: str) -> bool:
         return TritonHttp(self.http_url).model_ready(name)
